@@ -1,0 +1,1 @@
+"""The trn.json data pipeline: read → clean → filter → prompt → tokenise → cache → batches."""

@@ -1,0 +1,81 @@
+"""Cleaning and filtering of trn.json records.
+
+What the real records hold (DESIGN.md §7, checked on ../shared/data): every non-ASCII
+character is an HTML entity (``&#8217;``, ``&#xE7;``, ``&quot;``), in titles too; Amazon's
+"--This text refers to … edition." boilerplate, often with its spaces missing
+(``thePaperbackedition``); double spaces; contents that say nothing ("VHS Tape", "Book by",
+"Text: English, French (translation)", the title again); duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from dataclasses import dataclass
+
+# "--This text refers to thePaperbackedition." / "... an alternateHardcoveredition." /
+# "... an out of print or unavailable edition of this title." / "... thePrint on Demand
+# (Paperback)edition." The lazy ".*?edition" stops at the first "edition", which is the
+# format's own word even when run together with it.
+_BOILERPLATE = re.compile(
+    r"\s*-*\s*This text refers to\s*(?:an?\s*|the\s*)?.{0,80}?edition(?:\s*of this title)?\s*\.?",
+    re.IGNORECASE,
+)
+# Contents that name a format or a language but describe nothing.
+_JUNK_EXACT = {
+    "vhs tape", "vhs", "dvd", "audio cd", "cd", "book by", "by", "paperback", "hardcover",
+    "n/a", "na", "none", "no description", "description", "unknown",
+}
+_LANGUAGE_ONLY = re.compile(
+    r"^(?:Text:\s*[A-Za-z ,]+(?:\s*\(translation\))?\s*)?(?:Original Language:\s*[A-Za-z ,]+)?$"
+)
+
+
+def clean_text(text: str, strip_boilerplate: bool = True) -> str:
+    """Unescape HTML entities, drop Amazon boilerplate, collapse whitespace."""
+    # The substring pre-checks skip the slow calls for the many texts that need none.
+    if "&" in text:
+        text = html.unescape(text)
+    if strip_boilerplate and "efers to" in text:
+        text = _BOILERPLATE.sub(" ", text)
+    return " ".join(text.split())  # collapse all whitespace runs; faster than a regex
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    min_content_chars: int = 1  # the seed only drops empty descriptions
+    drop_title_only: bool = True  # content that repeats the title
+    drop_junk: bool = True  # "VHS Tape", "Book by", language-only notes
+    strip_boilerplate: bool = True
+    dedupe: bool = True  # identical (title, content) pairs after cleaning
+
+
+class RecordFilter:
+    """Cleans a record and says why it is dropped (``None`` when kept). Stateful for dedupe."""
+
+    def __init__(self, settings: FilterSettings):
+        self.settings = settings
+        self._seen: set[bytes] = set()
+
+    def __call__(self, title: str, content: str) -> tuple[str, str, str | None]:
+        s = self.settings
+        title = clean_text(title, s.strip_boilerplate)
+        raw_had_content = bool(content.strip())
+        content = clean_text(content, s.strip_boilerplate)
+        if not title:
+            return title, content, "empty_title"
+        if not content:
+            return title, content, "boilerplate_only" if raw_had_content else "empty_content"
+        if s.drop_title_only and content.casefold() == title.casefold():
+            return title, content, "content_equals_title"
+        if s.drop_junk and (content.casefold().rstrip(".") in _JUNK_EXACT or _LANGUAGE_ONLY.match(content)):
+            return title, content, "junk_content"
+        if len(content) < s.min_content_chars:
+            return title, content, "too_short"
+        if s.dedupe:
+            key = hashlib.blake2b(f"{title}\x00{content}".encode(), digest_size=12).digest()
+            if key in self._seen:
+                return title, content, "duplicate"
+            self._seen.add(key)
+        return title, content, None

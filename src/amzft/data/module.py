@@ -1,0 +1,197 @@
+"""The LightningDataModule: settings in, memory-mapped tokenised splits and loaders out."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lightning.pytorch import LightningDataModule
+
+from amzft.data.batching import Collator, ResumableBatchSampler, TokenizedDataset
+from amzft.data.build import DataSettings, PreparedData, prepare
+from amzft.data.clean import FilterSettings
+from amzft.data.reader import check_data_file
+from amzft.data.prompt import ALPACA_TEMPLATE, SEED_QUESTION, PromptFormat
+from amzft.errors import ConfigError
+from amzft.paths import shipped_sample
+
+log = logging.getLogger(__name__)
+
+
+def label_counts(data):
+    """The ``num_labels`` column as a numpy array, straight from Arrow (no Python list)."""
+    return data.data.column("num_labels").to_numpy()
+
+
+class ResumableDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader Lightning recognises as stateful (it has state_dict/load_state_dict), so a
+    mid-epoch checkpoint resumes at the next unseen batch instead of restarting the epoch."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class AmazonTitlesDataModule(LightningDataModule):
+    """AmazonTitles-1.3MM ``trn.json`` records as Alpaca prompts with response-only labels.
+
+    Args:
+        path: trn.json / .jsonl, plain or gzip. None: the small sample shipped with amzft.
+        tokenizer: ``embedded`` (SmolLM2), ``llama3.2`` or a local tokenizer directory.
+            Linked from ``model.name_or_path`` by the CLI.
+        max_length: longest example in tokens; longer responses are cut (the prompt is kept).
+        batch_size: examples per micro-batch for training.
+        eval_batch_size: examples per batch for validation and test.
+        question: the instruction; ``{title}`` is replaced by the cleaned product title.
+        template: prompt template with ``{instruction}`` and ``{input}``; the response follows it.
+        input_text: the Alpaca "Input" field (empty in the seed).
+        min_content_chars: drop descriptions shorter than this (1 = only empty ones, the seed).
+        drop_title_only: drop descriptions that just repeat the title.
+        drop_junk: drop descriptions such as "VHS Tape", "Book by", "Text: English".
+        strip_boilerplate: remove Amazon's "--This text refers to … edition." notes.
+        dedupe: drop repeated identical (title, description) pairs.
+        val_fraction: share of products held out for validation (by title hash).
+        test_fraction: share of products held out for the final test (by title hash).
+        split_salt: change to draw a different product split.
+        strict: stop at the first bad line instead of counting it as skipped.
+        limit: read at most this many records.
+        seed: shuffling seed (each epoch reshuffles with seed + epoch).
+        shuffle: shuffle training batches.
+        num_workers: DataLoader worker processes (0 is fastest here: data is pre-tokenised).
+        pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPU).
+        cache_dir: where tokenised datasets go (default: ~/.cache/amzft/datasets).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        tokenizer: str = "embedded",
+        max_length: int = 2048,
+        batch_size: int = 2,
+        eval_batch_size: int = 8,
+        question: str = SEED_QUESTION,
+        template: str = ALPACA_TEMPLATE,
+        input_text: str = "",
+        min_content_chars: int = 1,
+        drop_title_only: bool = True,
+        drop_junk: bool = True,
+        strip_boilerplate: bool = True,
+        dedupe: bool = True,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_salt: str = "",
+        strict: bool = False,
+        limit: int | None = None,
+        seed: int = 3407,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        pad_to_multiple_of: int = 1,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        problems = []
+        if max_length < 8:
+            problems.append(f"data.max_length must be >= 8, found {max_length}")
+        if batch_size < 1 or eval_batch_size < 1:
+            problems.append(f"data.batch_size and eval_batch_size must be >= 1, found {batch_size}, {eval_batch_size}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            problems.append(f"data.val_fraction + test_fraction must be in [0, 1), found {val_fraction} + {test_fraction}")
+        if min_content_chars < 1:
+            problems.append(f"data.min_content_chars must be >= 1, found {min_content_chars}")
+        if limit is not None and limit < 1:
+            problems.append(f"data.limit must be >= 1 or null, found {limit}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.save_hyperparameters()
+        self.settings = DataSettings(
+            path=str(path) if path else str(shipped_sample()),
+            max_length=max_length,
+            filters=FilterSettings(min_content_chars, drop_title_only, drop_junk, strip_boilerplate, dedupe),
+            prompt=PromptFormat(question, template, input_text),
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_salt=split_salt,
+            strict=strict,
+            limit=limit,
+        )
+        self.tokenizer_name = tokenizer
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.pad_to_multiple_of, self.cache_dir = pad_to_multiple_of, cache_dir
+        self._tokenizer = None
+        self.prepared: PreparedData | None = None
+        self._train_sampler: ResumableBatchSampler | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from amzft.sources import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        check_data_file(self.settings.path)
+        # Runs on one process per node: builds the Arrow cache the other ranks then reopen.
+        prepare(self.settings, self.tokenizer, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prepared is None:
+            check_data_file(self.settings.path)  # before the (slow) tokenizer load
+            self.prepared = prepare(self.settings, self.tokenizer, self.cache_dir)
+            stats = self.prepared.stats
+            log.info(
+                "data: %d read, %d kept (train %d / validation %d / test %d), skipped %s",
+                stats.records_read, stats.kept, *(stats.split_sizes[s] for s in ("train", "validation", "test")),
+                dict(stats.skipped),
+            )
+
+    def split(self, name: str):
+        self.setup()
+        return self.prepared.splits[name]
+
+    def collator(self) -> Collator:
+        return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    def _accumulate(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.accumulate_grad_batches) if trainer is not None else 1
+
+    def _batches_consumed(self) -> int:
+        # The trainer's own count of training batches run this epoch: loaders fetch ahead, so
+        # counting what the sampler yielded would over-count on resume.
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self):
+        data = self.split("train")
+        if len(data) == 0:
+            raise ConfigError(f"{self.settings.path}: the train split is empty (lower data.val_fraction / test_fraction)")
+        sampler = ResumableBatchSampler(
+            label_counts(data), self.batch_size, self._accumulate(), self.seed, self.shuffle
+        )
+        if getattr(self, "trainer", None) is not None:
+            sampler.progress = self._batches_consumed
+        self._train_sampler = sampler
+        return ResumableDataLoader(
+            TokenizedDataset(data),
+            batch_sampler=sampler,
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loader(self, name: str):
+        data = self.split(name)
+        if len(data) == 0:
+            return []  # Lightning skips an empty loader list: no validation on this split
+        sampler = ResumableBatchSampler(label_counts(data), self.eval_batch_size, shuffle=False)
+        return torch.utils.data.DataLoader(
+            TokenizedDataset(data), batch_sampler=sampler, collate_fn=self.collator(), num_workers=self.num_workers
+        )
+
+    def val_dataloader(self):
+        return self._eval_loader("validation")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")

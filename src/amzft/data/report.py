@@ -1,0 +1,50 @@
+"""The data-quality report: what was read, kept, dropped (and where), lengths, examples."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amzft.data.build import PreparedData, DataSettings
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+def _percentiles(values) -> str:
+    if len(values) == 0:
+        return "-"
+    q = np.percentile(np.asarray(values), PERCENTILES)
+    return "  ".join(f"p{p}={v:,.0f}" if p < 100 else f"max={v:,.0f}" for p, v in zip(PERCENTILES, q))
+
+
+def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, examples: int = 3) -> str:
+    import pyarrow.compute as pc
+
+    s = prepared.stats
+    lines = [f"data report: {settings.path}", f"  cache: {prepared.directory} ({'reopened' if prepared.from_cache else 'built'})"]
+    lines.append(f"  records read: {s.records_read:,}")
+    share = s.kept / s.records_read if s.records_read else 0.0
+    lines.append(f"  kept:         {s.kept:,} ({share:.1%})  responses cut at max_length={settings.max_length}: {s.truncated:,}")
+    sizes = s.split_sizes
+    lines.append(f"  splits by product: train {sizes['train']:,} / validation {sizes['validation']:,} / test {sizes['test']:,}")
+    lines.append(f"  skipped: {sum(s.skipped.values()):,}")
+    for reason, count in s.skipped.most_common():
+        where = ", ".join(map(str, s.skipped_lines.get(reason, [])))
+        lines.append(f"    {reason:<22} {count:>9,}   first lines: {where}")
+    tables = [prepared.splits[name].data.table for name in ("train", "validation", "test")]
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    lines.append("  lengths (kept examples):")
+    lines.append(f"    title chars     {_percentiles(pc.utf8_length(table['title']).to_numpy())}")
+    lines.append(f"    content chars   {_percentiles(pc.utf8_length(table['content']).to_numpy())}")
+    lines.append(f"    prompt tokens   {_percentiles(table['prompt_len'].to_numpy())}")
+    lines.append(f"    response tokens {_percentiles(table['num_labels'].to_numpy())}")
+    lines.append(f"    total tokens    {_percentiles(pc.list_value_length(table['input_ids']).to_numpy())}")
+    train = prepared.splits["train"]
+    picks = np.linspace(0, len(train) - 1, num=min(examples, len(train))).astype(int) if len(train) else []
+    for n, i in enumerate(picks, 1):
+        row = train[int(i)]
+        lines.append(f"  example {n} (line {row['line']}, {len(row['input_ids'])} tokens, {row['num_labels']} labelled):")
+        lines.append("    prompt: " + settings.prompt.render(row["title"]).replace("\n", "\n            "))
+        lines.append(f"    response: {row['content']}")
+    return "\n".join(lines)

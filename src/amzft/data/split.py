@@ -1,0 +1,25 @@
+"""Deterministic split by product: a hash of the normalised cleaned title picks the split.
+
+The same product (same title, even with different spacing or case) always lands in the same
+split whatever the file order, seed or machine, so held-out products are truly unseen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+SPLITS = ("train", "validation", "test")
+
+
+def product_key(title: str) -> str:
+    return " ".join(title.casefold().split())
+
+
+def assign_split(title: str, val_fraction: float, test_fraction: float, salt: str = "") -> str:
+    digest = hashlib.blake2b((salt + product_key(title)).encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "validation"
+    return "train"

@@ -1,0 +1,45 @@
+"""Counting what the pipeline drops, by reason, with the first offending line numbers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+KEEP_LINES = 5  # how many offending line numbers to remember per reason
+
+
+@dataclass
+class PipelineStats:
+    records_read: int = 0  # non-blank lines seen in the file
+    kept: int = 0
+    truncated: int = 0  # kept, but the response was cut at max_length (no EOS learnt for those)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_lines: dict[str, list[int]] = field(default_factory=dict)
+    split_sizes: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason] += 1
+        lines = self.skipped_lines.setdefault(reason, [])
+        if len(lines) < KEEP_LINES:
+            lines.append(line)
+
+    def to_dict(self) -> dict:
+        return {
+            "records_read": self.records_read,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "skipped": dict(self.skipped),
+            "skipped_lines": self.skipped_lines,
+            "split_sizes": self.split_sizes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PipelineStats":
+        return cls(
+            records_read=data["records_read"],
+            kept=data["kept"],
+            truncated=data["truncated"],
+            skipped=Counter(data["skipped"]),
+            skipped_lines={k: list(v) for k, v in data["skipped_lines"].items()},
+            split_sizes=dict(data["split_sizes"]),
+        )
