@@ -16,9 +16,11 @@ REAL_400 = SHARED_DATA / "amazontitles_trn_first400.jsonl"
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline():
+    from amzft.quiet import quiet_libraries
     from amzft.sources import force_offline
 
     force_offline()
+    quiet_libraries()
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +66,64 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny_records(n: int, words: int = 12):
+    """Short synthetic products (prompt ~50 tokens, answer ~words+2 tokens)."""
+    vocab = "red blue green soft warm cotton steel glass mug lamp book novel story song guitar chair".split()
+    return [
+        {
+            "title": f"Item {i} {vocab[i % len(vocab)]}",
+            "content": " ".join(vocab[(i * 7 + j) % len(vocab)] for j in range(words + i % 5)) + ".",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, llama_tokenizer):
+    """A tiny random Llama with the real Llama-3.2 vocabulary, saved like a user's download."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(llama_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=llama_tokenizer.bos_token_id,
+        eos_token_id=llama_tokenizer.eos_token_id,
+        pad_token_id=llama_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    llama_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_data(write_jsonl):
+    return write_jsonl(tiny_records(30))
+
+
+def fit_args(tiny_model_dir, data_path, tmp_path, *extra):
+    """configs/cpu.yaml shrunk to the tiny model (the lightning-hydra-template habit: tests
+    shrink the real config rather than invent one)."""
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / "cpu.yaml"),
+        "--model.name_or_path", str(tiny_model_dir),
+        "--data.path", str(data_path),
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.val_fraction", "0",
+        "--data.test_fraction", "0",
+        "--trainer.default_root_dir", str(tmp_path / "logs"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *extra,
+    ]

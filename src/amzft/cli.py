@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     from amzft.errors import AmzftError
+    from amzft.quiet import quiet_libraries
 
     try:
+        quiet_libraries()
         _run(argv[0], argv[1:])
     except AmzftError as exc:
         if debug:

@@ -9,7 +9,7 @@ from typing import Any
 _TRAINING_KEYS = ("model", "trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything")
 
 
-def _parser(prog: str, description: str, with_data: bool = True):
+def _parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = ()):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=description, default_env=False)
@@ -19,7 +19,7 @@ def _parser(prog: str, description: str, with_data: bool = True):
 
         parser.add_class_arguments(AmazonTitlesDataModule, "data", instantiate=False)
     for key in _TRAINING_KEYS:
-        if key != "model":
+        if key != "model" and key not in own:
             parser.add_argument(f"--{key}", type=Any, default=None, help="(read by `fit`; ignored here)")
     return parser
 
@@ -49,6 +49,136 @@ def data_command(argv: list[str]) -> None:
     print(render_report(dm.prepared, dm.settings, dm.tokenizer, cfg.examples))
 
 
+def _resolve_ckpt(ckpt_path: str, log_root: str = "logs") -> str:
+    if ckpt_path != "last":
+        return ckpt_path
+    from amzft.errors import ConfigError
+    from amzft.lightning_cli import find_last_checkpoint
+
+    last = find_last_checkpoint(log_root)
+    if last is None:
+        raise ConfigError(f"--ckpt_path last: no last.ckpt under {log_root}/amzft/version_*/checkpoints")
+    return str(last)
+
+
+def _base_module(model_args: dict):
+    from amzft.model import LoraCausalLM
+
+    allowed = {k: v for k, v in model_args.items() if k in LoraCausalLM.__init__.__code__.co_varnames}
+    module = LoraCausalLM(**allowed)
+    module.configure_model()
+    return module
+
+
+def ask_command(argv: list[str]) -> None:
+    """Answer "What is the description of product TITLE?" with the base or fine-tuned model."""
+    parser = _parser("amzft ask", "Answer the seed question for one or more product titles.", with_data=False, own=("ckpt_path",))
+    parser.add_argument("titles", nargs="+", help="product titles")
+    parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`): answer with the fine-tuned adapter")
+    parser.add_argument("--compare", type=bool, default=False, help="with --ckpt_path: print base and fine-tuned answers")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--model", type=Any, default=None, help="model options (name_or_path …) for the base model")
+    parser.add_argument("--data", type=Any, default=None, help="(its prompt options are used)")
+    parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` looks")
+    cfg = parser.parse_args(argv)
+    from amzft.generate import generate_answers, load_trained, prompt_format_from
+
+    if cfg.ckpt_path:
+        module, fmt = load_trained(_resolve_ckpt(cfg.ckpt_path, cfg.log_root))
+    else:
+        module, fmt = _base_module(dict(cfg.model or {})), prompt_format_from(dict(cfg.data or {}))
+    tuned = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=bool(cfg.ckpt_path))
+    base = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=False) if cfg.compare and cfg.ckpt_path else None
+    for i, title in enumerate(cfg.titles):
+        print(f"Q: {fmt.question.replace('{title}', title)}")
+        if base is not None:
+            print(f"  base:       {base[i]}")
+            print(f"  fine-tuned: {tuned[i]}")
+        else:
+            print(f"A: {tuned[i]}")
+        print()
+
+
+SEED_QUESTIONS = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
+
+
+def _wrap(text: str, width: int = 96, indent: str = "      ") -> str:
+    import textwrap
+
+    return textwrap.fill(text or "(empty)", width=width, initial_indent=indent, subsequent_indent=indent)
+
+
 def demo_command(argv: list[str]) -> None:
-    """The README's first command. Until training lands it shows the data report of the sample."""
-    data_command(argv)
+    """Fine-tune the embedded model on the bundled sample (stopping half-way and resuming, as a
+    real run would after an interruption), then print base vs fine-tuned answers."""
+    import time
+    from pathlib import Path
+
+    from amzft.callbacks import StopAtStep
+    from amzft.generate import generate_answers, load_trained
+    from amzft.lightning_cli import cli_main
+
+    parser = _parser("amzft demo", "Fine-tune on the bundled sample, resume, compare answers.", with_data=False)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--log_root", default="logs")
+    parser.add_argument("--model", type=Any, default=None)
+    parser.add_argument("--data", type=Any, default=None)
+    parser.add_argument("--checkpoint", type=Any, default=None, help="(read by `fit`; ignored here)")
+    cfg = parser.parse_args(argv)
+    config = cfg.config[0].absolute if cfg.config else _default_cpu_config()
+    extra = ["--trainer.default_root_dir", cfg.log_root]
+    if cfg.steps:
+        extra += ["--trainer.max_steps", str(cfg.steps)]
+    started = time.perf_counter()
+    first = cli_main(["fit", "--config", str(config), *extra], run=False)
+    total = first.trainer.max_steps
+    half = max(1, total // 2)
+    print(f"\n== 1/3 fine-tuning {first.model.hparams.name_or_path} on {first.datamodule.settings.path}; "
+          f"interrupting at step {half} of {total} to show an exact resume ==")
+    first.trainer.callbacks.append(StopAtStep(half))
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    print(f"\n== 2/3 resuming from {_resolve_ckpt('last', cfg.log_root)} ==")
+    second = cli_main(["fit", "--config", str(config), *extra, "--ckpt_path", "last"], run=False)
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=second.ckpt_path)
+    last = Path(second.trainer.checkpoint_callback.last_model_path)
+    train_minutes = (time.perf_counter() - started) / 60
+
+    print("\n== 3/3 base vs fine-tuned answers (greedy) ==")
+    module, fmt = load_trained(last)
+    dm = second.datamodule
+    titles = list(SEED_QUESTIONS)
+    references = {}
+    for split in ("train", "test"):
+        rows = dm.split(split)
+        if len(rows):
+            row = rows[0]
+            titles.append(row["title"])
+            references[row["title"]] = (split, row["content"])
+    base = generate_answers(module, titles, fmt, cfg.max_new_tokens, use_adapter=False)
+    tuned = generate_answers(module, titles, fmt, cfg.max_new_tokens, use_adapter=True)
+    for title, b, t in zip(titles, base, tuned):
+        split, reference = references.get(title, ("not in the data", None))
+        print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")
+        if reference:
+            print("  reference:")
+            print(_wrap(reference))
+        print("  base model:")
+        print(_wrap(b))
+        print("  fine-tuned:")
+        print(_wrap(t))
+    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min (training {train_minutes:.1f} min). "
+          f"checkpoint: {last} ({last.stat().st_size / 2**20:.1f} MiB)")
+    print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
+    print(f"ask it yourself: python -m amzft ask \"Girls Ballet Tutu Neon Pink\" --ckpt_path last --compare true")
+
+
+def _default_cpu_config():
+    from pathlib import Path
+
+    from amzft.errors import ConfigError
+
+    for candidate in (Path("configs/cpu.yaml"), Path(__file__).resolve().parents[2] / "configs" / "cpu.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("configs/cpu.yaml not found: run the demo from the amzft checkout or pass --config")

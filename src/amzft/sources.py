@@ -93,16 +93,21 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _existing(name_or_path: str, what: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"{what} path {name_or_path!r} does not exist (amzft never downloads: pass a local "
+            f"directory, or `{EMBEDDED}` for the bundled SmolLM2-135M-Instruct)"
+        )
+    return path
+
+
 def resolve_model_dir(name_or_path: str) -> Path:
     """``embedded`` or a local directory with a config.json; anything else is a clear error."""
     if name_or_path == EMBEDDED:
         return embedded_model_dir()
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise ModelError(
-            f"model path {name_or_path!r} does not exist (amzft never downloads: pass a local "
-            f"directory, or `{EMBEDDED}` for the bundled SmolLM2-135M-Instruct)"
-        )
+    path = _existing(name_or_path, "model")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelError(f"model path {name_or_path!r} is not a model directory (no config.json in it)")
     return path
@@ -113,7 +118,7 @@ def resolve_tokenizer_dir(name_or_path: str) -> Path:
         return llama32_tokenizer_dir()
     if name_or_path == EMBEDDED:
         return embedded_model_dir()
-    path = Path(name_or_path).expanduser()
+    path = _existing(name_or_path, "tokenizer")
     if not path.is_dir():
         raise ModelError(f"tokenizer path {name_or_path!r} is not a directory")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
@@ -142,4 +147,7 @@ def load_tokenizer(name_or_path: str):
         raise ModelError(f"tokenizer in {directory} defines no EOS token: generation could never stop")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Llama-3.2's config asks for a WordPiece clean-up that corrupts BPE text; transformers
+    # ignores it with a warning on every decode. Say what we want instead.
+    tokenizer.clean_up_tokenization_spaces = False
     return tokenizer

@@ -1,0 +1,60 @@
+"""Checkpoint files written atomically: a crash or kill mid-write never leaves a broken file.
+
+Lightning's TorchCheckpointIO writes straight to the final path. We write to a temporary file
+in the same folder, fsync it, and rename it over the target (atomic on POSIX), then fsync the
+folder so the rename itself survives a power loss. Loading is ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from amzft.errors import ModelError
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """``torch.load(weights_only=True)`` with one-line errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ModelError(f"checkpoint {path} is not an amzft checkpoint (no state_dict / hyper_parameters)")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint_file(path)

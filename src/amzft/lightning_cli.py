@@ -1,0 +1,111 @@
+"""The LightningCLI for fit / validate / test / predict.
+
+* ``model.name_or_path`` is linked to ``data.tokenizer`` and ``data.max_length`` to
+  ``model.max_length``: each is typed once.
+* Always on: TensorBoard under ``<trainer.default_root_dir>/amzft/version_N``, checkpoints of
+  the adapter (``checkpoint.*`` options, ``last.ckpt`` included) written atomically, learning
+  rate and token-throughput curves.
+* ``--ckpt_path last`` resumes the newest ``last.ckpt`` under the log folder and keeps logging
+  into the same TensorBoard run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from amzft.callbacks import TokenThroughput
+from amzft.checkpointing import AtomicCheckpointIO
+from amzft.data.module import AmazonTitlesDataModule
+from amzft.errors import ConfigError
+from amzft.model import LoraCausalLM
+
+LOG_NAME = "amzft"
+
+
+def find_last_checkpoint(root: str | Path) -> Path | None:
+    """The newest ``last.ckpt`` under ``root/amzft/version_*/checkpoints``."""
+    candidates = list(Path(root, LOG_NAME).glob("version_*/checkpoints/last.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+class AmzftCLI(LightningCLI):
+    """``ckpt_path`` (resolved, ``last`` included) is kept on the instance so that code driving
+    the trainer itself (``run=False``: the demo, tests) resumes exactly as ``fit`` does."""
+
+    def __init__(self, *args, ckpt_path: str | None = None, **kwargs):
+        self._resume_version: int | None = None
+        self.ckpt_path = ckpt_path
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.name_or_path", "data.tokenizer")
+        parser.link_arguments("data.max_length", "model.max_length")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_train_steps": 20,
+                "checkpoint.filename": "step{step:05d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.default_root_dir": "logs",
+                "trainer.log_every_n_steps": 1,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or "logs"
+        if self.subcommand == "fit":
+            self.ckpt_path = config.get("ckpt_path")
+        if self.subcommand in (None, "fit") and self.ckpt_path == "last":
+            last = find_last_checkpoint(root)
+            if last is None:
+                raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/{LOG_NAME}/version_*/checkpoints")
+            self.ckpt_path = str(last)
+            if self.subcommand == "fit":
+                config.ckpt_path = self.ckpt_path
+            match = re.fullmatch(r"version_(\d+)", last.parent.parent.name)
+            self._resume_version = int(match.group(1)) if match else None
+        accumulate = config.trainer.accumulate_grad_batches
+        if accumulate is not None and accumulate < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, found {accumulate}")
+
+    def _instantiate_trainer(self, config, callbacks):
+        root = config.get("default_root_dir") or "logs"
+        if config.get("logger") in (None, True):
+            config["logger"] = TensorBoardLogger(
+                save_dir=root, name=LOG_NAME, version=self._resume_version, default_hp_metric=False
+            )
+        plugins = config.get("plugins") or []
+        config["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        callbacks = [*callbacks, LearningRateMonitor(logging_interval="step"), TokenThroughput()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> AmzftCLI:
+    """``run=False`` builds model, data and trainer without running (``args`` may still start
+    with ``fit`` and carry ``--ckpt_path``; resume with ``trainer.fit(..., ckpt_path=cli.ckpt_path)``)."""
+    ckpt_path = None
+    if not run and args is not None:
+        args = list(args)
+        if args and args[0] == "fit":
+            args = args[1:]
+        if "--ckpt_path" in args:
+            i = args.index("--ckpt_path")
+            ckpt_path = args[i + 1]
+            del args[i : i + 2]
+    return AmzftCLI(
+        LoraCausalLM,
+        AmazonTitlesDataModule,
+        seed_everything_default=3407,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        ckpt_path=ckpt_path,
+    )

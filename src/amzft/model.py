@@ -1,0 +1,241 @@
+"""The LightningModule: a causal LM with LoRA adapters, trained on response tokens only.
+
+Loss normalisation (DESIGN.md §5): each micro-batch returns
+``sum of its token losses / label tokens in the whole accumulation window × accumulate``.
+Lightning divides by ``accumulate_grad_batches``, so the accumulated gradient is exactly the
+gradient of the mean token loss over the window: ``batch 2 × accumulate 4`` equals
+``batch 8 × accumulate 1``, however long each answer is.
+
+Checkpoints hold the adapter (the trainable parameters) and the training state only, never the
+frozen base model (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+
+from amzft.backends import DEFAULT_TARGETS, LoraSettings, build
+from amzft.data.encode import IGNORE_INDEX
+from amzft.errors import ConfigError, ModelError
+
+# Architectures whose logits are exactly lm_head(final hidden state): for them the loss is
+# computed from the label positions only, which skips most of the vocabulary projection
+# (the prompt is ~30-50 % of each sequence). Others use the model's own forward.
+_PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
+
+
+class LoraCausalLM(LightningModule):
+    """Causal LM + LoRA, fine-tuned to answer "What is the description of product {title}?".
+
+    Args:
+        name_or_path: ``embedded`` (the bundled SmolLM2-135M-Instruct) or a local model directory.
+        backend: how the model is built (``hf``: transformers + peft).
+        max_length: longest sequence in tokens (linked from ``data.max_length``).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input (0 in the seed; 0 keeps resume bit-exact).
+        target_modules: module names that get adapters.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        optimizer: ``adamw_8bit`` (bitsandbytes, as the seed) or ``adamw`` (torch).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: optimizer steps of linear warm-up, then linear decay to 0 at max_steps.
+        lora_seed: seed for the LoRA initialisation.
+        max_new_tokens: longest generated answer (ask / predict).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "embedded",
+        backend: str = "hf",
+        max_length: int = 2048,
+        lora_r: int = 16,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: Literal["adamw_8bit", "adamw"] = "adamw_8bit",
+        lr: float = 2e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 5,
+        lora_seed: int = 3407,
+        max_new_tokens: int = 256,
+    ):
+        super().__init__()
+        problems = []
+        if not (lr > 0 and math.isfinite(lr)):
+            problems.append(f"model.lr must be a positive number, found {lr}")
+        if lora_r < 1 or lora_alpha <= 0:
+            problems.append(f"model.lora_r must be >= 1 and lora_alpha > 0, found {lora_r}, {lora_alpha}")
+        if not 0 <= lora_dropout < 1:
+            problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
+        if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
+            problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.save_hyperparameters()
+        self.lora = LoraSettings(
+            name_or_path=name_or_path,
+            r=lora_r,
+            alpha=lora_alpha,
+            dropout=lora_dropout,
+            target_modules=list(target_modules or DEFAULT_TARGETS),
+            gradient_checkpointing=gradient_checkpointing,
+            seed=lora_seed,
+        )
+        self.model = None
+        self.tokenizer = None
+        # Only the adapter is checkpointed; the frozen base is rebuilt from name_or_path.
+        self.strict_loading = False
+        self._window_loss = 0.0  # sum of token losses in the current accumulation window
+        self._window_tokens = 0
+        self._eval_sums: dict[str, list[float]] = {}
+
+    # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning calls this once per fit/validate/test
+            return
+        self.model, self.tokenizer = build(self.hparams.backend, self.lora)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        self.trainable_share = trainable / total
+        self._plain_head = self.model.get_base_model().config.model_type in _PLAIN_HEAD_MODELS
+
+    def trainable_keys(self) -> dict[str, torch.Size]:
+        return {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self.model is None:
+            return full
+        keep = {prefix + k for k in self.trainable_keys()}
+        return type(full)((k, v) for k, v in full.items() if k in keep)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_adapter_state(checkpoint.get("state_dict", {}))
+
+    def check_adapter_state(self, state: dict) -> None:
+        """A checkpoint must hold exactly this model's adapter: name it clearly if not."""
+        expected = self.trainable_keys()
+        missing = [k for k in expected if k not in state]
+        wrong = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
+        if missing or wrong:
+            what = f"{len(missing)} adapter tensors missing" if missing else f"shape mismatch in {wrong[0]}"
+            raise ModelError(
+                f"the checkpoint does not fit this model ({what}): it was made with another base model "
+                f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora_r={self.hparams.lora_r}"
+            )
+
+    # ------------------------------------------------------------------ loss
+    def token_loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Sum of next-token cross-entropy over the label (response) tokens, and their count."""
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        if self._plain_head:
+            base = self.model.get_base_model()
+            hidden = base.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+        else:
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            logits = out.logits[:, :-1][mask]
+        loss_sum = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
+        return loss_sum, int(mask.sum())
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        loss_sum, n = self.token_loss_sum(batch)
+        return loss_sum / max(n, 1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, n = self.token_loss_sum(batch)
+        window = int(batch["window_label_tokens"])
+        self._window_loss += float(loss_sum.detach())
+        self._window_tokens = window
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return loss_sum * (accumulate / window)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called once per optimizer step, after the whole window's backward passes.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        loss = self._window_loss / max(self._window_tokens, 1)
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        self.log("train/grad_norm", grad_norm, on_step=True)
+        self.log("train/label_tokens", float(self._window_tokens), on_step=True)
+        if not math.isfinite(loss):
+            raise ModelError(
+                f"the training loss is {loss} at optimizer step {self.global_step} "
+                f"(epoch {self.current_epoch}); the last checkpoint is intact: lower model.lr and resume"
+            )
+        self._window_loss, self._window_tokens = 0.0, 0
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        loss_sum, n = self.token_loss_sum(batch)
+        sums = self._eval_sums.setdefault(stage, [0.0, 0])
+        sums[0] += float(loss_sum)
+        sums[1] += n
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        loss_sum, n = self._eval_sums.pop(stage, [0.0, 0])
+        # Token-weighted mean over the whole split (summed across ranks under DDP).
+        totals = self.all_gather(torch.tensor([loss_sum, float(n)], dtype=torch.float64))
+        if totals.ndim > 1:
+            totals = totals.sum(0)
+        if totals[1] > 0:
+            self.log(f"{stage}/loss", float(totals[0] / totals[1]), prog_bar=True, rank_zero_only=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        h = self.hparams
+        kwargs = dict(lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay)
+        if h.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(params, **kwargs)
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        warmup = h.warmup_steps
+
+        def linear_warmup_decay(step: int) -> float:
+            # As transformers' get_linear_schedule_with_warmup, stepped per optimizer step.
+            if step < warmup:
+                return step / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            self.print(
+                f"amzft: {self.hparams.name_or_path} with LoRA r={self.hparams.lora_r}: "
+                f"{self.trainable_share:.2%} of parameters trainable"
+            )
+        for logger in self.loggers:
+            logger.log_metrics({"model/trainable_share": self.trainable_share}, step=self.global_step)

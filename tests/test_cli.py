@@ -1,0 +1,104 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amzft.cli import main
+from amzft.lightning_cli import cli_main
+from conftest import REPO, fit_args
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = "import sys, amzft.cli as c; c.main(['--help']); print(sorted(m for m in ('torch','transformers','lightning','unsloth') if m in sys.modules))"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: python -m amzft" in out and out.strip().endswith("[]")
+    assert time.perf_counter() - start < 10  # generous: the figure itself lives in the README
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_starts_with_its_command_and_parses(config):
+    text = config.read_text()
+    assert text.startswith("# python -m amzft fit --config configs/" + config.name)
+    yaml.safe_load(text)
+    cli = cli_main(["--config", str(config)], run=False)
+    assert cli.model.hparams.lora_r == 16 and cli.model.hparams.lora_alpha == 16
+    assert cli.datamodule.settings.max_length == cli.model.hparams.max_length == 2048  # linked once
+    assert cli.trainer.accumulate_grad_batches == 4 and cli.datamodule.batch_size == 2
+    assert cli.trainer.max_steps == 60
+
+
+def test_base_yaml_is_the_seed_recipe():
+    cfg = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    assert cfg["seed_everything"] == 3407
+    assert cfg["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["model"]["optimizer"] == "adamw_8bit" and cfg["model"]["lr"] == 2e-4
+    assert cfg["model"]["warmup_steps"] == 5 and cfg["model"]["lora_dropout"] == 0
+    assert cfg["model"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg["data"]["question"] == "What is the description of product {title}?"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_two_steps_of_fit_run_from_every_config(config, tiny_model_dir, tiny_data, tmp_path):
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2")
+    args[args.index("--config") + 1] = str(config)
+    cli = cli_main(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2
+    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
+
+
+def test_cli_fit_then_ask_through_main(tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
+    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    main(["ask", "Item 3 book", "--ckpt_path", str(ckpt), "--compare", "true", "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert "Q: What is the description of product Item 3 book?" in out
+    assert "base:" in out and "fine-tuned:" in out
+    monkeypatch.chdir(tmp_path)  # `last` is looked up under ./logs
+    main(["ask", "Item 3 book", "--ckpt_path", "last", "--max_new_tokens", "2"])
+    assert "A:" in capsys.readouterr().out
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "--config", str(REPO / "configs" / "cpu.yaml"), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["name_or_path"] == "embedded" and printed["data"]["batch_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.lr", "-1"], "model.lr must be a positive number, found -1.0"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be >= 1, found 0"),
+        (["--data.max_length", "4"], "data.max_length must be >= 8, found 4"),
+        (["--model.name_or_path", "/no/such/model"], "path '/no/such/model' does not exist (amzft never downloads"),
+        (["--data.path", "/no/such/file.json"], "/no/such/file.json: no such file"),
+        (["--model.target_modules", "[nope_proj]"], "model.target_modules ['nope_proj'] are not modules"),
+    ],
+)
+def test_bad_config_values_are_one_line_errors(extra, message, tiny_model_dir, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1", *extra))
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("amzft: error: ") and message in err[0], err
+
+
+def test_resume_last_without_checkpoint_is_clear(tiny_model_dir, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last"))
+    assert "no last.ckpt under" in capsys.readouterr().err
+
+
+def test_data_command_reports_the_shipped_sample(capsys):
+    main(["data", "--data.tokenizer", "llama3.2", "--examples", "1"])
+    out = capsys.readouterr().out
+    assert "records read: 48" in out and "empty_content" in out and "example 1" in out

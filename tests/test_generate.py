@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from amzft.data.prompt import PromptFormat
+from amzft.errors import ModelError
+from amzft.generate import generate_answers, load_trained
+from amzft.model import LoraCausalLM
+
+TITLES = ["Mug", "A much longer product title with many words in it", "Lamp"]
+
+
+@pytest.fixture
+def tiny_module(tiny_model_dir):
+    m = LoraCausalLM(name_or_path=str(tiny_model_dir))
+    m.configure_model()
+    with torch.no_grad():  # a non-zero adapter, so adapter on / off differ
+        for n, p in m.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return m
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_module):
+    fmt = PromptFormat()
+    batched = generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8)
+    single = [generate_answers(tiny_module, [t], fmt, max_new_tokens=6)[0] for t in TITLES]
+    assert batched == single and all(batched)
+
+
+def test_adapter_switch_gives_base_answers(tiny_module, tiny_model_dir):
+    fmt = PromptFormat()
+    tuned = generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6)
+    base = generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, use_adapter=False)
+    plain = LoraCausalLM(name_or_path=str(tiny_model_dir))
+    plain.configure_model()  # LoRA B starts at zero: the same function as the base model
+    assert base == generate_answers(plain, TITLES, fmt, max_new_tokens=6)
+    assert tuned != base
+
+
+def test_generation_stops_at_eos(tiny_module):
+    tok = tiny_module.tokenizer
+    base = tiny_module.model.get_base_model()
+    with torch.no_grad():  # make EOS the argmax everywhere: logits = embedding(eos) · h
+        base.model.norm.weight.zero_()
+        base.model.norm.weight[0] = 1.0
+        base.lm_head.weight[:, 0] = 0.0
+        base.lm_head.weight[tok.eos_token_id, 0] = 1.0
+    for n, p in tiny_module.model.named_parameters():
+        if "lora_B" in n:
+            p.data.zero_()
+    out = generate_answers(tiny_module, TITLES, PromptFormat(), max_new_tokens=20)
+    assert out == ["", "", ""]
+
+
+def test_checkpoint_errors_are_one_line(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_trained(tmp_path / "missing.ckpt")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelError, match="corrupt or not a checkpoint"):
+        load_trained(corrupt)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"name_or_path": str(tiny_model_dir), "lora_r": 8}}, other)
+    with pytest.raises(ModelError, match="another base model or LoRA config"):
+        load_trained(other)
