@@ -102,3 +102,18 @@ def test_data_command_reports_the_shipped_sample(capsys):
     main(["data", "--data.tokenizer", "llama3.2", "--examples", "1"])
     out = capsys.readouterr().out
     assert "records read: 48" in out and "empty_content" in out and "example 1" in out
+
+
+def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, tmp_path, capsys):
+    import json
+
+    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
+    for command in ("validate", "test", "predict"):
+        args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last",
+                        "--data.val_fraction", "0.3", "--data.test_fraction", "0.3", "--model.max_new_tokens", "3")
+        args[0] = command
+        main(args)
+    out = capsys.readouterr().out
+    assert "val/loss" in out and "test/loss" in out
+    rows = [json.loads(l) for l in (tmp_path / "logs" / "amzft" / "version_0" / "predictions.jsonl").open()]
+    assert rows and set(rows[0]) == {"title", "reference", "answer"}

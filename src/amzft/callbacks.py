@@ -70,3 +70,21 @@ class StopAtStep(Callback):
         if trainer.global_step >= self.step and not trainer.should_stop:
             trainer.should_stop = True
             save_last_now(trainer)
+
+
+class PredictionsWriter(Callback):
+    """``predict`` results as JSON Lines (title, reference, answer) in the run's log folder."""
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        import json
+        from pathlib import Path
+
+        rows = [row for batch in trainer.predict_loop.predictions for row in batch]
+        if not rows or trainer.log_dir is None:
+            return
+        path = Path(trainer.log_dir) / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        pl_module.print(f"amzft: {len(rows)} predictions written to {path}")

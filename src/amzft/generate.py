@@ -37,11 +37,23 @@ def load_trained(ckpt_path: str | Path):
     return module, prompt_format_from(checkpoint.get("datamodule_hyper_parameters"))
 
 
-@torch.no_grad()
 def generate_answers(
     module,
     titles: list[str],
     prompt_format: PromptFormat,
+    max_new_tokens: int = 128,
+    use_adapter: bool = True,
+    batch_size: int = 8,
+) -> list[str]:
+    """Answers to the question about each title, in the prompt format the model was trained on."""
+    prompts = [prompt_format.render(t) for t in titles]
+    return generate_from_prompts(module, prompts, max_new_tokens, use_adapter, batch_size)
+
+
+@torch.no_grad()
+def generate_from_prompts(
+    module,
+    prompts: list[str],
     max_new_tokens: int = 128,
     use_adapter: bool = True,
     batch_size: int = 8,
@@ -58,10 +70,10 @@ def generate_answers(
     switch = contextlib.nullcontext() if use_adapter else model.disable_adapter()
     try:
         with switch:
-            for start in range(0, len(titles), batch_size):
-                chunk = titles[start : start + batch_size]
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
                 # Same tokenisation as training: the whole prompt, with the tokenizer's specials.
-                ids = [tokenizer(prompt_format.render(t), add_special_tokens=True)["input_ids"] for t in chunk]
+                ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in chunk]
                 width = max(map(len, ids))
                 input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
                 attention_mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -5,8 +5,9 @@
 * Always on: TensorBoard under ``<trainer.default_root_dir>/amzft/version_N``, checkpoints of
   the adapter (``checkpoint.*`` options, ``last.ckpt`` included) written atomically, learning
   rate and token-throughput curves.
-* ``--ckpt_path last`` resumes the newest ``last.ckpt`` under the log folder and keeps logging
-  into the same TensorBoard run.
+* ``--ckpt_path last`` resumes (fit) or evaluates (validate / test / predict) the newest
+  ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
+* ``predict`` writes ``predictions.jsonl`` (title, reference, answer) into the run's folder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from amzft.callbacks import TokenThroughput
+from amzft.callbacks import PredictionsWriter, TokenThroughput
 from amzft.checkpointing import AtomicCheckpointIO
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
@@ -61,14 +62,14 @@ class AmzftCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or "logs"
-        if self.subcommand == "fit":
+        if self.subcommand is not None:
             self.ckpt_path = config.get("ckpt_path")
-        if self.subcommand in (None, "fit") and self.ckpt_path == "last":
+        if self.ckpt_path == "last":
             last = find_last_checkpoint(root)
             if last is None:
                 raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/{LOG_NAME}/version_*/checkpoints")
             self.ckpt_path = str(last)
-            if self.subcommand == "fit":
+            if self.subcommand is not None:
                 config.ckpt_path = self.ckpt_path
             match = re.fullmatch(r"version_(\d+)", last.parent.parent.name)
             self._resume_version = int(match.group(1)) if match else None
@@ -84,7 +85,7 @@ class AmzftCLI(LightningCLI):
             )
         plugins = config.get("plugins") or []
         config["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
-        callbacks = [*callbacks, LearningRateMonitor(logging_interval="step"), TokenThroughput()]
+        callbacks = [*callbacks, LearningRateMonitor(logging_interval="step"), TokenThroughput(), PredictionsWriter()]
         return super()._instantiate_trainer(config, callbacks)
 
 

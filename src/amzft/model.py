@@ -206,6 +206,17 @@ class LoraCausalLM(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        from amzft.generate import generate_from_prompts
+
+        answers = generate_from_prompts(
+            self, batch["prompt"], self.hparams.max_new_tokens, batch_size=len(batch["prompt"])
+        )
+        return [
+            {"title": t, "reference": r, "answer": a}
+            for t, r, a in zip(batch["title"], batch["reference"], answers)
+        ]
+
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

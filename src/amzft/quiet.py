@@ -19,6 +19,8 @@ def quiet_libraries() -> None:
     # We pass argv to LightningCLI explicitly (the `python -m amzft fit …` argv minus the
     # subcommand routing), which Lightning flags as a possible mistake.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for users to do.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # HF loaders' per-tensor progress bars, on every model load.
     try:
         from transformers.utils import logging as hf_logging

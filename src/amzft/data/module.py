@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 def label_counts(data):
     """The ``num_labels`` column as a numpy array, straight from Arrow (no Python list)."""
     return data.data.column("num_labels").to_numpy()
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 class ResumableDataLoader(torch.utils.data.DataLoader):
@@ -62,6 +67,8 @@ class AmazonTitlesDataModule(LightningDataModule):
         num_workers: DataLoader worker processes (0 is fastest here: data is pre-tokenised).
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPU).
         cache_dir: where tokenised datasets go (default: ~/.cache/amzft/datasets).
+        predict_split: the split whose products ``predict`` answers (``test``: held-out products).
+        predict_limit: answer at most this many products in ``predict``.
     """
 
     def __init__(
@@ -89,6 +96,8 @@ class AmazonTitlesDataModule(LightningDataModule):
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
         cache_dir: str | None = None,
+        predict_split: Literal["train", "validation", "test"] = "test",
+        predict_limit: int | None = 32,
     ):
         super().__init__()
         problems = []
@@ -120,6 +129,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
         self.pad_to_multiple_of, self.cache_dir = pad_to_multiple_of, cache_dir
+        self.predict_split, self.predict_limit = predict_split, predict_limit
         self._tokenizer = None
         self.prepared: PreparedData | None = None
         self._train_sampler: ResumableBatchSampler | None = None
@@ -195,3 +205,14 @@ class AmazonTitlesDataModule(LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader("test")
+
+    def predict_dataloader(self):
+        """Prompts (not tokenised: generation tokenises and left-pads them) with references."""
+        data = self.split(self.predict_split)
+        n = len(data) if self.predict_limit is None else min(len(data), self.predict_limit)
+        rows = data.select(range(n)).select_columns(["title", "content"])
+        fmt = self.settings.prompt
+        items = [{"title": t, "reference": c, "prompt": fmt.render(t)} for t, c in zip(rows["title"], rows["content"])]
+        return torch.utils.data.DataLoader(
+            items, batch_size=self.eval_batch_size, collate_fn=_columns
+        )
