@@ -88,3 +88,48 @@ class PredictionsWriter(Callback):
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         pl_module.print(f"amzft: {len(rows)} predictions written to {path}")
+
+
+class SampleAnswers(Callback):
+    """Every ``every_n_steps`` optimizer steps, answers for a few fixed validation products go to
+    TensorBoard as text, so the answers can be watched changing along the loss curve.
+
+    Args:
+        every_n_steps: 0 turns it off.
+        products: how many products (the first of the validation split, else of train).
+        max_new_tokens: answer length cap (greedy; greedy uses no RNG, so runs stay exact).
+    """
+
+    def __init__(self, every_n_steps: int = 20, products: int = 3, max_new_tokens: int = 64):
+        self.every_n_steps, self.products, self.max_new_tokens = every_n_steps, products, max_new_tokens
+        self._done_step = -1
+
+    def _rows(self, trainer):
+        dm = trainer.datamodule
+        for split in ("validation", "train"):
+            data = dm.split(split)
+            if len(data):
+                n = min(self.products, len(data))
+                return split, data.select(range(n)).select_columns(["title", "content"])
+        return None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._done_step:
+            return
+        self._done_step = step
+        if not trainer.is_global_zero or trainer.datamodule is None or not trainer.loggers:
+            return
+        from amzft.generate import generate_answers
+
+        split, rows = self._rows(trainer)
+        if rows is None:
+            return
+        answers = generate_answers(pl_module, list(rows["title"]), trainer.datamodule.settings.prompt, self.max_new_tokens)
+        text = "\n\n".join(
+            f"**{t}** ({split})  \nreference: {c}  \nanswer: {a or '(empty)'}"
+            for t, c, a in zip(rows["title"], rows["content"], answers)
+        )
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("samples/answers", text, step)

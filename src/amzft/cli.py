@@ -21,6 +21,8 @@ commands:
   predict   (LightningCLI predict loop)
   data      data-quality report: python -m amzft data --data.path trn.json
   ask       answer one question: python -m amzft ask "Girls Ballet Tutu" [--ckpt_path CKPT]
+  evaluate  ROUGE/BLEU/chrF + failure views, base vs fine-tuned, seen vs held-out products
+  export    adapter (PEFT) or merged model: python -m amzft export --ckpt_path last --out DIR [--merge true]
   demo      fine-tune on the bundled sample, then print base vs fine-tuned answers
 
 Each command takes --help. Add --debug to see full tracebacks.
@@ -42,6 +44,14 @@ def _run(command: str, args: list[str]) -> None:
         from amzft.commands import ask_command
 
         ask_command(args)
+    elif command == "evaluate":
+        from amzft.commands import evaluate_command
+
+        evaluate_command(args)
+    elif command == "export":
+        from amzft.commands import export_command
+
+        export_command(args)
     elif command == "demo":
         from amzft.commands import demo_command
 

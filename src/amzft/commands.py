@@ -64,7 +64,11 @@ def _resolve_ckpt(ckpt_path: str, log_root: str = "logs") -> str:
 def _base_module(model_args: dict):
     from amzft.model import LoraCausalLM
 
-    allowed = {k: v for k, v in model_args.items() if k in LoraCausalLM.__init__.__code__.co_varnames}
+    import inspect
+
+    # A training config's model section may hold keys for other tools; keep the module's own.
+    accepted = inspect.signature(LoraCausalLM.__init__).parameters
+    allowed = {k: v for k, v in model_args.items() if k in accepted}
     module = LoraCausalLM(**allowed)
     module.configure_model()
     return module
@@ -182,3 +186,79 @@ def _default_cpu_config():
         if candidate.is_file():
             return candidate
     raise ConfigError("configs/cpu.yaml not found: run the demo from the amzft checkout or pass --config")
+
+
+def _datamodule_from_checkpoint(ckpt_path: str):
+    """The data module a checkpoint was trained with (same file, filters and product split),
+    and the optimizer step it was saved at."""
+    from amzft.checkpointing import load_checkpoint_file
+    from amzft.data.module import AmazonTitlesDataModule
+
+    checkpoint = load_checkpoint_file(ckpt_path)
+    hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    return AmazonTitlesDataModule(**hparams), int(checkpoint.get("global_step", 0))
+
+
+def evaluate_command(argv: list[str]) -> None:
+    """Score base (and fine-tuned) answers on seen and held-out products."""
+    from amzft.generate import GenerationOptions
+
+    parser = _parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split.",
+                     own=("ckpt_path",))
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint (or `last`); none: the base model only")
+    parser.add_argument("--model", type=Any, default=None, help="base-model options when there is no checkpoint")
+    parser.add_argument("--splits", type=list[str], default=["train", "test"], help="train = seen products, test = held-out")
+    parser.add_argument("--samples", type=int, default=24, help="products per split (a seeded sample)")
+    parser.add_argument("--seed", type=int, default=3407)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--out", default=None, help="report folder (default: the checkpoint's run folder)")
+    parser.add_argument("--log_root", default="logs")
+    parser.add_class_arguments(GenerationOptions, "gen")
+    cfg = parser.parse_args(argv)
+    from pathlib import Path
+
+    from amzft.errors import ConfigError
+    from amzft.evaluation import render_table, run_evaluation, write_report
+    from amzft.generate import load_trained, prompt_format_from
+
+    for split in cfg.splits:
+        if split not in ("train", "validation", "test"):
+            raise ConfigError(f"--splits takes train, validation, test; found {split!r}")
+    options = GenerationOptions(**dict(cfg.gen))
+    if cfg.ckpt_path:
+        ckpt = _resolve_ckpt(cfg.ckpt_path, cfg.log_root)
+        module, fmt = load_trained(ckpt)
+        dm, step = _datamodule_from_checkpoint(ckpt)
+        out = Path(cfg.out) if cfg.out else Path(ckpt).parent.parent
+    else:
+        ckpt, dm, step = None, _datamodule(cfg), 0
+        module = _base_module(dict(cfg.model or {}) | {"max_length": dm.settings.max_length})
+        fmt = dm.settings.prompt
+        out = Path(cfg.out) if cfg.out else Path(cfg.log_root) / "amzft" / "base_eval"
+    report = run_evaluation(module, dm, fmt, cfg.splits, cfg.samples, options, with_adapter=ckpt is not None,
+                            checkpoint=ckpt, seed=cfg.seed, batch_size=cfg.batch_size)
+    md, js = write_report(report, out, step)
+    print(render_table(report))
+    print(f"\nreport: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
+
+
+def export_command(argv: list[str]) -> None:
+    """Write the adapter as a PEFT directory, or (--merge) a merged transformers model."""
+    parser = _parser("amzft export", "Export a trained adapter (PEFT) or a merged model (safetensors).",
+                     with_data=False, own=("ckpt_path",))
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint of a fine-tuned run (or `last`)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--merge", type=bool, default=False, help="merge LoRA into the base weights")
+    parser.add_argument("--log_root", default="logs")
+    parser.add_argument("--model", type=Any, default=None)
+    parser.add_argument("--data", type=Any, default=None)
+    cfg = parser.parse_args(argv)
+    from amzft.errors import ConfigError
+    from amzft.export import export
+
+    if not cfg.ckpt_path:
+        raise ConfigError("export needs --ckpt_path: a base-only run has no adapter to export")
+    out = export(_resolve_ckpt(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge)
+    kind = "merged model" if cfg.merge else "PEFT adapter"
+    print(f"{kind} written to {out}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,36 @@ def load_trained(ckpt_path: str | Path):
     return module, prompt_format_from(checkpoint.get("datamodule_hyper_parameters"))
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding options. Greedy by default (reproducible); sampling is seeded."""
+
+    max_new_tokens: int = 128
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 3407
+
+    def generate_kwargs(self) -> dict:
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram_size > 0:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+@dataclass
+class Answer:
+    text: str
+    new_tokens: int  # generated tokens, EOS included
+    stopped: bool  # ended with EOS before max_new_tokens
+
+
 def generate_answers(
     module,
     titles: list[str],
@@ -45,29 +76,38 @@ def generate_answers(
     use_adapter: bool = True,
     batch_size: int = 8,
 ) -> list[str]:
-    """Answers to the question about each title, in the prompt format the model was trained on."""
+    """Greedy answers to the question about each title, in the model's training prompt format."""
     prompts = [prompt_format.render(t) for t in titles]
-    return generate_from_prompts(module, prompts, max_new_tokens, use_adapter, batch_size)
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
+    return [a.text for a in generate(module, prompts, options, use_adapter, batch_size)]
+
+
+def generate_from_prompts(module, prompts: list[str], max_new_tokens: int = 128, use_adapter: bool = True, batch_size: int = 8) -> list[str]:
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
+    return [a.text for a in generate(module, prompts, options, use_adapter, batch_size)]
 
 
 @torch.no_grad()
-def generate_from_prompts(
+def generate(
     module,
     prompts: list[str],
-    max_new_tokens: int = 128,
+    options: GenerationOptions = GenerationOptions(),
     use_adapter: bool = True,
     batch_size: int = 8,
-) -> list[str]:
-    """Greedy answers, batched with left padding; each row stops at its own EOS.
+) -> list[Answer]:
+    """Batched generation with left padding; each row stops at its own EOS.
 
     ``use_adapter=False`` switches the LoRA adapter off (peft's disable_adapter), so base and
     fine-tuned answers come from one loaded model.
     """
     tokenizer, model = module.tokenizer, module.model
+    eos = tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    answers: list[Answer] = []
     switch = contextlib.nullcontext() if use_adapter else model.disable_adapter()
+    if options.do_sample:
+        torch.manual_seed(options.seed)
     try:
         with switch:
             for start in range(0, len(prompts), batch_size):
@@ -84,13 +124,16 @@ def generate_from_prompts(
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=eos,
                     pad_token_id=tokenizer.pad_token_id,
+                    **options.generate_kwargs(),
                 )
-                for row in out[:, width:]:
-                    answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                for row in out[:, width:].tolist():
+                    stopped = eos in row
+                    tokens = row[: row.index(eos)] if stopped else row
+                    answers.append(
+                        Answer(tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens) + stopped, stopped)
+                    )
     finally:
         model.train(was_training)
     return answers

@@ -7,6 +7,7 @@
   rate and token-throughput curves.
 * ``--ckpt_path last`` resumes (fit) or evaluates (validate / test / predict) the newest
   ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
+* ``samples.*``: answers for a few validation products go to TensorBoard text every N steps.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer) into the run's folder.
 """
 
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from amzft.callbacks import PredictionsWriter, TokenThroughput
+from amzft.callbacks import PredictionsWriter, SampleAnswers, TokenThroughput
 from amzft.checkpointing import AtomicCheckpointIO
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
@@ -47,6 +48,7 @@ class AmzftCLI(LightningCLI):
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("data.max_length", "model.max_length")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SampleAnswers, "samples")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

@@ -1,0 +1,93 @@
+"""``python -m amzft evaluate``: base vs fine-tuned answers on seen and held-out products,
+scored and written as report.md / report.json / TensorBoard scalars and text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from amzft.generate import Answer, GenerationOptions, generate
+from amzft.scoring import failure_views, overlap_scores
+
+SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (validation)", "test": "held-out products"}
+METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf")
+VIEWS = ("empty", "title_only", "never_stopped", "looping", "facts_recalled", "facts_invented", "mean_new_tokens")
+
+
+def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
+    import numpy as np
+
+    n = min(n, len(dataset))
+    picks = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)) if n else []
+    rows = dataset.select([int(i) for i in picks]).select_columns(["title", "content"])
+    return {"title": list(rows["title"]), "content": list(rows["content"])}
+
+
+def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_adapter: bool, batch_size: int) -> dict:
+    prompts = [fmt.render(t) for t in rows["title"]]
+    models = {"base": False, "fine-tuned": True} if with_adapter else {"base": False}
+    result = {"n": len(prompts), "models": {}, "examples": []}
+    answers: dict[str, list[Answer]] = {}
+    for name, adapter in models.items():
+        answers[name] = generate(module, prompts, options, use_adapter=adapter, batch_size=batch_size)
+        texts = [a.text for a in answers[name]]
+        result["models"][name] = overlap_scores(texts, rows["content"]) | failure_views(
+            answers[name], rows["title"], rows["content"]
+        )
+    for i, (title, ref) in enumerate(zip(rows["title"], rows["content"])):
+        result["examples"].append({"title": title, "reference": ref} | {m: answers[m][i].text for m in models})
+    return result
+
+
+def render_markdown(report: dict, examples_per_split: int = 6) -> str:
+    lines = [f"# amzft evaluation", "", f"checkpoint: `{report['checkpoint']}`  ", f"generation: `{json.dumps(report['generation'])}`", ""]
+    for split, result in report["splits"].items():
+        lines += [f"## {split}: {SPLIT_MEANING.get(split, split)} ({result['n']} products)", ""]
+        models = list(result["models"])
+        lines.append("| metric | " + " | ".join(models) + " |")
+        lines.append("|---|" + "---|" * len(models))
+        for key in METRICS + VIEWS:
+            lines.append(f"| {key} | " + " | ".join(f"{result['models'][m][key]:.3f}" for m in models) + " |")
+        lines.append("")
+        for ex in result["examples"][:examples_per_split]:
+            lines += [f"**{ex['title']}**", "", f"- reference: {ex['reference']}"]
+            lines += [f"- {m}: {ex[m] or '(empty)'}" for m in models]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render_table(report: dict) -> str:
+    header = f"{'split':<10} {'model':<11} " + " ".join(f"{k:>7}" for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "empty", "loop", "nostop"))
+    lines = [header]
+    for split, result in report["splits"].items():
+        for model, m in result["models"].items():
+            values = [m[k] for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "empty", "looping", "never_stopped")]
+            lines.append(f"{split:<10} {model:<11} " + " ".join(f"{v:7.3f}" for v in values))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path, step: int = 0) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "report.md", out_dir / "report.json"
+    js.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    md.write_text(render_markdown(report))
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out_dir)) as writer:
+        for split, result in report["splits"].items():
+            for model, metrics in result["models"].items():
+                for key, value in metrics.items():
+                    writer.add_scalar(f"eval/{split}/{model}/{key}", value, step)
+        writer.add_text("eval/report", render_markdown(report, examples_per_split=12), step)
+    return md, js
+
+
+def run_evaluation(module, datamodule, fmt, splits, samples, options: GenerationOptions, with_adapter: bool,
+                   checkpoint: str | None, seed: int = 3407, batch_size: int = 8) -> dict:
+    report = {"checkpoint": checkpoint, "generation": asdict(options), "splits": {}}
+    for split in splits:
+        rows = sample_rows(datamodule.split(split), samples, seed)
+        if rows["title"]:
+            report["splits"][split] = evaluate_split(module, fmt, rows, options, with_adapter, batch_size)
+    return report

@@ -1,0 +1,82 @@
+"""Scores for generated descriptions: overlap metrics (torchmetrics) and failure views.
+
+Overlap: ROUGE-1/2/L F1, corpus BLEU (sacreBLEU's 13a tokenisation) and chrF, all from
+torchmetrics. Failure views say *how* answers go wrong, which overlap scores hide: empty,
+title only, never stopped (hit max_new_tokens), looping (repeated sentence or 4-gram), and how
+many of the reference's numbers and capitalised names the answer reproduces versus invents.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+_NAME = re.compile(r"\b[A-Z][a-z]{2,}(?:\s+[A-Z][a-z]+)*")
+_WORD = re.compile(r"\w+")
+
+
+def overlap_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    from torchmetrics.text import CHRFScore, SacreBLEUScore
+    from torchmetrics.text.rouge import ROUGEScore
+
+    rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"), use_stemmer=False)
+    scores = {k: float(v) for k, v in rouge(predictions, references).items() if k.endswith("_fmeasure")}
+    bleu = SacreBLEUScore(tokenize="13a")
+    chrf = CHRFScore()
+    refs = [[r] for r in references]
+    return {
+        "rouge1": scores["rouge1_fmeasure"],
+        "rouge2": scores["rouge2_fmeasure"],
+        "rougeL": scores["rougeL_fmeasure"],
+        "bleu": float(bleu(predictions, refs)),
+        "chrf": float(chrf(predictions, refs)),
+    }
+
+
+def is_looping(text: str, n: int = 4, repeats: int = 3) -> bool:
+    """The same sentence twice, or one word n-gram three times or more."""
+    sentences = [s.strip().lower() for s in _SENTENCE_END.split(text) if len(s.split()) >= 3]
+    if len(sentences) != len(set(sentences)):
+        return True
+    words = _WORD.findall(text.lower())
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= repeats
+
+
+def is_title_only(answer: str, title: str) -> bool:
+    """The answer says nothing beyond the product's own title words."""
+    answer_words = set(_WORD.findall(answer.lower())) - {"the", "a", "an", "of", "is", "and", "product", "description", "this"}
+    return bool(answer_words) and answer_words <= set(_WORD.findall(title.lower()))
+
+
+def _facts(text: str) -> set[str]:
+    """Numbers and capitalised names; a lone capitalised word that starts a sentence is not a name."""
+    names = set()
+    for m in _NAME.finditer(text):
+        starts_sentence = m.start() == 0 or text[: m.start()].rstrip().endswith((".", "!", "?"))
+        if not (starts_sentence and " " not in m.group(0)):
+            names.add(m.group(0))
+    return set(_NUMBER.findall(text)) | names
+
+
+def failure_views(answers, titles: list[str], references: list[str]) -> dict[str, float]:
+    """Shares over the answers (``answers`` are generate.Answer objects)."""
+    n = max(len(answers), 1)
+    recalled = invented = ref_facts = ans_facts = 0
+    for a, ref in zip(answers, references):
+        got, want = _facts(a.text), _facts(ref)
+        recalled += len(got & want)
+        ref_facts += len(want)
+        ans_facts += len(got)
+        invented += len(got - want)
+    return {
+        "empty": sum(not a.text for a in answers) / n,
+        "title_only": sum(is_title_only(a.text, t) for a, t in zip(answers, titles)) / n,
+        "never_stopped": sum(not a.stopped for a in answers) / n,
+        "looping": sum(is_looping(a.text) for a in answers) / n,
+        "facts_recalled": recalled / ref_facts if ref_facts else 0.0,  # reference numbers/names reproduced
+        "facts_invented": invented / ans_facts if ans_facts else 0.0,  # answer numbers/names not in the reference
+        "mean_new_tokens": sum(a.new_tokens for a in answers) / n,
+    }

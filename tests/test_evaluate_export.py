@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from amzft.cli import main
+from amzft.errors import ConfigError
+from amzft.generate import Answer
+from amzft.scoring import failure_views, is_looping, is_title_only, overlap_scores
+from conftest import fit_args
+
+
+def test_overlap_scores_are_torchmetrics_values():
+    s = overlap_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert s["rouge1"] == pytest.approx(1) and s["rougeL"] == pytest.approx(1) and s["bleu"] == pytest.approx(1)
+    low = overlap_scores(["completely unrelated words"], ["the cat sat on the mat"])
+    assert low["rouge1"] == 0 and low["bleu"] == 0 and low["chrf"] < 0.2
+
+
+def test_failure_views():
+    assert is_looping("She is a mother to a young boy. She is a mother to a young boy.")
+    assert is_looping("great value for money, great value for money, great value for money")
+    assert not is_looping("A warm coat. A light scarf. Good for winter.")
+    assert is_title_only("Girls Ballet Tutu.", "Girls Ballet Tutu Neon Pink")
+    assert not is_title_only("A tutu for dance class.", "Girls Ballet Tutu Neon Pink")
+    views = failure_views(
+        [Answer("Written by Jane Austen in 1813.", 9, True), Answer("", 1, True), Answer("x y z", 5, False)],
+        ["Pride", "Mug", "Lamp"],
+        ["Jane Austen wrote it in 1811.", "A mug.", "A lamp."],
+    )
+    assert views["empty"] == pytest.approx(1 / 3) and views["never_stopped"] == pytest.approx(1 / 3)
+    assert views["facts_recalled"] == pytest.approx(1 / 2)  # Jane Austen yes, 1811 no
+    assert views["facts_invented"] == pytest.approx(1 / 2)  # 1813 invented
+
+
+@pytest.fixture
+def trained(tiny_model_dir, tiny_data, tmp_path):
+    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2",
+                  "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
+    return next((tmp_path / "logs").rglob("last.ckpt"))
+
+
+def test_evaluate_writes_reports_for_both_models_and_splits(trained, capsys):
+    main(["evaluate", "--ckpt_path", str(trained), "--samples", "3", "--gen.max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert "rougeL" in out and "fine-tuned" in out
+    run_dir = trained.parent.parent
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["splits"]) == {"train", "test"}
+    for split in report["splits"].values():
+        assert set(split["models"]) == {"base", "fine-tuned"} and split["n"] == 3
+        assert {"rouge1", "rouge2", "rougeL", "bleu", "chrf", "looping", "never_stopped"} <= set(split["models"]["base"])
+        assert len(split["examples"]) == 3
+    assert "| rougeL |" in (run_dir / "report.md").read_text()
+    train_titles = {e["title"] for e in report["splits"]["train"]["examples"]}
+    test_titles = {e["title"] for e in report["splits"]["test"]["examples"]}
+    assert not train_titles & test_titles
+
+
+def test_exported_adapter_and_merged_model_match_the_module(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from amzft.generate import load_trained
+
+    module, _ = load_trained(trained)
+    with torch.no_grad():  # make the adapter non-trivial so that a wrong export shows
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    ids = torch.tensor([[128000, 791, 8415, 7731, 389, 279, 5634]])
+    expected = module.model(input_ids=ids).logits
+    torch.save({**torch.load(trained, weights_only=True), "state_dict": {f"model.{k}": v for k, v in module.model.named_parameters() if v.requires_grad}}, trained)
+
+    main(["export", "--ckpt_path", str(trained), "--out", str(tmp_path / "adapter")])
+    main(["export", "--ckpt_path", str(trained), "--out", str(tmp_path / "merged"), "--merge", "true"])
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter" / "amzft_prompt.json").read_text())["question"].startswith("What is")
+    base_dir = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-5)
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--out", str(tmp_path / "x")])
+    assert "a base-only run has no adapter to export" in capsys.readouterr().err
+
+
+def test_sample_answers_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--data.val_fraction", "0.2",
+                  "--samples.every_n_steps", "1", "--samples.max_new_tokens", "3"))
+    acc = EventAccumulator(str(tmp_path / "logs" / "amzft" / "version_0"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "samples/answers/text_summary" in acc.Tags()["tensors"]
+    assert [e.step for e in acc.Tensors("samples/answers/text_summary")] == [1, 2]
