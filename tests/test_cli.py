@@ -117,3 +117,34 @@ def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, t
     assert "val/loss" in out and "test/loss" in out
     rows = [json.loads(l) for l in (tmp_path / "logs" / "amzft" / "version_0" / "predictions.jsonl").open()]
     assert rows and set(rows[0]) == {"title", "reference", "answer"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+@pytest.mark.parametrize("command", ["data", "evaluate", "ask", "export", "demo"])
+def test_every_command_reads_every_config(command, config, monkeypatch):
+    """The non-Lightning commands accept the training YAMLs (and ignore the keys they don't use)."""
+    import amzft.commands as commands
+
+    seen = {}
+
+    class Parsed(Exception):
+        pass
+
+    real = commands._parser
+
+    def spy(*args, **kwargs):
+        parser = real(*args, **kwargs)
+        parse = parser.parse_args
+
+        def parse_and_stop(argv):
+            seen["cfg"] = parse(argv)
+            raise Parsed
+
+        parser.parse_args = parse_and_stop
+        return parser
+
+    monkeypatch.setattr(commands, "_parser", spy)
+    extra = {"ask": ["Mug"], "export": ["--out", "x"]}.get(command, [])
+    with pytest.raises(Parsed):
+        getattr(commands, f"{command}_command")(["--config", str(config), *extra])
+    assert seen["cfg"] is not None

@@ -96,7 +96,7 @@ def test_sample_answers_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--data.val_fraction", "0.2",
-                  "--samples.every_n_steps", "1", "--samples.max_new_tokens", "3"))
+                  "--sample_answers.every_n_steps", "1", "--sample_answers.max_new_tokens", "3"))
     acc = EventAccumulator(str(tmp_path / "logs" / "amzft" / "version_0"), size_guidance={"tensors": 0})
     acc.Reload()
     assert "samples/answers/text_summary" in acc.Tags()["tensors"]

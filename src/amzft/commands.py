@@ -6,7 +6,9 @@ from typing import Any
 
 # Top-level keys of a training config that a command may not use: accepted, then ignored,
 # so every command reads the same YAML files.
-_TRAINING_KEYS = ("model", "trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything")
+_TRAINING_KEYS = (
+    "model", "trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything", "checkpoint", "sample_answers",
+)
 
 
 def _parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = ()):
@@ -128,7 +130,6 @@ def demo_command(argv: list[str]) -> None:
     parser.add_argument("--log_root", default="logs")
     parser.add_argument("--model", type=Any, default=None)
     parser.add_argument("--data", type=Any, default=None)
-    parser.add_argument("--checkpoint", type=Any, default=None, help="(read by `fit`; ignored here)")
     cfg = parser.parse_args(argv)
     config = cfg.config[0].absolute if cfg.config else _default_cpu_config()
     extra = ["--trainer.default_root_dir", cfg.log_root]

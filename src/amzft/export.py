@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from amzft.generate import load_trained
+from amzft.paths import staging_dir
 
 
 def export(ckpt_path: str, out: str | Path, merge: bool = False) -> Path:
@@ -24,7 +24,7 @@ def export(ckpt_path: str, out: str | Path, merge: bool = False) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling, then move into place: no half-written export on failure.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = staging_dir(out.parent, f".{out.name}-")
     try:
         if merge:
             merged = module.model.merge_and_unload()

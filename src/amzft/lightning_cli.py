@@ -7,7 +7,7 @@
   rate and token-throughput curves.
 * ``--ckpt_path last`` resumes (fit) or evaluates (validate / test / predict) the newest
   ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
-* ``samples.*``: answers for a few validation products go to TensorBoard text every N steps.
+* ``sample_answers.*``: answers for a few validation products go to TensorBoard text every N steps.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer) into the run's folder.
 """
 
@@ -48,7 +48,7 @@ class AmzftCLI(LightningCLI):
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("data.max_length", "model.max_length")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(SampleAnswers, "samples")
+        parser.add_lightning_class_args(SampleAnswers, "sample_answers")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

@@ -15,11 +15,10 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from amzft.errors import ModelError
-from amzft.paths import cache_root
+from amzft.paths import cache_root, staging_dir
 
 EMBEDDED = "embedded"
 LLAMA32_TOKENIZER = "llama3.2"
@@ -81,7 +80,7 @@ def embedded_model_dir() -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename: a crash never leaves a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = staging_dir(target.parent, ".tmp-")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from amzft.data.reader import check_data_file, read_records
 from amzft.data.split import SPLITS, assign_split
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
-from amzft.paths import cache_root
+from amzft.paths import cache_root, staging_dir
 
 PIPELINE_VERSION = 1  # bump when the examples a given setting produces change
 CHUNK = 4096  # records tokenised per call: large enough to keep both cores busy
@@ -103,8 +102,7 @@ def prepare(settings: DataSettings, tokenizer, cache_dir: str | Path | None = No
     directory = root / cache_key(settings, tokenizer)
     if (directory / "stats.json").is_file():
         return _load(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    tmp = staging_dir(root, ".build-")
     try:
         stats = _build(settings, tokenizer, tmp)
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
