@@ -116,7 +116,7 @@ def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, t
     out = capsys.readouterr().out
     assert "val/loss" in out and "test/loss" in out
     rows = [json.loads(l) for l in (tmp_path / "logs" / "amzft" / "version_0" / "predictions.jsonl").open()]
-    assert rows and set(rows[0]) == {"title", "reference", "answer"}
+    assert rows and set(rows[0]) == {"title", "reference", "answer", "stopped"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

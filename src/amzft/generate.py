@@ -82,11 +82,6 @@ def generate_answers(
     return [a.text for a in generate(module, prompts, options, use_adapter, batch_size)]
 
 
-def generate_from_prompts(module, prompts: list[str], max_new_tokens: int = 128, use_adapter: bool = True, batch_size: int = 8) -> list[str]:
-    options = GenerationOptions(max_new_tokens=max_new_tokens)
-    return [a.text for a in generate(module, prompts, options, use_adapter, batch_size)]
-
-
 @torch.no_grad()
 def generate(
     module,

@@ -8,7 +8,7 @@
 * ``--ckpt_path last`` resumes (fit) or evaluates (validate / test / predict) the newest
   ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
 * ``sample_answers.*``: answers for a few validation products go to TensorBoard text every N steps.
-* ``predict`` writes ``predictions.jsonl`` (title, reference, answer) into the run's folder.
+* ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
 """
 
 from __future__ import annotations

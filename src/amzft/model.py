@@ -207,13 +207,12 @@ class LoraCausalLM(LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        from amzft.generate import generate_from_prompts
+        from amzft.generate import GenerationOptions, generate
 
-        answers = generate_from_prompts(
-            self, batch["prompt"], self.hparams.max_new_tokens, batch_size=len(batch["prompt"])
-        )
+        options = GenerationOptions(max_new_tokens=self.hparams.max_new_tokens)
+        answers = generate(self, batch["prompt"], options, batch_size=len(batch["prompt"]))
         return [
-            {"title": t, "reference": r, "answer": a}
+            {"title": t, "reference": r, "answer": a.text, "stopped": a.stopped}
             for t, r, a in zip(batch["title"], batch["reference"], answers)
         ]
 

@@ -77,7 +77,3 @@ def join_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, ma
     if len(full) <= room:
         return Encoded(prompt_ids + full, len(prompt_ids), False)
     return Encoded(prompt_ids + response_ids[:room], len(prompt_ids), True)
-
-
-def labels_for(input_ids: Sequence[int], prompt_len: int) -> list[int]:
-    return [IGNORE_INDEX] * prompt_len + list(input_ids[prompt_len:])
