@@ -143,3 +143,32 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
         sched.step()
     assert lrs[0] == 0 and math.isclose(lrs[5], 2e-4) and math.isclose(lrs[1], 2e-4 / 5)
     assert math.isclose(lrs[30], 2e-4 * 30 / 55) and lrs[60] == 0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resume(sig, tiny_model_dir, tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from amzft.checkpointing import load_checkpoint_file
+
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000",
+                    "--trainer.accumulate_grad_batches", "3", "--checkpoint.every_n_train_steps", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ckpt_dir = tmp_path / "logs" / "amzft" / "version_0" / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpt_dir / "step00002.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert f"{sig} received; stopped after optimizer step" in out and "--ckpt_path last" in out
+    state = load_checkpoint_file(ckpt_dir / "last.ckpt")
+    assert state["global_step"] >= 2
+    done = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+    assert done % 3 == 0 or done == 15  # saved at a window boundary (or the epoch's last batch)

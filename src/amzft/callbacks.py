@@ -133,3 +133,62 @@ class SampleAnswers(Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("samples/answers", text, step)
+
+
+class GracefulStop(Callback):
+    """SIGTERM or Ctrl-C during training: finish the current accumulation window, write
+    ``last.ckpt`` at that optimizer-step boundary (so the resume is exact), stop, and say how
+    to resume. A second Ctrl-C interrupts at once, as usual.
+
+    Registered at train start, after Lightning's own SIGTERM handler, which it replaces for
+    the duration of training (Lightning's would raise mid-window and lose the window's work).
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def on_train_start(self, trainer, pl_module):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def _restore(self):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.requested or trainer.should_stop:
+            return
+        if trainer.global_step == self._step_at_batch_start:
+            return  # mid-window: stopping now would lose the window's gradients
+        trainer.should_stop = True
+        path = save_last_now(trainer)
+        pl_module.print(
+            f"\namzft: {self.requested} received; stopped after optimizer step {trainer.global_step}, "
+            f"checkpoint written to {path}.\nResume exactly with the same command plus: --ckpt_path last"
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()

@@ -8,6 +8,7 @@
 * ``--ckpt_path last`` resumes (fit) or evaluates (validate / test / predict) the newest
   ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
 * ``sample_answers.*``: answers for a few validation products go to TensorBoard text every N steps.
+* SIGTERM / Ctrl-C: training finishes the accumulation window, writes ``last.ckpt`` and stops.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
 """
 
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from amzft.callbacks import PredictionsWriter, SampleAnswers, TokenThroughput
+from amzft.callbacks import GracefulStop, PredictionsWriter, SampleAnswers, TokenThroughput
 from amzft.checkpointing import AtomicCheckpointIO
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
@@ -87,7 +88,7 @@ class AmzftCLI(LightningCLI):
             )
         plugins = config.get("plugins") or []
         config["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
-        callbacks = [*callbacks, LearningRateMonitor(logging_interval="step"), TokenThroughput(), PredictionsWriter()]
+        callbacks = [*callbacks, LearningRateMonitor(logging_interval="step"), TokenThroughput(), PredictionsWriter(), GracefulStop()]
         return super()._instantiate_trainer(config, callbacks)
 
 
