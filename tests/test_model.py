@@ -108,6 +108,9 @@ def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, record
     wb = {k: v for k, v in b.model.state_dict().items()}
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert b.trainer.logger.version == 0  # resumed into the same TensorBoard run
+    ckpt_dir = tmp_path / "b" / "logs" / "amzft" / "version_0" / "checkpoints"
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert not list(ckpt_dir.glob("last-v*.ckpt"))
 
 
 def test_checkpoint_holds_only_the_adapter(tiny_model_dir, tiny_data, tmp_path):

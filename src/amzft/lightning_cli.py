@@ -57,6 +57,10 @@ class AmzftCLI(LightningCLI):
                 "checkpoint.every_n_train_steps": 20,
                 "checkpoint.filename": "step{step:05d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # A resumed run writes into the same folder: overwrite last.ckpt (and the
+                # step files it re-creates) instead of adding last-v1.ckpt, which `--ckpt_path
+                # last` would never find.
+                "checkpoint.enable_version_counter": False,
                 "trainer.default_root_dir": "logs",
                 "trainer.log_every_n_steps": 1,
             }
