@@ -54,13 +54,9 @@ def data_command(argv: list[str]) -> None:
 def _resolve_ckpt(ckpt_path: str, log_root: str = "logs") -> str:
     if ckpt_path != "last":
         return ckpt_path
-    from amzft.errors import ConfigError
     from amzft.lightning_cli import find_last_checkpoint
 
-    last = find_last_checkpoint(log_root)
-    if last is None:
-        raise ConfigError(f"--ckpt_path last: no last.ckpt under {log_root}/amzft/version_*/checkpoints")
-    return str(last)
+    return str(find_last_checkpoint(log_root))
 
 
 def _base_module(model_args: dict):

@@ -30,10 +30,12 @@ from amzft.model import LoraCausalLM
 LOG_NAME = "amzft"
 
 
-def find_last_checkpoint(root: str | Path) -> Path | None:
-    """The newest ``last.ckpt`` under ``root/amzft/version_*/checkpoints``."""
+def find_last_checkpoint(root: str | Path) -> Path:
+    """The newest ``last.ckpt`` under ``root/amzft/version_*/checkpoints`` (``--ckpt_path last``)."""
     candidates = list(Path(root, LOG_NAME).glob("version_*/checkpoints/last.ckpt"))
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    if not candidates:
+        raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/{LOG_NAME}/version_*/checkpoints")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
 class AmzftCLI(LightningCLI):
@@ -73,8 +75,6 @@ class AmzftCLI(LightningCLI):
             self.ckpt_path = config.get("ckpt_path")
         if self.ckpt_path == "last":
             last = find_last_checkpoint(root)
-            if last is None:
-                raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/{LOG_NAME}/version_*/checkpoints")
             self.ckpt_path = str(last)
             if self.subcommand is not None:
                 config.ckpt_path = self.ckpt_path

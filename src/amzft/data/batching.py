@@ -120,13 +120,8 @@ class Collator:
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
         self.pad_id, self.multiple = pad_id, max(1, pad_to_multiple_of)
 
-    def __call__(self, batch) -> dict[str, torch.Tensor]:
-        if isinstance(batch, list):  # plain DataLoader path: a list of single examples
-            batch = {
-                "input_ids": [b["input_ids"] for b in batch],
-                "prompt_len": [b["prompt_len"] for b in batch],
-                "window_label_tokens": None,
-            }
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``batch`` is what TokenizedDataset.__getitems__ returns (DataLoader always uses it)."""
         seqs, prompt_lens = batch["input_ids"], batch["prompt_len"]
         width = max(len(s) for s in seqs)
         width = -(-width // self.multiple) * self.multiple
