@@ -16,11 +16,17 @@ REAL_400 = SHARED_DATA / "amazontitles_trn_first400.jsonl"
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline():
+    """Every test runs with the network blocked (loopback excepted): a code path that tries to
+    reach the internet fails its test (fault_helpers.block_network)."""
     from amzft.quiet import quiet_libraries
     from amzft.sources import force_offline
+    from fault_helpers import block_network
 
     force_offline()
     quiet_libraries()
+    attempts = block_network()
+    yield
+    assert not attempts, f"network access attempted during the tests: {attempts}"
 
 
 @pytest.fixture(scope="session")

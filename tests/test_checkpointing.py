@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from amzft.checkpointing import atomic_torch_save, load_checkpoint_file
+from amzft.errors import ModelError
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -15,7 +16,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ModelError, match="cannot write checkpoint .*last.ckpt: No space left on device; the previous last.ckpt is intact"):
         atomic_torch_save({"state_dict": {"w": torch.zeros(3)}, "hyper_parameters": {}}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(load_checkpoint_file(path)["state_dict"]["w"], torch.ones(3))

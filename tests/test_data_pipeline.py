@@ -112,8 +112,19 @@ def test_sampler_is_seeded_windowed_and_resumable():
     full = [list(b) for b in s.batches(1)]
     assert [list(b) for b in fresh] == full[5:]
     assert [list(b) for b in fresh] == full  # the skip applies once
-    s.progress = lambda: 12  # saved at the end of the epoch: resume with the next one
-    assert s.state_dict() == {"epoch": 2, "batches_done": 0}
+    # saved at the end of epoch 1: that epoch yields nothing more, the next one is whole
+    s.progress = lambda: 12
+    fresh = ResumableBatchSampler(counts, 2, 4, seed=5)
+    fresh.load_state_dict(s.state_dict())
+    assert list(fresh) == []
+    fresh.set_epoch(2)
+    assert [list(b) for b in fresh] == [list(b) for b in s.batches(2)]
+    # under a trainer, the epoch comes from its counter (Lightning never calls a batch
+    # sampler's set_epoch): two epochs, two orders
+    epochs = iter([0, 1])
+    s = ResumableBatchSampler(counts, 2, 4, seed=5)
+    s.epoch_source = lambda: next(epochs)
+    assert [list(b) for b in s] == [list(b) for b in epoch0] and [list(b) for b in s] == [list(b) for b in s.batches(1)]
 
 
 @needs_real_data()

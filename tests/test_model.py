@@ -175,3 +175,22 @@ def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resu
     assert state["global_step"] >= 2
     done = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
     assert done % 3 == 0 or done == 15  # saved at a window boundary (or the epoch's last batch)
+
+
+def test_each_epoch_is_reshuffled_under_the_trainer(tiny_model_dir, write_jsonl, tmp_path):
+    """Lightning never calls set_epoch on a batch sampler: the sampler reads the trainer's epoch."""
+    from lightning.pytorch import Callback
+
+    from conftest import tiny_records
+
+    seen: dict[int, list] = {}
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(trainer.current_epoch, []).append(tuple(batch["input_ids"][:, :60].flatten().tolist()))
+
+    data = write_jsonl(tiny_records(10))  # 5 batches of 2 per epoch
+    run_fit(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "10", "--trainer.accumulate_grad_batches", "1"),
+            Record())
+    assert sorted(seen) == [0, 1] and len(seen[0]) == len(seen[1]) == 5
+    assert seen[0] != seen[1]  # another order (and, batches being re-formed, other pairs)

@@ -49,7 +49,7 @@ def build_hf(settings: LoraSettings):
     missing = [t for t in settings.target_modules if t not in present]
     if missing:
         raise ConfigError(
-            f"model.target_modules {missing} are not modules of this {config.model_type} model "
+            f"model.target_modules {missing} are not modules of the {config.model_type} model in {directory} "
             f"(it has e.g. {sorted(n for n in present if n.endswith('proj'))[:8]})"
         )
     if settings.gradient_checkpointing:

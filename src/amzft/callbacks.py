@@ -192,3 +192,59 @@ class GracefulStop(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._restore()
+
+
+class Preflight(Callback):
+    """A check that would otherwise fail at the first checkpoint, minutes or hours in: the
+    checkpoint folder is writable and its disk can hold a few checkpoints, once the model (hence
+    the adapter and optimizer-state size) is known. (The log folder itself is checked by the
+    CLI before anything is written.)"""
+
+    CHECKPOINTS_OF_ROOM = 3  # a new step file, last.ckpt and its temporary copy
+
+    def on_fit_start(self, trainer, pl_module):
+        if not trainer.is_global_zero or trainer.checkpoint_callback is None:
+            return
+        from amzft.checkpointing import check_writable
+
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        # weights + two AdamW moments (fp32 upper bound; 8-bit moments are smaller)
+        one = sum(p.numel() * (p.element_size() + 8) for p in trainable) + (1 << 20)
+        folder = trainer.checkpoint_callback.dirpath or trainer.default_root_dir
+        check_writable(folder, self.CHECKPOINTS_OF_ROOM * one, what="checkpoint folder")
+
+
+def reopen_interrupted_epoch(checkpoint: dict) -> bool:
+    """Work around Lightning marking an epoch *finished* when training stops inside it.
+
+    When fit ends mid-epoch (``max_steps``, ``should_stop`` from SIGTERM or the demo's stop),
+    Lightning closes the epoch before ``ModelCheckpoint.on_train_end`` writes ``last.ckpt``,
+    so that checkpoint says "epoch e done" while only some of its batches ran, and a resume
+    would start epoch e + 1 and silently skip the rest of epoch e (the per-step losses then
+    differ from an uninterrupted run). If the batch counter shows the epoch was cut short, put
+    the epoch counter back to "started, not finished": Lightning then restarts mid-epoch and the
+    resumable sampler skips exactly the batches already run. Returns whether it changed anything.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit:
+        return False
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    if not epochs or not batches:
+        return False
+    current = epochs["current"]
+    closed = current["ready"] == current["started"] == current["processed"] == current["completed"] > 0
+    cut_short = not batches.get("is_last_batch", True) and batches["current"]["processed"] > 0
+    if not (closed and cut_short):
+        return False
+    for counts in (epochs["current"], epochs["total"]):
+        counts["processed"] -= 1
+        counts["completed"] -= 1
+    return True
+
+
+class ResumeMidEpoch(Callback):
+    """Applies ``reopen_interrupted_epoch`` to the checkpoint being resumed (callbacks'
+    ``on_load_checkpoint`` runs before Lightning restores its loops)."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        reopen_interrupted_epoch(checkpoint)

@@ -68,17 +68,51 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
+    import argparse
+
     from amzft.errors import AmzftError
     from amzft.quiet import quiet_libraries
 
     try:
         quiet_libraries()
         _run(argv[0], argv[1:])
-    except AmzftError as exc:
-        if debug:
-            raise
-        print(f"amzft: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("amzft: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except (AmzftError, argparse.ArgumentError) as exc:
+        if debug:
+            raise
+        message = _one_line(str(exc))
+        if isinstance(exc, argparse.ArgumentError):
+            # YAML errors name "<unicode string>": name the config file instead.
+            configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+            if configs and "<unicode string>" in message:
+                message = message.replace("<unicode string>", " / ".join(configs))
+            message += f" (see: python -m amzft {argv[0]} --help)"
+        print(f"amzft: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exc:
+        # Anything else is unexpected (or a library's own check, e.g. Lightning's
+        # MisconfigurationException): one line saying what and where, the traceback on --debug.
+        if debug:
+            raise
+        print(f"amzft: error: {type(exc).__name__}: {_one_line(str(exc))} [{_where(exc)}; "
+              f"rerun with --debug for the traceback]", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame, so a bug report can name it without --debug."""
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "no traceback"
+    last = frames[-1]
+    return f"{os.path.basename(last.filename)}:{last.lineno}"

@@ -14,7 +14,8 @@ _TRAINING_KEYS = (
 def _parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = ()):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=prog, description=description, default_env=False)
+    # exit_on_error=False: amzft.cli prints parse errors as one line instead of the usage dump.
+    parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/*.yaml)")
     if with_data:
         from amzft.data.module import AmazonTitlesDataModule

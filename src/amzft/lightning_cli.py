@@ -21,8 +21,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from amzft.callbacks import GracefulStop, PredictionsWriter, SampleAnswers, TokenThroughput
-from amzft.checkpointing import AtomicCheckpointIO
+from amzft.callbacks import (
+    GracefulStop,
+    Preflight,
+    PredictionsWriter,
+    ResumeMidEpoch,
+    SampleAnswers,
+    TokenThroughput,
+)
+from amzft.checkpointing import AtomicCheckpointIO, check_writable
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
 from amzft.model import LoraCausalLM
@@ -71,6 +78,8 @@ class AmzftCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or "logs"
+        # Before anything writes there (the config copy, TensorBoard, checkpoints).
+        check_writable(root)
         if self.subcommand is not None:
             self.ckpt_path = config.get("ckpt_path")
         if self.ckpt_path == "last":
@@ -92,7 +101,15 @@ class AmzftCLI(LightningCLI):
             )
         plugins = config.get("plugins") or []
         config["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
-        callbacks = [*callbacks, LearningRateMonitor(logging_interval="step"), TokenThroughput(), PredictionsWriter(), GracefulStop()]
+        callbacks = [
+            *callbacks,
+            Preflight(),
+            ResumeMidEpoch(),
+            LearningRateMonitor(logging_interval="step"),
+            TokenThroughput(),
+            PredictionsWriter(),
+            GracefulStop(),
+        ]
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -113,6 +130,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AmzftCLI:
         AmazonTitlesDataModule,
         seed_everything_default=3407,
         save_config_kwargs={"overwrite": True},
+        # Parse errors raise instead of printing the whole usage: amzft.cli makes them one line.
+        parser_kwargs={"exit_on_error": False, "prog": "python -m amzft", **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
         args=args,
         run=run,
         ckpt_path=ckpt_path,

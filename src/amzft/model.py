@@ -18,10 +18,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 
 from amzft.backends import DEFAULT_TARGETS, LoraSettings, build
 from amzft.data.encode import IGNORE_INDEX
 from amzft.errors import ConfigError, ModelError
+
+MAX_CONSECUTIVE_SKIPS = 10  # with on_nonfinite=skip: beyond this the weights themselves are likely broken
 
 # Architectures whose logits are exactly lm_head(final hidden state): for them the loss is
 # computed from the label positions only, which skips most of the vocabulary projection
@@ -49,6 +52,10 @@ class LoraCausalLM(LightningModule):
         warmup_steps: optimizer steps of linear warm-up, then linear decay to 0 at max_steps.
         lora_seed: seed for the LoRA initialisation.
         max_new_tokens: longest generated answer (ask / predict).
+        on_nonfinite: a NaN/inf loss or gradient ``stop``s training (one-line error naming the
+            step and batches; checkpoints already written stay intact) or ``skip``s that
+            optimizer step (no update; counted in ``train/skipped_steps``; more than
+            ``MAX_CONSECUTIVE_SKIPS`` in a row stops).
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class LoraCausalLM(LightningModule):
         warmup_steps: int = 5,
         lora_seed: int = 3407,
         max_new_tokens: int = 256,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         problems = []
@@ -98,6 +106,9 @@ class LoraCausalLM(LightningModule):
         self.strict_loading = False
         self._window_loss = 0.0  # sum of token losses in the current accumulation window
         self._window_tokens = 0
+        self._window_batches: list[int] = []  # batch indices of the window, for error messages
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient
+        self._consecutive_skips = 0
         self._eval_sums: dict[str, list[float]] = {}
 
     # ----------------------------------------------------------------- model
@@ -122,6 +133,7 @@ class LoraCausalLM(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_adapter_state(checkpoint.get("state_dict", {}))
+        self.skipped_steps = int(checkpoint.get("amzft_skipped_steps", 0))
 
     def check_adapter_state(self, state: dict) -> None:
         """A checkpoint must hold exactly this model's adapter: name it clearly if not."""
@@ -161,23 +173,51 @@ class LoraCausalLM(LightningModule):
         window = int(batch["window_label_tokens"])
         self._window_loss += float(loss_sum.detach())
         self._window_tokens = window
+        self._window_batches.append(batch_idx)
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return loss_sum * (accumulate / window)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called once per optimizer step, after the whole window's backward passes.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
         loss = self._window_loss / max(self._window_tokens, 1)
+        # fp16 AMP's GradScaler skips inf-gradient steps itself (they are normal there).
+        scaled = str(self.trainer.precision).startswith("16")
+        finite = math.isfinite(loss) and (scaled or bool(torch.isfinite(grad_norm)))
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         self.log("train/grad_norm", grad_norm, on_step=True)
         self.log("train/label_tokens", float(self._window_tokens), on_step=True)
-        if not math.isfinite(loss):
-            raise ModelError(
-                f"the training loss is {loss} at optimizer step {self.global_step} "
-                f"(epoch {self.current_epoch}); the last checkpoint is intact: lower model.lr and resume"
-            )
+        batches, self._window_batches = self._window_batches, []
         self._window_loss, self._window_tokens = 0.0, 0
+        if finite:
+            self._consecutive_skips = 0
+        else:
+            self._handle_nonfinite(loss, grad_norm, batches, params)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
+    def _handle_nonfinite(self, loss: float, grad_norm: torch.Tensor, batches: list[int], params) -> None:
+        what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {float(grad_norm)}"
+        span = f"batch {batches[0]}" if len(batches) == 1 else f"batches {batches[0]}-{batches[-1]}" if batches else "no batch"
+        where = f"at step {self.global_step + 1} (epoch {self.current_epoch}, {span})"
+        if self.hparams.on_nonfinite == "skip" and self._consecutive_skips < MAX_CONSECUTIVE_SKIPS:
+            # Dropping every gradient makes the optimizer leave the weights *and* its moments
+            # untouched (torch and bitsandbytes AdamW skip parameters whose grad is None).
+            for p in params:
+                p.grad = None
+            self.skipped_steps += 1
+            self._consecutive_skips += 1
+            rank_zero_warn(f"amzft: {what} {where}: step skipped (model.on_nonfinite=skip)")
+            return
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        also = f" ({MAX_CONSECUTIVE_SKIPS} steps in a row were skipped)" if self.hparams.on_nonfinite == "skip" else ""
+        raise ModelError(
+            f"{what} {where}{also}; training stopped before the update, the last checkpoint "
+            f"({checkpoint}) is intact: lower model.lr, look at those records, or set model.on_nonfinite=skip"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["amzft_skipped_steps"] = self.skipped_steps
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         loss_sum, n = self.token_loss_sum(batch)

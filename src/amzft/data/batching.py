@@ -26,9 +26,15 @@ class WindowBatch(list):
 class ResumableBatchSampler:
     """Shuffles by ``seed + epoch`` and groups batches into accumulation windows.
 
+    Epoch: read from ``epoch_source`` (the trainer's epoch counter) when an epoch's iteration
+    starts. Lightning only calls ``set_epoch`` on ``loader.sampler`` / ``batch_sampler.sampler``,
+    never on a batch sampler, so without it every epoch would replay epoch 0's order.
+    ``set_epoch`` is kept for use without a trainer.
+
     Resume: ``state_dict()`` records the epoch and how many batches of it were consumed (asked
     of ``progress``, the trainer's counter, because data loaders fetch ahead of training);
-    ``load_state_dict`` makes the next iteration skip exactly those batches.
+    after ``load_state_dict`` the next iteration of *that* epoch skips exactly those batches
+    (all of them if the checkpoint was written at the epoch's end); any other epoch skips none.
     """
 
     def __init__(
@@ -44,12 +50,11 @@ class ResumableBatchSampler:
         self.batch_size, self.accumulate = batch_size, max(1, accumulate)
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch = 0
-        self._skip = 0  # batches of the current epoch already consumed before a resume
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
         self.progress = None  # callable -> batches consumed in the current epoch
+        self.epoch_source = None  # callable -> the epoch about to be iterated
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._skip = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -74,17 +79,22 @@ class ResumableBatchSampler:
         return batches
 
     def __iter__(self) -> Iterator[WindowBatch]:
-        skip, self._skip = self._skip, 0
+        if self.epoch_source is not None:
+            self.epoch = int(self.epoch_source())
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, done = self._resume
+            self._resume = None  # applies once
+            skip = done if resume_epoch == self.epoch else 0
         yield from self.batches(self.epoch)[skip:]
 
     def state_dict(self) -> dict:
         done = int(self.progress()) if self.progress is not None else 0
-        if done >= len(self):  # saved at the end of an epoch: resume at the next one
-            return {"epoch": self.epoch + 1, "batches_done": 0}
         return {"epoch": self.epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._skip = int(state["epoch"]), int(state["batches_done"])
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["batches_done"]))
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

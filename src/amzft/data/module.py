@@ -174,6 +174,10 @@ class AmazonTitlesDataModule(LightningDataModule):
         # counting what the sampler yielded would over-count on resume.
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def _epoch(self) -> int:
+        # The value Lightning itself passes to samplers' set_epoch at each epoch start.
+        return self.trainer.fit_loop.epoch_progress.current.processed
+
     def train_dataloader(self):
         data = self.split("train")
         if len(data) == 0:
@@ -183,6 +187,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         )
         if getattr(self, "trainer", None) is not None:
             sampler.progress = self._batches_consumed
+            sampler.epoch_source = self._epoch
         self._train_sampler = sampler
         return ResumableDataLoader(
             TokenizedDataset(data),

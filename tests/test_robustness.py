@@ -1,0 +1,344 @@
+"""Robustness: bad input gives one line, kills lose nothing, NaN stops or skips cleanly,
+an unwritable or full disk is caught before training, and nothing reaches the network."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from amzft.cli import main
+from amzft.checkpointing import load_checkpoint_file
+from amzft.errors import ModelError
+from amzft.lightning_cli import cli_main
+from conftest import REPO, fit_args, tiny_records
+
+TESTS = Path(__file__).resolve().parent
+
+
+def one_line_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    assert done.value.code in (1, 2)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("amzft: error: "), err
+    return err[0]
+
+
+# ------------------------------------------------------------------ bad configs and paths
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.nope", "3"], "unrecognized arguments: --model.nope 3 (see: python -m amzft fit --help)"),
+        (["--model.lr", "abc"], 'Parser key "model.lr": Expected a <class \'float\'>. Got value: abc'),
+        (["--data.batch_size", "-2"], "data.batch_size and eval_batch_size must be >= 1, found -2"),
+        (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),
+        (["--model.on_nonfinite", "ignore"], "model.on_nonfinite"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_one_line(extra, message, tiny_model_dir, tiny_data, tmp_path, capsys):
+    line = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1", *extra))
+    assert message in line
+
+
+def test_bad_yaml_files_are_one_line_naming_the_file(tiny_model_dir, tiny_data, tmp_path, capsys):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  bogus: 1\n")
+    line = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--config", str(unknown)))
+    assert "does not accept option 'model.bogus'" in line
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [1,\n")
+    line = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--config", str(broken)))
+    assert str(broken) in line and "line 2" in line
+    line = one_line_error(capsys, "fit", "--config", str(tmp_path / "missing.yaml"))
+    assert "File does not exist" in line and "missing.yaml" in line
+
+
+def test_other_commands_reject_unknown_options_in_one_line(capsys):
+    assert "unrecognized arguments: --bogus" in one_line_error(capsys, "ask", "--bogus", "1")
+
+
+def test_debug_shows_the_traceback_instead(tiny_model_dir, tiny_data, tmp_path):
+    from amzft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.lr must be a positive number"):
+        main([*fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.lr", "-1"), "--debug"])
+    with pytest.raises(Exception, match="max_steps"):
+        main([*fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "-5"), "--debug"])
+
+
+@pytest.fixture
+def model_dirs(tmp_path, tiny_model_dir):
+    """An empty folder, a tokenizer without a model, a BERT config, and a GPT-2 (no q/k/v_proj)."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    made = {}
+    for name in ("empty", "tokenizer_only", "bert", "gpt2"):
+        made[name] = tmp_path / name
+        made[name].mkdir()
+        if name != "empty":
+            for f in tiny_model_dir.glob("tokenizer*"):
+                shutil.copy(f, made[name])
+    (made["bert"] / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128256)).save_pretrained(made["gpt2"])
+    return made
+
+
+@pytest.mark.parametrize(
+    "which, message",
+    [
+        ("empty", "holds no tokenizer files"),
+        ("tokenizer_only", "is not a model directory (no config.json in it)"),
+        ("bert", "cannot load a causal LM (bert)"),
+        ("gpt2", "are not modules of the gpt2 model in"),
+    ],
+)
+def test_model_dir_empty_or_another_architecture(which, message, model_dirs, tiny_data, tmp_path, capsys):
+    line = one_line_error(capsys, *fit_args(model_dirs[which], tiny_data, tmp_path, "--trainer.max_steps", "1"))
+    assert message in line and str(model_dirs[which]) in line
+
+
+def test_max_length_shorter_than_every_prompt_is_clear(tiny_model_dir, tiny_data, tmp_path, capsys):
+    line = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--data.max_length", "16"))
+    assert "prompt_too_long" in line or "max_length" in line
+
+
+def test_a_huge_record_is_truncated_not_fatal(write_jsonl, llama_tokenizer, tmp_path):
+    from amzft.data.build import DataSettings, prepare
+
+    huge = {"title": "Huge manual", "content": "word " * 600_000}  # 3 MB on one line
+    path = write_jsonl([*tiny_records(10), huge])
+    assert path.stat().st_size > 3_000_000
+    built = prepare(DataSettings(path=str(path), max_length=64, val_fraction=0, test_fraction=0),
+                    llama_tokenizer, cache_dir=tmp_path / "cache")
+    train = built.splits["train"]
+    lengths = [len(row["input_ids"]) for row in train]
+    assert len(train) == 11 and max(lengths) == 64
+
+
+# --------------------------------------------------------------------------- disk
+def test_unwritable_log_dir_fails_before_training(tiny_model_dir, tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.default_root_dir", str(blocker / "logs"))
+    line = one_line_error(capsys, *args)
+    assert f"the log folder {blocker / 'logs'} is not writable" in line
+
+
+def test_full_disk_is_caught_before_training(tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 4096))
+    line = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
+    assert "has 0 MiB free; checkpoints need about" in line
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from amzft.checkpointing import atomic_torch_save
+
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"state_dict": {}, "hyper_parameters": {}, "step": 1}, target)
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ModelError, match=r"last.ckpt \(disk full\): No space left on device; the previous last.ckpt is intact"):
+        atomic_torch_save({"step": 2}, target)
+    monkeypatch.undo()
+    assert load_checkpoint_file(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+# ---------------------------------------------------------------------------- NaN
+class _PoisonAt:
+    """Make the loss of every batch of optimizer step ``step`` (1-based) NaN."""
+
+    def __init__(self, module, step):
+        self.real, self.module, self.step = module.token_loss_sum, module, step
+
+    def __call__(self, batch):
+        loss, n = self.real(batch)
+        if self.module.trainer.global_step + 1 == self.step:
+            loss = loss * float("nan")
+        return loss, n
+
+
+def _lora_state(module):
+    return {k: v.detach().clone() for k, v in module.model.named_parameters() if v.requires_grad}
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_model_dir, tiny_data, tmp_path):
+    cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "6",
+                            "--checkpoint.every_n_train_steps", "2"), run=False)
+    cli.model.configure_model()
+    cli.model.token_loss_sum = _PoisonAt(cli.model, 4)
+    with pytest.raises(ModelError) as error:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    message = str(error.value)
+    assert "the training loss is nan at step 4 (epoch 0, batches 12-14)" in message  # 15 batches an epoch: a short last window and "is intact" in message
+    last = load_checkpoint_file(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_nan_loss_with_skip_leaves_the_weights_untouched_and_goes_on(tiny_model_dir, tiny_data, tmp_path):
+    from lightning.pytorch import Callback
+
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots[trainer.global_step] = _lora_state(pl_module)
+
+    cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "6",
+                            "--model.on_nonfinite", "skip", "--model.optimizer", "adamw"), run=False)
+    cli.trainer.callbacks.append(Snapshot())
+    cli.model.configure_model()
+    cli.model.token_loss_sum = _PoisonAt(cli.model, 4)
+    with pytest.warns(UserWarning, match="the training loss is nan at step 4 .* step skipped"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 6 and cli.model.skipped_steps == 1
+    assert all(torch.equal(snapshots[3][k], snapshots[4][k]) for k in snapshots[3])  # step 4: no update
+    assert not all(torch.equal(snapshots[4][k], snapshots[5][k]) for k in snapshots[4])  # step 5: trains again
+    assert all(torch.isfinite(v).all() for v in snapshots[6].values())
+    assert cli.trainer.callback_metrics["train/skipped_steps"] == 1
+
+
+def test_skip_gives_up_when_every_step_is_nan(tiny_model_dir, tiny_data, tmp_path):
+    from amzft.model import MAX_CONSECUTIVE_SKIPS
+
+    cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "50",
+                            "--model.on_nonfinite", "skip", "--trainer.accumulate_grad_batches", "1"), run=False)
+    cli.model.configure_model()
+    real = cli.model.token_loss_sum
+    cli.model.token_loss_sum = lambda batch: (real(batch)[0] * float("nan"), real(batch)[1])
+    with pytest.warns(UserWarning), pytest.raises(ModelError, match=f"{MAX_CONSECUTIVE_SKIPS} steps in a row were skipped"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == MAX_CONSECUTIVE_SKIPS
+
+
+# ----------------------------------------------------------------------- SIGKILL
+def _fit_process(tiny_model_dir, data, tmp_path, logs, *callbacks, extra=()):
+    args = fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "2",
+                    "--trainer.default_root_dir", str(logs), *extra)
+    for class_path, init_args in callbacks:
+        args += ["--trainer.callbacks+=" + json.dumps({"class_path": class_path, "init_args": init_args})]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def _wait_for(path: Path, proc, seconds=240):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "timeout"
+        time.sleep(0.1)
+
+
+def _finish(proc):
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _losses(path: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}  # after a resume, a re-run step overwrites
+
+
+def _adapter(logs: Path) -> dict:
+    return load_checkpoint_file(next(logs.rglob("last.ckpt")))["state_dict"]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
+    straight = tmp_path / "straight.jsonl"
+    _finish(_fit_process(tiny_model_dir, tiny_data, tmp_path, tmp_path / "a",
+                         ("fault_helpers.RecordLosses", {"path": str(straight)})))
+
+    killed, marker = tmp_path / "killed.jsonl", tmp_path / "hanging"
+    proc = _fit_process(tiny_model_dir, tiny_data, tmp_path, tmp_path / "b",
+                        ("fault_helpers.RecordLosses", {"path": str(killed)}),
+                        ("fault_helpers.HangAtStep", {"step": 5, "marker": str(marker)}))
+    _wait_for(marker, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert sorted(_losses(killed)) == [1, 2, 3, 4, 5]  # step 5 trained, its checkpoint (step 6) never came
+    assert load_checkpoint_file(tmp_path / "b" / "amzft" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+    out = _finish(_fit_process(tiny_model_dir, tiny_data, tmp_path, tmp_path / "b",
+                               ("fault_helpers.RecordLosses", {"path": str(killed)}), extra=("--ckpt_path", "last")))
+    assert "Restoring states from the checkpoint path" in out or "Restored all states" in out or out is not None
+    expected, resumed = _losses(straight), _losses(killed)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):  # steps 5-8 re-run after the kill: the same losses, bit for bit
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "b").rglob("version_1"))  # the resumed run logged into the same run
+
+
+def test_sigkill_during_a_checkpoint_write_never_corrupts_last(tiny_model_dir, tiny_data, tmp_path):
+    marker = tmp_path / "writing"
+    logs = tmp_path / "logs"
+    proc = _fit_process(tiny_model_dir, tiny_data, tmp_path, logs,
+                        ("fault_helpers.HangWhileWriting", {"step": 4, "marker": str(marker)}))
+    _wait_for(marker, proc)
+    proc.kill()
+    proc.wait()
+    folder = logs / "amzft" / "version_0" / "checkpoints"
+    partial = list(folder.glob(".last.ckpt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # killed mid-write, for real
+    assert load_checkpoint_file(folder / "last.ckpt")["global_step"] == 2  # the previous one, whole
+    with pytest.raises(ModelError, match="corrupt"):
+        load_checkpoint_file(partial[0])
+
+    _finish(_fit_process(tiny_model_dir, tiny_data, tmp_path, logs, extra=("--ckpt_path", "last")))
+    assert load_checkpoint_file(folder / "last.ckpt")["global_step"] == 8
+    assert not list(folder.glob(".last.ckpt.*.tmp"))  # the stale temporary was cleaned up
+
+
+# ------------------------------------------------------------------------ network
+def test_the_network_guard_really_blocks():
+    import urllib.request
+
+    from fault_helpers import ATTEMPTS, NetworkAccess
+
+    with pytest.raises(NetworkAccess):
+        urllib.request.urlopen("http://example.com", timeout=2)
+    assert ATTEMPTS.pop() == "getaddrinfo example.com"  # recorded (and forgiven: this one was ours)
+
+
+def test_fit_ask_export_without_network_in_a_fresh_process(tiny_model_dir, tiny_data, tmp_path):
+    """HF offline variables unset: amzft must set them itself and never try the network."""
+    script = (
+        "import sys; sys.path.insert(0, %r); from fault_helpers import block_network; attempts = block_network();"
+        "from amzft.cli import main; argv = %r;"
+        "main(argv); main(['ask', 'Item 3 book', '--ckpt_path', %r, '--max_new_tokens', '3', '--compare', 'true']);"
+        "main(['export', '--ckpt_path', %r, '--out', %r]);"
+        "assert not attempts, attempts; print('OK no network')"
+    )
+    logs = tmp_path / "logs"
+    argv = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1")
+    ckpt = str(logs / "amzft" / "version_0" / "checkpoints" / "last.ckpt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    out = subprocess.run([sys.executable, "-c", script % (str(TESTS), argv, ckpt, ckpt, str(tmp_path / "export"))],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "OK no network" in out.stdout, out.stderr[-3000:]
