@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="llama3.2", help="llama3.2 (the seed's) or embedded")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--num-proc", default="1,auto",
+                        help="comma-separated process counts to build with, the first is the baseline (auto: one per core)")
     args = parser.parse_args()
 
     from amzft.data.build import DataSettings, prepare
@@ -79,25 +81,31 @@ def main() -> None:
         t = time.perf_counter()
         make_file(data_file, args.records)
         print(f"generated {args.records:,} records ({data_file.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t:.0f} s")
-    settings = DataSettings(path=str(data_file), max_length=args.max_length)
-    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # always a cold build
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    built = prepare(settings, tokenizer, cache)
-    build_s = time.perf_counter() - t
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    reopened = prepare(settings, tokenizer, cache)
-    reopen_s = time.perf_counter() - t
-    assert reopened.from_cache and len(reopened.splits["train"]) == len(built.splits["train"])
-    rate = built.stats.records_read / build_s
-    print(f"machine: {sys.platform}, {__import__('os').cpu_count()} cores; tokenizer: {args.tokenizer}")
-    print(f"records read: {built.stats.records_read:,}  kept: {built.stats.kept:,}  skipped: {dict(built.stats.skipped)}")
-    print(f"build (read+clean+filter+tokenise+write): {build_s:.1f} s = {rate:,.0f} records/s")
-    print(f"extrapolated for the full {FULL_FILE_RECORDS:,}-record file: {FULL_FILE_RECORDS / rate:.0f} s (goal < 120 s)")
-    print(f"cached reopen: {reopen_s:.2f} s (goal < 2 s)")
-    print(f"peak RSS: {rss1 / 1024:,.0f} MiB (before build {rss0 / 1024:,.0f} MiB)")
+    from amzft.data.build import default_num_proc
 
+    settings = DataSettings(path=str(data_file), max_length=args.max_length)
+    print(f"machine: {sys.platform}, {default_num_proc()} usable cores; tokenizer: {args.tokenizer}")
+    rates = {}
+    for spec in args.num_proc.split(","):
+        procs = default_num_proc() if spec == "auto" else int(spec)
+        cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # always a cold build
+        t = time.perf_counter()
+        built = prepare(settings, tokenizer, cache, num_proc=procs)
+        build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        reopened = prepare(settings, tokenizer, cache, num_proc=procs)
+        reopen_s = time.perf_counter() - t
+        assert reopened.from_cache and len(reopened.splits["train"]) == len(built.splits["train"])
+        rate = rates[procs] = built.stats.records_read / build_s
+        base = next(iter(rates.values()))
+        print(f"\n--- num_proc={procs}")
+        print(f"records read: {built.stats.records_read:,}  kept: {built.stats.kept:,}  skipped: {dict(built.stats.skipped)}")
+        print(f"build (read+clean+filter+tokenise+write): {build_s:.1f} s = {rate:,.0f} records/s ({rate / base:.2f}x the first)")
+        print(f"extrapolated for the full {FULL_FILE_RECORDS:,}-record file: {FULL_FILE_RECORDS / rate:.0f} s (goal < 120 s)")
+        print(f"cached reopen: {reopen_s:.2f} s (goal < 2 s)")
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"\npeak RSS: parent {parent:,.0f} MiB, largest worker {child:,.0f} MiB")
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,8 @@ class RecordLosses(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
         if step != self._last and "train/loss" in trainer.callback_metrics:
             self._last = step
             with self.path.open("a") as f:

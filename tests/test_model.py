@@ -84,10 +84,11 @@ def test_accumulation_2x4_equals_8x1(tiny_model_dir, write_jsonl, tmp_path):
     assert worst < 1e-5, worst
 
 
-@pytest.mark.parametrize("records, accumulate, stop", [(30, 2, 3), (10, 2, 4)])
+@pytest.mark.parametrize("records, accumulate, stop", [(30, 2, 3), (10, 2, 4), (16, 4, 2)])
 def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, records, accumulate, stop):
     """6 steps straight == `stop` steps, then `fit --ckpt_path last` to 6: same losses, same weights.
-    (30 records: resume mid-epoch 0; 10 records: 3 steps per epoch, resume mid-epoch 1.)"""
+    (30 records: resume mid-epoch 0; 10 records: 3 steps per epoch, resume mid-epoch 1;
+    16 records: 2 steps per epoch, stop exactly at the end of epoch 0.)"""
     from amzft.callbacks import StopAtStep
     from conftest import tiny_records
 

@@ -34,7 +34,7 @@ class TokenThroughput(Callback):
             self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._tokens += int(batch["attention_mask"].sum())
+        self._tokens += int(batch["real_tokens"])
         self._padded += batch["input_ids"].numel()
         self._labels += int(batch["label_tokens"])
         if trainer.global_step == self._last_step:
@@ -217,13 +217,16 @@ class Preflight(Callback):
 def reopen_interrupted_epoch(checkpoint: dict) -> bool:
     """Work around Lightning marking an epoch *finished* when training stops inside it.
 
-    When fit ends mid-epoch (``max_steps``, ``should_stop`` from SIGTERM or the demo's stop),
-    Lightning closes the epoch before ``ModelCheckpoint.on_train_end`` writes ``last.ckpt``,
-    so that checkpoint says "epoch e done" while only some of its batches ran, and a resume
-    would start epoch e + 1 and silently skip the rest of epoch e (the per-step losses then
-    differ from an uninterrupted run). If the batch counter shows the epoch was cut short, put
-    the epoch counter back to "started, not finished": Lightning then restarts mid-epoch and the
-    resumable sampler skips exactly the batches already run. Returns whether it changed anything.
+    When fit ends (``max_steps``, ``should_stop`` from SIGTERM or the demo's stop), Lightning
+    closes the epoch before ``ModelCheckpoint.on_train_end`` writes ``last.ckpt``, even if only
+    some of its batches ran, while the epoch's batch counter is kept. Resuming that state goes
+    wrong both ways (seen with lightning 2.6): cut short, the resume starts epoch e + 1 and
+    silently skips the rest of epoch e; at the exact end of an epoch, epoch e + 1 starts with
+    the old batch counter and ends after one batch. So whenever an epoch is marked closed while
+    its batch counter still holds batches, mark it "started, not finished": Lightning then
+    restarts it mid-epoch, the resumable sampler skips exactly the batches already run (all of
+    them at an epoch's end), and the next epoch starts cleanly. Returns whether it changed
+    anything.
     """
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit:
@@ -233,8 +236,7 @@ def reopen_interrupted_epoch(checkpoint: dict) -> bool:
         return False
     current = epochs["current"]
     closed = current["ready"] == current["started"] == current["processed"] == current["completed"] > 0
-    cut_short = not batches.get("is_last_batch", True) and batches["current"]["processed"] > 0
-    if not (closed and cut_short):
+    if not (closed and batches["current"]["processed"] > 0):
         return False
     for counts in (epochs["current"], epochs["total"]):
         counts["processed"] -= 1

@@ -148,6 +148,13 @@ class LoraCausalLM(LightningModule):
             )
 
     # ------------------------------------------------------------------ loss
+    @staticmethod
+    def _inputs(batch: dict) -> dict:
+        """Unpacked batches carry an attention mask; packed ones carry per-example position ids
+        instead, from which transformers builds the block-diagonal mask (see data.batching)."""
+        keys = ("input_ids", "attention_mask", "position_ids")
+        return {k: batch[k] for k in keys if batch.get(k) is not None}
+
     def token_loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over the label (response) tokens, and their count."""
         labels = batch["labels"][:, 1:]
@@ -155,11 +162,11 @@ class LoraCausalLM(LightningModule):
         if self._plain_head:
             base = self.model.get_base_model()
             hidden = base.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                **self._inputs(batch), use_cache=False
             ).last_hidden_state
             logits = base.get_output_embeddings()(hidden[:, :-1][mask])
         else:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            out = self.model(**self._inputs(batch), use_cache=False)
             logits = out.logits[:, :-1][mask]
         loss_sum = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
         return loss_sum, int(mask.sum())
@@ -174,14 +181,21 @@ class LoraCausalLM(LightningModule):
         self._window_loss += float(loss_sum.detach())
         self._window_tokens = window
         self._window_batches.append(batch_idx)
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        return loss_sum * (accumulate / window)
+        # Lightning divides by `accumulate` and DDP averages gradients over ranks; the window
+        # total counts the label tokens of every rank's batches (the sampler sees them all),
+        # so this makes the update exactly sum(token losses) / (tokens in the global window).
+        accumulate, world = (self.trainer.accumulate_grad_batches, self.trainer.world_size) if self._trainer is not None else (1, 1)
+        return loss_sum * (accumulate * world / window)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called once per optimizer step, after the whole window's backward passes.
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-        loss = self._window_loss / max(self._window_tokens, 1)
+        window_loss = self._window_loss
+        if self.trainer.world_size > 1:  # every rank holds its share of the window: add them up
+            total = torch.tensor(window_loss, dtype=torch.float64, device=self.device)
+            window_loss = float(self.trainer.strategy.reduce(total, reduce_op="sum"))
+        loss = window_loss / max(self._window_tokens, 1)
         # fp16 AMP's GradScaler skips inf-gradient steps itself (they are normal there).
         scaled = str(self.trainer.precision).startswith("16")
         finite = math.isfinite(loss) and (scaled or bool(torch.isfinite(grad_norm)))

@@ -17,24 +17,45 @@ import torch
 from amzft.data.encode import IGNORE_INDEX
 
 
+LAYOUTS = ("plain", "grouped", "packed")
+
+
 class WindowBatch(list):
-    """A list of dataset indices that also carries its window's label-token total."""
+    """A list of dataset indices that also carries its window's label-token total and, when
+    packed, how many consecutive examples go into each row."""
 
     window_label_tokens: int | None = None
+    rows: list[int] | None = None
 
 
 class ResumableBatchSampler:
-    """Shuffles by ``seed + epoch`` and groups batches into accumulation windows.
+    """Seeded, resumable batches in accumulation windows, optionally length-grouped or packed,
+    and sharded across DDP ranks.
 
     Epoch: read from ``epoch_source`` (the trainer's epoch counter) when an epoch's iteration
     starts. Lightning only calls ``set_epoch`` on ``loader.sampler`` / ``batch_sampler.sampler``,
     never on a batch sampler, so without it every epoch would replay epoch 0's order.
     ``set_epoch`` is kept for use without a trainer.
 
-    Resume: ``state_dict()`` records the epoch and how many batches of it were consumed (asked
-    of ``progress``, the trainer's counter, because data loaders fetch ahead of training);
-    after ``load_state_dict`` the next iteration of *that* epoch skips exactly those batches
-    (all of them if the checkpoint was written at the epoch's end); any other epoch skips none.
+    Layout (``layout``):
+      * ``plain``: consecutive examples of the shuffled order.
+      * ``grouped``: the shuffled order is cut into mega-batches of ``mega_batch`` batches,
+        each sorted by length and cut into batches, whose order is then shuffled: similar
+        lengths share a batch (little padding), the epoch stays random.
+      * ``packed``: examples of each mega-chunk are packed first-fit-decreasing into rows of at
+        most ``max_length`` tokens; a batch is ``batch_size`` rows. The collator restarts
+        position ids per example so attention never crosses an example.
+
+    Ranks: the epoch's batch list is built once, identically on every rank (same seed), cut to
+    a multiple of ``num_replicas`` and dealt round-robin, so that optimizer step s of rank r
+    sees global batch ``s * num_replicas + r``: W ranks x batch b see what one process with
+    batch W*b sees. Windows (and their label-token totals, the loss normaliser) span
+    ``accumulate`` steps of *all* ranks.
+
+    Resume: ``state_dict()`` records the epoch and how many batches of it this rank consumed
+    (asked of ``progress``, the trainer's counter, because loaders fetch ahead); after
+    ``load_state_dict`` the next iteration of *that* epoch skips exactly those batches (all of
+    them if the checkpoint was written at the epoch's end); any other epoch skips none.
     """
 
     def __init__(
@@ -45,12 +66,29 @@ class ResumableBatchSampler:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
+        lengths: Sequence[int] | None = None,
+        layout: str = "plain",
+        max_length: int | None = None,
+        mega_batch: int = 64,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, found {layout!r}")
+        if layout != "plain" and lengths is None:
+            raise ValueError(f"layout {layout!r} needs the example lengths")
+        if layout == "packed" and not max_length:
+            raise ValueError("layout 'packed' needs max_length")
         self.num_labels = np.asarray(num_labels, dtype=np.int64)
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.batch_size, self.accumulate = batch_size, max(1, accumulate)
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.layout, self.max_length, self.mega_batch = layout, max_length, max(1, mega_batch)
+        self.num_replicas, self.rank = max(1, num_replicas), rank
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
+        self._cache: tuple[int, list[WindowBatch]] | None = None
+        self._length: int | None = None
         self.progress = None  # callable -> batches consumed in the current epoch
         self.epoch_source = None  # callable -> the epoch about to be iterated
 
@@ -58,25 +96,71 @@ class ResumableBatchSampler:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.layout == "plain" and self.num_replicas == 1:
+            n = len(self.num_labels)
+            return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        # Packing: the count varies a little per epoch. Lightning reads len() once, to know when
+        # an epoch ends, so it must not depend on which epoch happens to be loaded (a resumed
+        # run would end its epochs elsewhere): use epoch 0's count, always. An epoch with more
+        # batches is cut there, deterministically; one with fewer ends when the batches do.
+        if self._length is None:
+            self._length = len(self.batches(0))
+        return self._length
+
+    # ------------------------------------------------------------- layouts
+    def _global_batches(self, epoch: int) -> list[WindowBatch]:
         n = len(self.num_labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        size = self.batch_size
+        if self.layout == "plain":
+            return [WindowBatch(order[i : i + size].tolist()) for i in range(0, n, size)]
+        chunk = size * self.mega_batch
+        if self.layout == "grouped":
+            batches = []
+            for start in range(0, n, chunk):
+                part = order[start : start + chunk]
+                part = part[np.argsort(-self.lengths[part], kind="stable")]
+                batches += [WindowBatch(part[i : i + size].tolist()) for i in range(0, len(part), size)]
+            if self.shuffle:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            return batches
+        rows: list[list[int]] = []
+        for start in range(0, n, chunk * 8):  # a pack chunk holds many rows' worth of examples
+            rows += pack_first_fit(order[start : start + chunk * 8], self.lengths, self.max_length)
+        if self.shuffle:
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        batches = []
+        for i in range(0, len(rows), size):
+            group = rows[i : i + size]
+            batch = WindowBatch(idx for row in group for idx in row)
+            batch.rows = [len(row) for row in group]
+            batches.append(batch)
+        return batches
 
     def batches(self, epoch: int) -> list[WindowBatch]:
-        n = len(self.num_labels)
-        order = (
-            np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        )
-        batches = [WindowBatch(order[i : i + self.batch_size].tolist()) for i in range(0, n, self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        """This rank's batches of ``epoch``, each carrying its window's label-token total."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        batches = self._global_batches(epoch)
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size and self.layout != "packed":
             batches.pop()
+        world = self.num_replicas
+        if world > 1:
+            # Every rank must run the same number of steps (DDP all-reduces each backward):
+            # drop the last < world batches of the epoch (a fresh order comes next epoch).
+            batches = batches[: len(batches) - len(batches) % world]
         # Windows are aligned to the epoch start, as Lightning's accumulation is; the last one
         # may be short, and its total then covers only the batches it has.
-        for start in range(0, len(batches), self.accumulate):
-            window = batches[start : start + self.accumulate]
+        span = self.accumulate * world
+        for start in range(0, len(batches), span):
+            window = batches[start : start + span]
             total = int(sum(self.num_labels[b].sum() for b in window))
             for b in window:
                 b.window_label_tokens = total
-        return batches
+        mine = batches[self.rank :: world]
+        self._cache = (epoch, mine)
+        return mine
 
     def __iter__(self) -> Iterator[WindowBatch]:
         if self.epoch_source is not None:
@@ -95,6 +179,30 @@ class ResumableBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self._resume = (self.epoch, int(state["batches_done"]))
+
+
+def pack_first_fit(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of examples into rows of at most ``capacity`` tokens.
+
+    Rows are kept in a list sorted by free space; each example (longest first) goes to the row
+    with the least free space that still fits it (best fit), found by bisection: O(n log n).
+    """
+    import bisect
+
+    ordered = sorted(indices.tolist(), key=lambda i: -int(lengths[i]))
+    free: list[tuple[int, int]] = []  # (free tokens, row id), sorted
+    rows: list[list[int]] = []
+    for i in ordered:
+        need = int(lengths[i])
+        at = bisect.bisect_left(free, (need, -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (capacity - need, len(rows) - 1))
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (room - need, row))
+    return rows
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -117,24 +225,38 @@ class TokenizedDataset(torch.utils.data.Dataset):
             "input_ids": rows["input_ids"],
             "prompt_len": rows["prompt_len"],
             "window_label_tokens": getattr(indices, "window_label_tokens", None),
+            "rows": getattr(indices, "rows", None),
         }
 
 
 class Collator:
-    """Right-pads to the longest sequence in the batch.
+    """Right-pads to the longest row in the batch.
 
-    The attention mask comes from the lengths, never from ``input_ids != pad``, because the pad
-    id may equal EOS and the EOS that ends each response must be attended and learnt.
+    Unpacked: one example per row; the attention mask comes from the lengths, never from
+    ``input_ids != pad``, because the pad id may equal EOS and the EOS that ends each response
+    must be attended and learnt.
+
+    Packed (the batch says how many examples each row holds): examples are concatenated, their
+    ``position_ids`` restart at 0, and no attention mask is returned: transformers then builds a
+    block-diagonal causal mask from the position ids (``find_packed_sequence_indices``; varlen
+    flash-attention does the same on GPU), so no token attends across an example boundary. The
+    padded tail is a segment of its own, with no labels. No label crosses a boundary either:
+    each example starts with its (unlabelled) prompt.
     """
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
         self.pad_id, self.multiple = pad_id, max(1, pad_to_multiple_of)
 
+    def _width(self, lengths) -> int:
+        width = max(lengths)
+        return -(-width // self.multiple) * self.multiple
+
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         """``batch`` is what TokenizedDataset.__getitems__ returns (DataLoader always uses it)."""
+        if batch.get("rows"):
+            return self._packed(batch)
         seqs, prompt_lens = batch["input_ids"], batch["prompt_len"]
-        width = max(len(s) for s in seqs)
-        width = -(-width // self.multiple) * self.multiple
+        width = self._width([len(s) for s in seqs])
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -143,12 +265,37 @@ class Collator:
             input_ids[row, : len(ids)] = ids
             labels[row, p : len(ids)] = ids[p:]
             attention_mask[row, : len(ids)] = 1
+        return self._finish(batch, input_ids, labels, int(attention_mask.sum()), attention_mask=attention_mask)
+
+    def _packed(self, batch: dict) -> dict[str, torch.Tensor]:
+        seqs, prompt_lens, counts = batch["input_ids"], batch["prompt_len"], batch["rows"]
+        bounds = np.cumsum([0, *counts])
+        row_lengths = [sum(len(seqs[i]) for i in range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        width = self._width(row_lengths)
+        input_ids = torch.full((len(counts), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(counts), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(counts), width), dtype=torch.long)
+        for row, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            at = 0
+            for i in range(a, b):
+                ids = torch.as_tensor(seqs[i], dtype=torch.long)
+                n, p = len(ids), prompt_lens[i]
+                input_ids[row, at : at + n] = ids
+                labels[row, at + p : at + n] = ids[p:]
+                position_ids[row, at : at + n] = torch.arange(n)
+                at += n
+            position_ids[row, at:] = torch.arange(width - at)  # the pad tail: its own segment
+        return self._finish(batch, input_ids, labels, sum(row_lengths), position_ids=position_ids)
+
+    @staticmethod
+    def _finish(batch, input_ids, labels, real_tokens: int, **extra) -> dict[str, torch.Tensor]:
         label_tokens = int((labels != IGNORE_INDEX).sum())
         window = batch.get("window_label_tokens") or label_tokens
         return {
             "input_ids": input_ids,
-            "attention_mask": attention_mask,
             "labels": labels,
+            **extra,
+            "real_tokens": torch.tensor(real_tokens),
             "label_tokens": torch.tensor(label_tokens),
             "window_label_tokens": torch.tensor(window),
         }

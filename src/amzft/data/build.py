@@ -96,15 +96,27 @@ def _load(directory: Path) -> PreparedData:
     return PreparedData(splits, stats, directory, from_cache=True)
 
 
-def prepare(settings: DataSettings, tokenizer, cache_dir: str | Path | None = None) -> PreparedData:
-    """Reopen the cached examples for these settings, or build them."""
+def default_num_proc() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def prepare(
+    settings: DataSettings, tokenizer, cache_dir: str | Path | None = None, num_proc: int | None = None
+) -> PreparedData:
+    """Reopen the cached examples for these settings, or build them with ``num_proc`` worker
+    processes (None: one per available core; 1: one process plus a tokenizer thread). The
+    result does not depend on ``num_proc``, so it is not part of the cache key."""
     root = Path(cache_dir) if cache_dir else cache_root() / "datasets"
     directory = root / cache_key(settings, tokenizer)
     if (directory / "stats.json").is_file():
         return _load(directory)
     tmp = staging_dir(root, ".build-")
     try:
-        stats = _build(settings, tokenizer, tmp)
+        procs = default_num_proc() if num_proc is None else max(1, num_proc)
+        stats = _build_parallel(settings, tokenizer, tmp, procs) if procs > 1 else _build(settings, tokenizer, tmp)
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
         try:
             os.replace(tmp, directory)
@@ -132,29 +144,9 @@ def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
     def encode_and_write(chunk: list[tuple[int, str, str]]) -> tuple[int, int, list[int]]:
         """Runs on a worker thread: the Rust tokenizer releases the GIL, so reading and
         cleaning the next chunk on the main thread overlaps with it."""
-        prompts = encode_prompts([t for _, t, _ in chunk])
-        responses = encode_texts(tokenizer, [c for _, _, c in chunk], False)
-        rows = {name: {k: [] for k in features} for name in SPLITS}
-        kept = truncated = 0
-        too_long: list[int] = []
-        for (line, title, content), p_ids, r_ids in zip(chunk, prompts, responses):
-            encoded = join_example(p_ids, r_ids, eos, settings.max_length)
-            if encoded is None:
-                too_long.append(line)
-                continue
-            kept += 1
-            truncated += encoded.truncated
-            row = rows[assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt)]
-            row["input_ids"].append(encoded.input_ids)
-            row["prompt_len"].append(encoded.prompt_len)
-            row["num_labels"].append(len(encoded.input_ids) - encoded.prompt_len)
-            row["title"].append(title)
-            row["content"].append(content)
-            row["line"].append(line)
-        for name, batch in rows.items():
-            if batch["line"]:
-                writers[name].write_batch(batch)
-        return kept, truncated, too_long
+        encoded, too_long = _encode_chunk(chunk, tokenizer, encode_prompts, settings)
+        _write_rows(writers, features, encoded)
+        return len(encoded), sum(e[-1] for e in encoded), too_long
 
     def collect(future) -> None:
         kept, truncated, too_long = future.result()
@@ -183,6 +175,10 @@ def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
             collect(pending)
         if chunk:
             collect(pool.submit(encode_and_write, chunk))
+    return _finish(settings, writers, stats)
+
+
+def _finish(settings: DataSettings, writers: dict, stats: PipelineStats) -> PipelineStats:
     for name, writer in writers.items():
         stats.split_sizes[name] = writer.finalize()[0]
     if stats.kept == 0:
@@ -191,3 +187,143 @@ def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
             f"{settings.path}: no usable records ({stats.records_read} read; skipped: {reasons})"
         )
     return stats
+
+
+# An encoded example: (line, split, input_ids, prompt_len, title, content, truncated).
+Encoded = tuple
+
+
+def _encode_chunk(chunk, tokenizer, encode_prompts, settings: DataSettings) -> tuple[list[Encoded], list[int]]:
+    """Tokenise cleaned (line, title, content) records; returns the examples and the lines
+    whose prompt alone does not fit ``max_length``."""
+    prompts = encode_prompts([t for _, t, _ in chunk])
+    responses = encode_texts(tokenizer, [c for _, _, c in chunk], False)
+    eos = tokenizer.eos_token_id
+    encoded, too_long = [], []
+    for (line, title, content), p_ids, r_ids in zip(chunk, prompts, responses):
+        example = join_example(p_ids, r_ids, eos, settings.max_length)
+        if example is None:
+            too_long.append(line)
+            continue
+        split = assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt)
+        encoded.append((line, split, example.input_ids, example.prompt_len, title, content, example.truncated))
+    return encoded, too_long
+
+
+def _write_rows(writers: dict, features, encoded: list[Encoded]) -> None:
+    rows = {name: {k: [] for k in features} for name in SPLITS}
+    for line, split, input_ids, prompt_len, title, content, _ in encoded:
+        row = rows[split]
+        row["input_ids"].append(input_ids)
+        row["prompt_len"].append(prompt_len)
+        row["num_labels"].append(len(input_ids) - prompt_len)
+        row["title"].append(title)
+        row["content"].append(content)
+        row["line"].append(line)
+    for name, batch in rows.items():
+        if batch["line"]:
+            writers[name].write_batch(batch)
+
+
+# ------------------------------------------------------------------ several processes
+_WORKER: dict = {}
+
+
+def _worker_init(settings: DataSettings, tokenizer) -> None:
+    # Dedupe needs every record seen so far: the parent does it, in file order.
+    filters = FilterSettings(**{**asdict(settings.filters), "dedupe": False})
+    _WORKER.update(settings=settings, tokenizer=tokenizer, keep=RecordFilter(filters),
+                   encode_prompts=PromptEncoder(tokenizer, settings.prompt))
+
+
+def _worker_chunk(lines: list[tuple[int, bytes]]):
+    """Parse, validate, clean, filter and tokenise raw lines. Returns the skips as
+    (reason, line, message) in line order, the encoded examples, and the too-long lines."""
+    from amzft.data.reader import parse_line
+
+    w = _WORKER
+    skips, records = [], []
+    for line, raw in lines:
+        parsed = parse_line(raw)
+        if isinstance(parsed, tuple):
+            skips.append((parsed[0], line, parsed[1]))
+            continue
+        title, content, reason = w["keep"](parsed["title"], parsed["content"])
+        if reason is not None:
+            skips.append((reason, line, None))
+            continue
+        records.append((line, title, content))
+    encoded, too_long = _encode_chunk(records, w["tokenizer"], w["encode_prompts"], w["settings"]) if records else ([], [])
+    return skips, encoded, too_long
+
+
+def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> PipelineStats:
+    """The same examples as ``_build``, with parsing, cleaning and tokenising spread over
+    ``num_proc`` processes. The parent only reads raw lines, dedupes and writes, consuming
+    results in file order, so the output (and the first lines listed per skip reason) do not
+    depend on the number of processes. At most 2 x num_proc chunks are in flight: memory
+    stays bounded whatever the file size."""
+    import hashlib
+    import multiprocessing as mp
+    from collections import deque
+
+    from datasets.arrow_writer import ArrowWriter
+
+    from amzft.data.reader import iter_raw_lines
+
+    stats = PipelineStats()
+    features = _features()
+    writers = {name: ArrowWriter(features=features, path=str(out / f"{name}.arrow")) for name in SPLITS}
+    seen: set[bytes] = set()
+    dedupe = settings.filters.dedupe
+
+    def collect(result) -> None:
+        skips, encoded, too_long = result.get()
+        for reason, line, message in skips:
+            if message is not None and settings.strict:
+                raise DataError(f"{settings.path}:{line}: {message}")
+            stats.skip(reason, line)
+        kept = []
+        too_long_at = set(too_long)
+        for example in encoded:
+            if dedupe:
+                key = hashlib.blake2b(f"{example[4]}\x00{example[5]}".encode(), digest_size=12).digest()
+                if key in seen:
+                    stats.skip("duplicate", example[0])
+                    continue
+                seen.add(key)
+            kept.append(example)
+        for line in sorted(too_long_at):
+            stats.skip("prompt_too_long", line)
+        _write_rows(writers, features, kept)
+        stats.kept += len(kept)
+        stats.truncated += sum(e[-1] for e in kept)
+
+    # fork: workers inherit the loaded tokenizer instantly (spawn would re-import everything).
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes, not Rust threads; no fork warning
+    try:
+        with context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) as pool:
+            pending: deque = deque()
+            chunk: list[tuple[int, bytes]] = []
+            for line, raw in iter_raw_lines(settings.path, stats, settings.strict):
+                if settings.limit is not None and stats.records_read >= settings.limit:
+                    break
+                stats.records_read += 1
+                chunk.append((line, raw))
+                if len(chunk) >= CHUNK:
+                    pending.append(pool.apply_async(_worker_chunk, (chunk,)))
+                    chunk = []
+                    if len(pending) >= 2 * num_proc:
+                        collect(pending.popleft())
+            if chunk:
+                pending.append(pool.apply_async(_worker_chunk, (chunk,)))
+            while pending:
+                collect(pending.popleft())
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return _finish(settings, writers, stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
@@ -22,6 +23,29 @@ log = logging.getLogger(__name__)
 def label_counts(data):
     """The ``num_labels`` column as a numpy array, straight from Arrow (no Python list)."""
     return data.data.column("num_labels").to_numpy()
+
+
+def example_lengths(data):
+    """Token length of every example, computed in Arrow (no Python list of lists)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(data.data.column("input_ids")).to_numpy()
+
+
+class _EvalShard:
+    """Round-robin share of an evaluation batch sampler for one DDP rank (uneven is fine:
+    evaluation has no collective per step)."""
+
+    def __init__(self, sampler, world: int, rank: int):
+        self.sampler, self.world, self.rank = sampler, world, rank
+
+    def __iter__(self):
+        for i, batch in enumerate(self.sampler):
+            if i % self.world == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.sampler), self.world))
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -63,8 +87,17 @@ class AmazonTitlesDataModule(LightningDataModule):
         strict: stop at the first bad line instead of counting it as skipped.
         limit: read at most this many records.
         seed: shuffling seed (each epoch reshuffles with seed + epoch).
+        layout: ``plain`` (the seed's batches), ``grouped`` (similar lengths batched together
+            within random mega-batches: less padding) or ``packed`` (several examples per row of
+            up to max_length tokens, attention kept inside each example: no padding to speak of,
+            more examples per step). All three are seeded and resume exactly.
+        mega_batch: batches per length-grouping / packing chunk (bigger: tighter, less random).
+        val_max_examples: validate on at most this many validation examples (a fixed, seeded
+            sample), so validation of a huge file stays short; null: the whole split.
         shuffle: shuffle training batches.
         num_workers: DataLoader worker processes (0 is fastest here: data is pre-tokenised).
+        num_proc: processes that parse, clean and tokenise when the cache is built (null: one
+            per available core; 1: a single process with a tokenizer thread).
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPU).
         cache_dir: where tokenised datasets go (default: ~/.cache/amzft/datasets).
         predict_split: the split whose products ``predict`` answers (``test``: held-out products).
@@ -93,7 +126,11 @@ class AmazonTitlesDataModule(LightningDataModule):
         limit: int | None = None,
         seed: int = 3407,
         shuffle: bool = True,
+        layout: Literal["plain", "grouped", "packed"] = "plain",
+        mega_batch: int = 64,
+        val_max_examples: int | None = 2000,
         num_workers: int = 0,
+        num_proc: int | None = None,
         pad_to_multiple_of: int = 1,
         cache_dir: str | None = None,
         predict_split: Literal["train", "validation", "test"] = "test",
@@ -109,6 +146,10 @@ class AmazonTitlesDataModule(LightningDataModule):
             problems.append(f"data.val_fraction + test_fraction must be in [0, 1), found {val_fraction} + {test_fraction}")
         if min_content_chars < 1:
             problems.append(f"data.min_content_chars must be >= 1, found {min_content_chars}")
+        if num_proc is not None and num_proc < 1:
+            problems.append(f"data.num_proc must be >= 1 or null, found {num_proc}")
+        if mega_batch < 1 or (val_max_examples is not None and val_max_examples < 1):
+            problems.append(f"data.mega_batch and val_max_examples must be >= 1, found {mega_batch}, {val_max_examples}")
         if limit is not None and limit < 1:
             problems.append(f"data.limit must be >= 1 or null, found {limit}")
         if problems:
@@ -128,6 +169,8 @@ class AmazonTitlesDataModule(LightningDataModule):
         self.tokenizer_name = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.layout, self.mega_batch, self.val_max_examples = layout, mega_batch, val_max_examples
+        self.num_proc = num_proc
         self.pad_to_multiple_of, self.cache_dir = pad_to_multiple_of, cache_dir
         self.predict_split, self.predict_limit = predict_split, predict_limit
         self._tokenizer = None
@@ -145,12 +188,12 @@ class AmazonTitlesDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         check_data_file(self.settings.path)
         # Runs on one process per node: builds the Arrow cache the other ranks then reopen.
-        prepare(self.settings, self.tokenizer, self.cache_dir)
+        prepare(self.settings, self.tokenizer, self.cache_dir, self.num_proc)
 
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is None:
             check_data_file(self.settings.path)  # before the (slow) tokenizer load
-            self.prepared = prepare(self.settings, self.tokenizer, self.cache_dir)
+            self.prepared = prepare(self.settings, self.tokenizer, self.cache_dir, self.num_proc)
             stats = self.prepared.stats
             log.info(
                 "data: %d read, %d kept (train %d / validation %d / test %d), skipped %s",
@@ -182,10 +225,23 @@ class AmazonTitlesDataModule(LightningDataModule):
         data = self.split("train")
         if len(data) == 0:
             raise ConfigError(f"{self.settings.path}: the train split is empty (lower data.val_fraction / test_fraction)")
+        trainer = getattr(self, "trainer", None)
         sampler = ResumableBatchSampler(
-            label_counts(data), self.batch_size, self._accumulate(), self.seed, self.shuffle
+            label_counts(data),
+            self.batch_size,
+            self._accumulate(),
+            self.seed,
+            self.shuffle,
+            lengths=None if self.layout == "plain" else example_lengths(data),
+            layout=self.layout,
+            max_length=self.settings.max_length,
+            mega_batch=self.mega_batch,
+            # The sampler shards itself across DDP ranks (Lightning's DistributedSampler
+            # injection is off: it cannot wrap a batch sampler that knows accumulation windows).
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
         )
-        if getattr(self, "trainer", None) is not None:
+        if trainer is not None:
             sampler.progress = self._batches_consumed
             sampler.epoch_source = self._epoch
         self._train_sampler = sampler
@@ -196,17 +252,34 @@ class AmazonTitlesDataModule(LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def _eval_loader(self, name: str):
+    def _eval_loader(self, name: str, max_examples: int | None = None):
         data = self.split(name)
         if len(data) == 0:
             return []  # Lightning skips an empty loader list: no validation on this split
-        sampler = ResumableBatchSampler(label_counts(data), self.eval_batch_size, shuffle=False)
+        if max_examples is not None and len(data) > max_examples:
+            keep = np.random.default_rng(self.seed).choice(len(data), max_examples, replace=False)
+            # flatten: label_counts / example_lengths read the Arrow table, which a bare
+            # select() leaves whole (it only adds an index mapping)
+            data = data.select(np.sort(keep)).flatten_indices(keep_in_memory=True)
+        trainer = getattr(self, "trainer", None)
+        # Under DDP each rank scores a disjoint share (round-robin batches); the module sums
+        # loss and token counts across ranks.
+        sampler = ResumableBatchSampler(
+            label_counts(data),
+            self.eval_batch_size,
+            shuffle=False,
+            lengths=example_lengths(data),
+            layout="grouped",  # eval order does not matter: group by length, pad less
+            mega_batch=10**9,
+        )
+        if trainer is not None and trainer.world_size > 1:
+            sampler = _EvalShard(sampler, trainer.world_size, trainer.global_rank)
         return torch.utils.data.DataLoader(
             TokenizedDataset(data), batch_sampler=sampler, collate_fn=self.collator(), num_workers=self.num_workers
         )
 
     def val_dataloader(self):
-        return self._eval_loader("validation")
+        return self._eval_loader("validation", self.val_max_examples)
 
     def test_dataloader(self):
         return self._eval_loader("test")

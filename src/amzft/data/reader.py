@@ -64,26 +64,35 @@ def _problem(raw: bytes) -> tuple[str, str] | dict:
     return obj
 
 
-def read_records(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[RawRecord]:
-    """Yield the valid records of ``path``; count (or, strict, raise on) the others."""
+parse_line = _problem  # the name worker processes use (data.build)
+
+
+def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, raw bytes) of the non-blank lines of ``path`` (plain or gzip); a
+    truncated gzip stream is counted (or, strict, raised) as in ``read_records``."""
     path = check_data_file(path)
     line_no = 0
     with _open(path) as handle:
         try:
             for line_no, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not records
-                stats.records_read += 1
-                parsed = _problem(raw)
-                if isinstance(parsed, tuple):
-                    reason, message = parsed
-                    if strict:
-                        raise DataError(f"{path}:{line_no}: {message}")
-                    stats.skip(reason, line_no)
-                    continue
-                yield RawRecord(line_no, parsed["title"], parsed["content"])
+                if raw.strip():  # blank lines (e.g. a trailing newline) are not records
+                    yield line_no, raw
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             message = f"{path}:{line_no + 1}: the gzip stream is truncated or corrupt ({exc})"
             if strict:
                 raise DataError(message) from None
             stats.skip("truncated_file", line_no + 1)
+
+
+def read_records(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[RawRecord]:
+    """Yield the valid records of ``path``; count (or, strict, raise on) the others."""
+    for line_no, raw in iter_raw_lines(path, stats, strict):
+        stats.records_read += 1
+        parsed = _problem(raw)
+        if isinstance(parsed, tuple):
+            reason, message = parsed
+            if strict:
+                raise DataError(f"{Path(path)}:{line_no}: {message}")
+            stats.skip(reason, line_no)
+            continue
+        yield RawRecord(line_no, parsed["title"], parsed["content"])
