@@ -1,7 +1,11 @@
 """The one seam where a backend builds the causal LM with its LoRA adapters.
 
 Each backend is a function ``(LoraSettings) -> (peft model, tokenizer)``; the LightningModule
-never branches on the backend elsewhere.
+never branches on the backend elsewhere (``set_mode`` is the one other backend-specific call).
+
+* ``hf``: transformers + peft, on CPU or GPU. ``quantization: nf4`` loads the frozen base in
+  4-bit (bitsandbytes NF4, double quantisation, bf16 compute: QLoRA), on CPU too.
+* ``unsloth``: Unsloth's 4-bit loader and fused kernels, CUDA only, as in the seed notebook.
 """
 
 from __future__ import annotations
@@ -22,6 +26,27 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     gradient_checkpointing: bool = False
     seed: int = 3407  # LoRA A matrices are random: seeded so a run is reproducible
+    quantization: str = "none"  # "nf4": 4-bit base (QLoRA); the unsloth backend is always 4-bit
+    max_seq_length: int = 2048  # Unsloth sizes its RoPE cache from it
+    device: str = "cpu"  # where a quantised base is loaded (4-bit weights are packed on load)
+
+
+QUANTIZATIONS = ("none", "nf4")
+
+
+def disable_avx512bf16_repacking(model) -> int:
+    """Work around a bitsandbytes 0.50 bug (DESIGN.md §3): on CPUs with AVX512-BF16, an
+    eval-mode forward repacks ``Linear4bit`` weights for a faster kernel, and later training
+    forwards use them wrongly, so LoRA gradients come out wrong. Turning the fast path off on
+    every 4-bit layer keeps one weight layout. Returns how many layers were changed."""
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def build_hf(settings: LoraSettings):
@@ -38,12 +63,35 @@ def build_hf(settings: LoraSettings):
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as exc:
         raise ModelError(f"cannot read the model config in {directory}: {exc}") from exc
+    if settings.quantization not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantization must be one of {QUANTIZATIONS}, found {settings.quantization!r}")
+    quantized = settings.quantization == "nf4"
+    load = {"dtype": torch.float32}
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        load = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            "dtype": torch.bfloat16,
+            "device_map": {"": settings.device},
+        }
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, dtype=torch.float32, trust_remote_code=False
-        )
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, trust_remote_code=False, **load)
     except Exception as exc:
         raise ModelError(f"cannot load a causal LM ({config.model_type}) from {directory}: {exc}") from exc
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        disable_avx512bf16_repacking(model)
+        # Freezes the base and casts its remaining non-4-bit weights (norms, embeddings,
+        # lm_head) to fp32 for stable training, as QLoRA does.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = load_tokenizer(str(directory))
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in settings.target_modules if t not in present]
@@ -52,7 +100,7 @@ def build_hf(settings: LoraSettings):
             f"model.target_modules {missing} are not modules of the {config.model_type} model in {directory} "
             f"(it has e.g. {sorted(n for n in present if n.endswith('proj'))[:8]})"
         )
-    if settings.gradient_checkpointing:
+    if settings.gradient_checkpointing and not quantized:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(settings.seed)
@@ -69,10 +117,62 @@ def build_hf(settings: LoraSettings):
     return peft_model, tokenizer
 
 
-BACKENDS = {"hf": build_hf}
+def build_unsloth(settings: LoraSettings):
+    """The seed's loader: ``FastLanguageModel.from_pretrained(local_dir, max_seq_length,
+    load_in_4bit=True, dtype=None)`` + ``get_peft_model(..., use_gradient_checkpointing=
+    "unsloth", random_state=seed)``. CUDA only; ``amzft.bootstrap`` has imported unsloth
+    before transformers/peft/lightning (its patches need that order)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "model.backend=unsloth needs a CUDA GPU and none is visible; use model.backend=hf "
+            "(add model.quantization=nf4 for the same 4-bit QLoRA without Unsloth)"
+        )
+    if importlib.util.find_spec("unsloth") is None:
+        raise ConfigError("model.backend=unsloth needs the unsloth package: pip install 'amzft[gpu]' (see README, GPU)")
+    from unsloth import FastLanguageModel
+
+    from amzft.sources import load_tokenizer, resolve_model_dir
+
+    directory = resolve_model_dir(settings.name_or_path)
+    try:
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=str(directory), max_seq_length=settings.max_seq_length, load_in_4bit=True, dtype=None,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        raise ModelError(f"unsloth cannot load {directory}: {exc}") from exc
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=settings.r,
+        target_modules=list(settings.target_modules),
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if settings.gradient_checkpointing else False,
+        random_state=settings.seed,
+    )
+    torch.manual_seed(settings.seed)  # get_peft_model calls set_seed: leave the global RNG as ours
+    FastLanguageModel.for_training(model)
+    return model, load_tokenizer(str(directory))
+
+
+BACKENDS = {"hf": build_hf, "unsloth": build_unsloth}
 
 
 def build(backend: str, settings: LoraSettings):
     if backend not in BACKENDS:
         raise ConfigError(f"model.backend must be one of {sorted(BACKENDS)}, found {backend!r}")
     return BACKENDS[backend](settings)
+
+
+def set_mode(backend: str, model, training: bool) -> None:
+    """Unsloth keeps its own training / inference switch (gradient checkpointing, fast
+    generation); Lightning's train()/eval() does not reach it. No-op for ``hf``."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        (FastLanguageModel.for_training if training else FastLanguageModel.for_inference)(model)

@@ -20,7 +20,11 @@ from amzft.paths import staging_dir
 
 
 def export(ckpt_path: str, out: str | Path, merge: bool = False) -> Path:
-    module, fmt = load_trained(ckpt_path)
+    # The adapter's weights do not depend on how the base was loaded, so exports always rebuild
+    # it with transformers at full precision: an adapter trained on a 4-bit base (nf4 or
+    # Unsloth) exports on a machine without a GPU, and a merged model is a plain model (merging
+    # into 4-bit weights would round the LoRA update away and need bitsandbytes to load).
+    module, fmt = load_trained(ckpt_path, backend="hf", quantization="none")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling, then move into place: no half-written export on failure.

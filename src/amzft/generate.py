@@ -20,8 +20,9 @@ def prompt_format_from(hparams: dict | None) -> PromptFormat:
     )
 
 
-def load_trained(ckpt_path: str | Path):
-    """Rebuild base model + adapter from a checkpoint's saved hyper-parameters.
+def load_trained(ckpt_path: str | Path, **overrides):
+    """Rebuild base model + adapter from a checkpoint's saved hyper-parameters (``overrides``
+    replace some, e.g. a full-precision base for merging).
 
     Returns the module (adapter loaded, eval mode) and the prompt format it was trained with.
     """
@@ -30,7 +31,7 @@ def load_trained(ckpt_path: str | Path):
 
     checkpoint = load_checkpoint_file(ckpt_path)
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    module = LoraCausalLM(**hparams)
+    module = LoraCausalLM(**{**hparams, **overrides})
     module.configure_model()
     module.check_adapter_state(checkpoint["state_dict"])
     module.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -95,10 +96,14 @@ def generate(
     ``use_adapter=False`` switches the LoRA adapter off (peft's disable_adapter), so base and
     fine-tuned answers come from one loaded model.
     """
+    from amzft.backends import set_mode
+
     tokenizer, model = module.tokenizer, module.model
+    backend = getattr(module, "hparams", {}).get("backend", "hf")
     eos = tokenizer.eos_token_id
     was_training = model.training
     model.eval()
+    set_mode(backend, model, training=False)
     answers: list[Answer] = []
     switch = contextlib.nullcontext() if use_adapter else model.disable_adapter()
     if options.do_sample:
@@ -131,4 +136,6 @@ def generate(
                     )
     finally:
         model.train(was_training)
+        if was_training:
+            set_mode(backend, model, training=True)
     return answers

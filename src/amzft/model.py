@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 
-from amzft.backends import DEFAULT_TARGETS, LoraSettings, build
+from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, set_mode
 from amzft.data.encode import IGNORE_INDEX
 from amzft.errors import ConfigError, ModelError
 
@@ -37,7 +37,8 @@ class LoraCausalLM(LightningModule):
 
     Args:
         name_or_path: ``embedded`` (the bundled SmolLM2-135M-Instruct) or a local model directory.
-        backend: how the model is built (``hf``: transformers + peft).
+        backend: how the model is built: ``hf`` (transformers + peft, CPU or GPU) or
+            ``unsloth`` (the seed's 4-bit Unsloth loader and kernels; CUDA only).
         max_length: longest sequence in tokens (linked from ``data.max_length``).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
@@ -52,6 +53,8 @@ class LoraCausalLM(LightningModule):
         warmup_steps: optimizer steps of linear warm-up, then linear decay to 0 at max_steps.
         lora_seed: seed for the LoRA initialisation.
         max_new_tokens: longest generated answer (ask / predict).
+        quantization: ``none`` (full-precision base) or ``nf4`` (4-bit base, QLoRA; backend
+            ``hf``). The ``unsloth`` backend always loads 4-bit.
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training (one-line error naming the
             step and batches; checkpoints already written stay intact) or ``skip``s that
             optimizer step (no update; counted in ``train/skipped_steps``; more than
@@ -61,7 +64,7 @@ class LoraCausalLM(LightningModule):
     def __init__(
         self,
         name_or_path: str = "embedded",
-        backend: str = "hf",
+        backend: Literal["hf", "unsloth"] = "hf",
         max_length: int = 2048,
         lora_r: int = 16,
         lora_alpha: int = 16,
@@ -77,6 +80,7 @@ class LoraCausalLM(LightningModule):
         lora_seed: int = 3407,
         max_new_tokens: int = 256,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        quantization: Literal["none", "nf4"] = "none",
     ):
         super().__init__()
         problems = []
@@ -88,6 +92,8 @@ class LoraCausalLM(LightningModule):
             problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
         if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
             problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
+        if backend == "unsloth" and quantization == "nf4":
+            quantization = "none"  # unsloth quantises itself; "nf4" would mean the same thing
         if problems:
             raise ConfigError("; ".join(problems))
         self.save_hyperparameters()
@@ -99,6 +105,8 @@ class LoraCausalLM(LightningModule):
             target_modules=list(target_modules or DEFAULT_TARGETS),
             gradient_checkpointing=gradient_checkpointing,
             seed=lora_seed,
+            quantization=quantization,
+            max_seq_length=max_length,
         )
         self.model = None
         self.tokenizer = None
@@ -115,7 +123,16 @@ class LoraCausalLM(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning calls this once per fit/validate/test
             return
-        self.model, self.tokenizer = build(self.hparams.backend, self.lora)
+        settings = self.lora
+        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth":
+            from dataclasses import replace
+
+            # 4-bit weights are packed on the device they load to: the trainer's (the rank's
+            # GPU under DDP), or the first GPU / CPU outside a trainer.
+            device = self.trainer.strategy.root_device if self._trainer is not None else (
+                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+            settings = replace(settings, device=str(device))
+        self.model, self.tokenizer = build(self.hparams.backend, settings)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         self.trainable_share = trainable / total
@@ -294,6 +311,9 @@ class LoraCausalLM(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_train_start(self) -> None:
+        set_mode(self.hparams.backend, self.model, training=True)
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:

@@ -1,0 +1,53 @@
+"""Import Unsloth first, and only when it will be used.
+
+Unsloth patches transformers, peft and TRL at import time, so it must be imported before them
+(and Lightning imports torchmetrics, which imports transformers). On a machine without CUDA it
+silently falls back to CPU code paths and patches the HF Trainer, so there it is never imported.
+This runs at the top of ``python -m amzft``, before the CLI imports anything heavy; ``--help``
+and an install without the ``gpu`` extra never even import torch here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+_ASKS_FOR_UNSLOTH = re.compile(r"backend\s*[:=]\s*['\"]?unsloth\b")
+
+
+def wants_unsloth(argv: list[str]) -> bool:
+    """True if the command line or one of its ``--config`` files selects ``backend: unsloth``
+    (an explicit ``--model.backend`` on the command line wins, as it does in the parser)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--model.backend="):
+            return arg.split("=", 1)[1] == "unsloth"
+        if arg == "--model.backend" and i + 1 < len(argv):
+            return argv[i + 1] == "unsloth"
+    texts = []
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("--config", "-c"):
+            try:
+                texts.append(Path(argv[i + 1]).read_text(errors="replace"))
+            except OSError:
+                pass  # the CLI reports a missing config file itself
+    return bool(_ASKS_FOR_UNSLOTH.search("\n".join(texts)))
+
+
+def import_unsloth_if_wanted(argv: list[str]) -> bool:
+    """Import unsloth now if it is asked for, installed and CUDA is present; returns whether
+    it was imported. Without CUDA nothing happens here: the backend then says, in one line,
+    to use ``backend: hf``."""
+    if not argv or argv[0] in ("-h", "--help", "data") or not wants_unsloth(argv):
+        return False
+    if importlib.util.find_spec("unsloth") is None:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+    import unsloth  # noqa: F401  (patches transformers / peft before they are imported)
+
+    return True

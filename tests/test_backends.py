@@ -1,0 +1,153 @@
+"""Backends on CPU: hf + nf4 (QLoRA through bitsandbytes, with the AVX512-BF16 workaround),
+and the unsloth backend's guards (never imported without CUDA, one-line error)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from amzft.cli import main
+from amzft.model import LoraCausalLM
+from conftest import REPO, fit_args, tiny_records
+
+
+def _nf4(tiny_model_dir) -> LoraCausalLM:
+    module = LoraCausalLM(name_or_path=str(tiny_model_dir), quantization="nf4")
+    module.configure_model()
+    return module
+
+
+def _lora_grads(module, batch) -> dict[str, torch.Tensor]:
+    module.model.train()
+    module.model.zero_grad(set_to_none=True)
+    loss_sum, n = module.token_loss_sum(batch)
+    (loss_sum / n).backward()
+    return {k: p.grad.detach().clone() for k, p in module.model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def batch(llama_tokenizer):
+    from amzft.data.batching import Collator
+
+    ids = [[llama_tokenizer.bos_token_id, *range(1000, 1000 + n)] for n in (20, 33)]
+    return Collator(llama_tokenizer.pad_token_id)({"input_ids": ids, "prompt_len": [8, 12]})
+
+
+def test_nf4_base_is_4bit_with_lora_on_top(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    module = _nf4(tiny_model_dir)
+    four_bit = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    assert all(m.weight.quant_type == "nf4" for m in four_bit)
+    assert all(m.support_avx512bf16_for_cpu is False for m in four_bit)  # the workaround
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_nf4_lora_gradients_are_the_same_after_an_eval_forward(tiny_model_dir, batch):
+    """DESIGN.md §3: on AVX512-BF16 CPUs an eval forward repacks the 4-bit weights and later
+    LoRA gradients come out wrong, unless the repacking is turned off (amzft does)."""
+    module = _nf4(tiny_model_dir)
+    before = _lora_grads(module, batch)
+    module.model.eval()
+    with torch.no_grad():
+        module.token_loss_sum(batch)
+    after = _lora_grads(module, batch)
+    assert before.keys() == after.keys() and before
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-4, atol=1e-6)
+
+
+def test_without_the_workaround_the_bug_shows_on_this_cpu(tiny_model_dir, batch, monkeypatch):
+    """Proves the test above can fail: load the 4-bit base as bitsandbytes leaves it, and
+    training after an eval forward goes wrong: wrong gradients or (with shapes as small as the
+    tiny model's) a crash inside bitsandbytes. Only on CPUs with AVX512-BF16, where the bug lives."""
+    import amzft.backends
+    from bitsandbytes.backends.cpu.ops import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: the bitsandbytes bug cannot show here")
+    monkeypatch.setattr(amzft.backends, "disable_avx512bf16_repacking", lambda model: 0)
+    module = _nf4(tiny_model_dir)
+    before = _lora_grads(module, batch)
+    try:
+        module.model.eval()
+        with torch.no_grad():
+            module.token_loss_sum(batch)
+        after = _lora_grads(module, batch)
+        wrong = any(not torch.allclose(after[k], before[k], rtol=1e-3, atol=1e-5) for k in before)
+    except RuntimeError:  # e.g. "shape '[32, 0]' is invalid": the repacked weight read as the original
+        wrong = True
+    assert wrong
+
+
+def test_nf4_fit_resumes_exactly_and_exports(tiny_model_dir, write_jsonl, tmp_path):
+    from amzft.callbacks import StopAtStep
+    from amzft.export import export
+    from test_model import RecordSteps, run_fit
+
+    data = write_jsonl(tiny_records(20))
+    common = ("--trainer.max_steps", "4", "--model.quantization", "nf4")
+    straight = RecordSteps()
+    run_fit(fit_args(tiny_model_dir, data, tmp_path / "a", *common), straight)
+    run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common), RecordSteps(), StopAtStep(2))
+    resumed = RecordSteps()
+    run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed,
+            resumed_from_last=True)
+    assert resumed.losses == straight.losses[2:]
+    ckpt = next((tmp_path / "b").rglob("last.ckpt"))
+    merged = export(str(ckpt), tmp_path / "merged", merge=True)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)  # plain weights: no bitsandbytes needed
+    assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
+
+
+def test_unsloth_backend_without_cuda_is_one_line(tiny_model_dir, tiny_data, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(SystemExit):
+        main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1", "--model.backend", "unsloth"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.backend=unsloth needs a CUDA GPU" in err[0] and "model.backend=hf" in err[0]
+
+
+def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
+    from amzft.bootstrap import import_unsloth_if_wanted, wants_unsloth
+
+    base, cpu = str(REPO / "configs" / "base.yaml"), str(REPO / "configs" / "cpu.yaml")
+    assert wants_unsloth(["fit", "--config", base]) and not wants_unsloth(["fit", "--config", cpu])
+    assert wants_unsloth(["fit", "--model.backend", "unsloth"]) and wants_unsloth(["fit", "--model.backend=unsloth"])
+    assert not wants_unsloth(["fit", "--config", base, "--model.backend", "hf"])  # the command line wins
+    code = (
+        "import sys; from amzft.bootstrap import import_unsloth_if_wanted as f; "
+        f"r = f(['fit', '--config', {base!r}]); import amzft, amzft.cli; "
+        "print(r, 'unsloth' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if not torch.cuda.is_available():
+        assert out == ["False", "False"]
+    assert import_unsloth_if_wanted(["--help"]) is False
+
+
+def test_gpu_check_command_line_is_valid_on_cpu(tiny_model_dir, tmp_path):
+    """gpu/check.py cannot run here, but its amzft command line (base.yaml + overrides + the
+    measuring callback) can: the hf+nf4 run goes through on the tiny model on CPU."""
+    sys.path.insert(0, str(REPO / "gpu"))
+    import check
+
+    from amzft.paths import shipped_sample
+
+    result = check.run_amzft("hf_nf4", tiny_model_dir, str(shipped_sample()), tmp_path, 3,
+                             ["--model.backend", "hf", "--model.quantization", "nf4", "--trainer.accelerator", "cpu",
+                              "--trainer.precision", "32-true"])
+    assert "error" not in result, result.get("error")
+    assert result["steps"] == 3 and result["tokens_per_s"] > 0
+    unsloth = check.run_amzft("unsloth", tiny_model_dir, str(shipped_sample()), tmp_path, 1,
+                              ["--model.backend", "unsloth", "--trainer.accelerator", "cpu"])
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in unsloth["error"]
