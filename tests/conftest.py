@@ -133,3 +133,16 @@ def fit_args(tiny_model_dir, data_path, tmp_path, *extra):
         "--trainer.enable_model_summary", "false",
         *extra,
     ]
+
+
+def one_line_error(capsys, *args, code: int | None = None) -> str:
+    """Run ``python -m amzft *args`` in-process; it must exit (with ``code`` if given) printing
+    exactly one ``amzft: error: …`` line on stderr, which is returned."""
+    from amzft.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    assert done.value.code == code if code is not None else done.value.code in (1, 2)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("amzft: error: "), err
+    return err[0]

@@ -8,7 +8,7 @@ import yaml
 
 from amzft.cli import main
 from amzft.lightning_cli import cli_main
-from conftest import REPO, fit_args
+from conftest import REPO, fit_args, one_line_error
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -86,11 +86,8 @@ def test_print_config(capsys):
     ],
 )
 def test_bad_config_values_are_one_line_errors(extra, message, tiny_model_dir, tiny_data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1", *extra))
-    assert done.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("amzft: error: ") and message in err[0], err
+    line = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1", *extra), code=2)
+    assert message in line
 
 
 def test_resume_last_without_checkpoint_is_clear(tiny_model_dir, tiny_data, tmp_path, capsys):

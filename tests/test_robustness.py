@@ -4,9 +4,7 @@ an unwritable or full disk is caught before training, and nothing reaches the ne
 from __future__ import annotations
 
 import json
-import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,18 +17,9 @@ from amzft.cli import main
 from amzft.checkpointing import load_checkpoint_file
 from amzft.errors import ModelError
 from amzft.lightning_cli import cli_main
-from conftest import REPO, fit_args, tiny_records
+from conftest import REPO, fit_args, one_line_error, tiny_records
 
 TESTS = Path(__file__).resolve().parent
-
-
-def one_line_error(capsys, *args) -> str:
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    assert done.value.code in (1, 2)
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("amzft: error: "), err
-    return err[0]
 
 
 # ------------------------------------------------------------------ bad configs and paths
@@ -285,7 +274,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_d
 
     out = _finish(_fit_process(tiny_model_dir, tiny_data, tmp_path, tmp_path / "b",
                                ("fault_helpers.RecordLosses", {"path": str(killed)}), extra=("--ckpt_path", "last")))
-    assert "Restoring states from the checkpoint path" in out or "Restored all states" in out or out is not None
+    assert "Restored all states from the checkpoint" in out
     expected, resumed = _losses(straight), _losses(killed)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):  # steps 5-8 re-run after the kill: the same losses, bit for bit

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from amzft.data.clean import FilterSettings, RecordFilter
+from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder, encode_texts, join_example
 from amzft.data.prompt import PromptFormat
 from amzft.data.reader import check_data_file, read_records
@@ -263,7 +263,6 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
     results in file order, so the output (and the first lines listed per skip reason) do not
     depend on the number of processes. At most 2 x num_proc chunks are in flight: memory
     stays bounded whatever the file size."""
-    import hashlib
     import multiprocessing as mp
     from collections import deque
 
@@ -284,16 +283,15 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
                 raise DataError(f"{settings.path}:{line}: {message}")
             stats.skip(reason, line)
         kept = []
-        too_long_at = set(too_long)
         for example in encoded:
             if dedupe:
-                key = hashlib.blake2b(f"{example[4]}\x00{example[5]}".encode(), digest_size=12).digest()
+                key = dedupe_key(example[4], example[5])
                 if key in seen:
                     stats.skip("duplicate", example[0])
                     continue
                 seen.add(key)
             kept.append(example)
-        for line in sorted(too_long_at):
+        for line in too_long:  # already in line order
             stats.skip("prompt_too_long", line)
         _write_rows(writers, features, kept)
         stats.kept += len(kept)

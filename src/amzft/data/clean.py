@@ -51,6 +51,12 @@ class FilterSettings:
     dedupe: bool = True  # identical (title, content) pairs after cleaning
 
 
+def dedupe_key(title: str, content: str) -> bytes:
+    """Identity of a cleaned (title, description) pair for ``dedupe`` (RecordFilter and the
+    parallel build, which dedupes in the parent)."""
+    return hashlib.blake2b(f"{title}\x00{content}".encode(), digest_size=12).digest()
+
+
 class RecordFilter:
     """Cleans a record and says why it is dropped (``None`` when kept). Stateful for dedupe."""
 
@@ -74,7 +80,7 @@ class RecordFilter:
         if len(content) < s.min_content_chars:
             return title, content, "too_short"
         if s.dedupe:
-            key = hashlib.blake2b(f"{title}\x00{content}".encode(), digest_size=12).digest()
+            key = dedupe_key(title, content)
             if key in self._seen:
                 return title, content, "duplicate"
             self._seen.add(key)
