@@ -17,7 +17,7 @@ from amzft.cli import main
 from amzft.checkpointing import load_checkpoint_file
 from amzft.errors import ModelError
 from amzft.lightning_cli import cli_main
-from conftest import REPO, fit_args, one_line_error, tiny_records
+from conftest import fit_args, one_line_error, tiny_records
 
 TESTS = Path(__file__).resolve().parent
 
