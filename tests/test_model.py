@@ -145,8 +145,9 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
         lrs.append(sched.get_last_lr()[0])
         sched.optimizer.step()
         sched.step()
-    assert lrs[0] == 0 and math.isclose(lrs[5], 2e-4) and math.isclose(lrs[1], 2e-4 / 5)
-    assert math.isclose(lrs[30], 2e-4 * 30 / 55) and lrs[60] == 0
+    peak = cli.model.hparams.lr
+    assert lrs[0] == 0 and math.isclose(lrs[5], peak) and math.isclose(lrs[1], peak / 5)
+    assert math.isclose(lrs[30], peak * 30 / 55) and lrs[60] == 0
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
@@ -195,3 +196,42 @@ def test_each_epoch_is_reshuffled_under_the_trainer(tiny_model_dir, write_jsonl,
             Record())
     assert sorted(seen) == [0, 1] and len(seen[0]) == len(seen[1]) == 5
     assert seen[0] != seen[1]  # another order (and, batches being re-formed, other pairs)
+
+
+def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, write_jsonl, tmp_path):
+    """model.compile: the same losses and adapter as eager (to float tolerance: the fused
+    kernels sum in another order), checkpoints with the same keys, and generation still works
+    (it runs the layers eagerly, so no recompilation per decoded length)."""
+    from amzft.checkpointing import load_checkpoint_file
+    from amzft.generate import GenerationOptions, generate
+    from conftest import tiny_records
+
+    data = write_jsonl(tiny_records(16))
+    runs = {}
+    for name in ("eager", "compiled"):
+        rec = RecordSteps()
+        cli = run_fit(fit_args(tiny_model_dir, data, tmp_path / name, "--trainer.max_steps", "3",
+                               "--model.compile", str(name == "compiled").lower()), rec)
+        runs[name] = (rec, cli)
+    (eager, a), (compiled, b) = runs["eager"], runs["compiled"]
+    layer = b.model.model.get_base_model().get_decoder().layers[0]
+    assert layer._compiled_call_impl is not None  # really compiled, not silently eager
+    assert a.model.model.get_base_model().get_decoder().layers[0]._compiled_call_impl is None
+    assert len(compiled.losses) == 3 and compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5) for k in wa)
+    ckpt = load_checkpoint_file(b.trainer.checkpoint_callback.last_model_path)
+    assert ckpt["state_dict"].keys() == wa.keys() and ckpt["hyper_parameters"]["compile"] is True
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    answers = generate(b.model, ["What is the description of product Tutu?"] * 2, GenerationOptions(max_new_tokens=5))
+    assert len(answers) == 2 and counters["stats"]["unique_graphs"] == graphs  # nothing compiled for decoding
+
+
+def test_compile_is_for_the_hf_backend_only():
+    from amzft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.compile works with backend hf only"):
+        LoraCausalLM(backend="unsloth", compile=True)

@@ -109,7 +109,9 @@ def generate(
     if options.do_sample:
         torch.manual_seed(options.seed)
     try:
-        with switch:
+        # model.compile'd layers are for training; decoding with a KV cache would recompile them
+        # for every new length, so generation runs them eagerly.
+        with switch, torch.compiler.set_stance("force_eager"):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 # Same tokenisation as training: the whole prompt, with the tokenizer's specials.

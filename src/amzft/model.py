@@ -55,6 +55,12 @@ class LoraCausalLM(LightningModule):
         max_new_tokens: longest generated answer (ask / predict).
         quantization: ``none`` (full-precision base) or ``nf4`` (4-bit base, QLoRA; backend
             ``hf``). The ``unsloth`` backend always loads 4-bit.
+        compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for training:
+            fuses the element-wise work around the matmuls (norms, rotary, SiLU, residuals,
+            LoRA's scaling), measured 1.2-1.5x faster on CPU, after a one-time compilation of
+            about a minute or two on a 2-core CPU (see benchmarks/train_throughput.py).
+            Validation and generation run the same layers eagerly. ``hf`` backend only
+            (Unsloth brings its own kernels).
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training (one-line error naming the
             step and batches; checkpoints already written stay intact) or ``skip``s that
             optimizer step (no update; counted in ``train/skipped_steps``; more than
@@ -81,6 +87,7 @@ class LoraCausalLM(LightningModule):
         max_new_tokens: int = 256,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         quantization: Literal["none", "nf4"] = "none",
+        compile: bool = False,
     ):
         super().__init__()
         problems = []
@@ -92,6 +99,8 @@ class LoraCausalLM(LightningModule):
             problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
         if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
             problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
+        if compile and backend != "hf":
+            problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
         if backend == "unsloth" and quantization == "nf4":
             quantization = "none"  # unsloth quantises itself; "nf4" would mean the same thing
         if problems:
@@ -137,6 +146,19 @@ class LoraCausalLM(LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         self.trainable_share = trainable / total
         self._plain_head = self.model.get_base_model().config.model_type in _PLAIN_HEAD_MODELS
+        if self.hparams.compile:
+            self._compile_layers()
+
+    def _compile_layers(self) -> None:
+        """Compile each decoder layer in place (``nn.Module.compile``: parameter names and
+        checkpoints are unchanged). All layers share one compiled graph, so the one-time cost is
+        that of a single layer's forward + backward; ``dynamic=True`` keeps one graph for every
+        sequence length instead of recompiling per batch shape."""
+        layers = getattr(self.model.get_base_model().get_decoder(), "layers", None)
+        if layers is None:
+            raise ConfigError("model.compile: this model has no decoder .layers to compile")
+        for layer in layers:
+            layer.compile(dynamic=True)
 
     def trainable_keys(self) -> dict[str, torch.Size]:
         return {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
@@ -251,7 +273,9 @@ class LoraCausalLM(LightningModule):
         checkpoint["amzft_skipped_steps"] = self.skipped_steps
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        loss_sum, n = self.token_loss_sum(batch)
+        # Eagerly: under no_grad a compiled layer would compile a second graph for a few batches.
+        with torch.compiler.set_stance("force_eager"):
+            loss_sum, n = self.token_loss_sum(batch)
         sums = self._eval_sums.setdefault(stage, [0.0, 0])
         sums[0] += float(loss_sum)
         sums[1] += n
