@@ -57,8 +57,8 @@ class LoraCausalLM(LightningModule):
             ``hf``). The ``unsloth`` backend always loads 4-bit.
         compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for training:
             fuses the element-wise work around the matmuls (norms, rotary, SiLU, residuals,
-            LoRA's scaling), measured 1.2-1.5x faster on CPU, after a one-time compilation of
-            about a minute or two on a 2-core CPU (see benchmarks/train_throughput.py).
+            LoRA's scaling): +4-9 % tokens/s measured on a 2-core CPU, after a one-time
+            compilation of about a minute (benchmarks/train_throughput.py, README).
             Validation and generation run the same layers eagerly. ``hf`` backend only
             (Unsloth brings its own kernels).
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training (one-line error naming the
