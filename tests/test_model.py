@@ -235,3 +235,50 @@ def test_compile_is_for_the_hf_backend_only():
 
     with pytest.raises(ConfigError, match="model.compile works with backend hf only"):
         LoraCausalLM(backend="unsloth", compile=True)
+
+
+def test_chunked_head_loss_equals_one_pass(tiny_model_dir, llama_tokenizer):
+    """loss_chunk_tokens changes memory, not maths: the same loss and LoRA gradients."""
+    from amzft.data.batching import Collator
+
+    ids = [[llama_tokenizer.bos_token_id, *range(1000, 1000 + n)] for n in (40, 27)]
+    batch = Collator(llama_tokenizer.pad_token_id)({"input_ids": ids, "prompt_len": [8, 12]})
+    results = []
+    for chunk in (0, 10):  # 10 does not divide the 49 label tokens: a short last chunk too
+        m = LoraCausalLM(name_or_path=str(tiny_model_dir), loss_chunk_tokens=chunk)
+        m.configure_model()
+        with torch.no_grad():  # non-zero LoRA B, so that the gradients reach every adapter
+            for n, p in m.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        loss_sum, n = m.token_loss_sum(batch)
+        loss_sum.backward()
+        results.append((loss_sum.detach(), n, {k: p.grad.clone() for k, p in m.model.named_parameters() if p.grad is not None}))
+    (one, n_one, g_one), (chunked, n_chunked, g_chunked) = results
+    assert n_one == n_chunked == 49  # (41 - 8) + (28 - 12) response tokens
+    torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-5)
+    assert g_one.keys() == g_chunked.keys() and g_one
+    for k in g_one:
+        torch.testing.assert_close(g_chunked[k], g_one[k], rtol=1e-3, atol=1e-5)  # fp32 sums reordered
+
+
+def test_chunked_head_keeps_one_chunk_of_logits_for_backward():
+    """What the head's forward keeps for backward, counted with autograd's saved-tensor hooks:
+    the whole micro-batch's fp32 logits in one pass, only the (small) inputs when chunked."""
+    from amzft.model import head_loss_sum
+
+    head = torch.nn.Linear(16, 5000, bias=False).requires_grad_(False)
+    hidden = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 5000, (300,))
+    logits_bytes = 300 * 5000 * 4
+    kept = {}
+    for chunk in (0, 32):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = head_loss_sum(head, hidden, targets, chunk)
+        loss.backward()
+        kept[chunk] = sum(saved)
+    assert kept[0] >= logits_bytes and kept[32] < logits_bytes / 100, kept
+    with pytest.raises(Exception, match="loss_chunk_tokens must be >= 0"):
+        LoraCausalLM(loss_chunk_tokens=-1)

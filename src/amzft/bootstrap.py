@@ -17,9 +17,17 @@ from pathlib import Path
 _ASKS_FOR_UNSLOTH = re.compile(r"backend\s*[:=]\s*['\"]?unsloth\b")
 
 
+def _run_hparams(ckpt_path: str) -> Path:
+    """``…/version_N/checkpoints/last.ckpt`` -> ``…/version_N/hparams.yaml`` (Lightning's logger
+    writes the module's hyper-parameters there, backend included)."""
+    return Path(ckpt_path).parent.parent / "hparams.yaml"
+
+
 def wants_unsloth(argv: list[str]) -> bool:
     """True if the command line or one of its ``--config`` files selects ``backend: unsloth``
-    (an explicit ``--model.backend`` on the command line wins, as it does in the parser)."""
+    (an explicit ``--model.backend`` on the command line wins, as it does in the parser), or,
+    for ``evaluate`` / ``export`` / a resumed ``fit``, the checkpoint's run was trained with it
+    (read from the run's hparams.yaml: cheap, no torch.load before Unsloth)."""
     for i, arg in enumerate(argv):
         if arg.startswith("--model.backend="):
             return arg.split("=", 1)[1] == "unsloth"
@@ -32,6 +40,11 @@ def wants_unsloth(argv: list[str]) -> bool:
                 texts.append(Path(argv[i + 1]).read_text(errors="replace"))
             except OSError:
                 pass  # the CLI reports a missing config file itself
+        elif arg == "--ckpt_path" and argv[i + 1] not in ("last", "best", "hpc"):
+            try:
+                texts.append(_run_hparams(argv[i + 1]).read_text(errors="replace"))
+            except OSError:
+                pass  # no run folder beside the checkpoint: the backend builder still says what is wrong
     return bool(_ASKS_FOR_UNSLOTH.search("\n".join(texts)))
 
 
@@ -47,7 +60,11 @@ def import_unsloth_if_wanted(argv: list[str]) -> bool:
 
     if not torch.cuda.is_available():
         return False
+    from amzft.sources import force_offline
+
+    force_offline()  # amzft never downloads: nor may Unsloth (it fetches usage statistics unless told)
     os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import unsloth  # noqa: F401  (patches transformers / peft before they are imported)
 
     return True

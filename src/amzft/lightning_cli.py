@@ -91,6 +91,14 @@ class AmzftCLI(LightningCLI):
                 config.ckpt_path = self.ckpt_path
             match = re.fullmatch(r"version_(\d+)", last.parent.parent.name)
             self._resume_version = int(match.group(1)) if match else None
+        model, data = config.get("model"), config.get("data")
+        if model is not None and data is not None and model.get("backend") == "unsloth" and data.get("layout") == "packed":
+            # Unsloth's attention keeps packed examples apart only for single-row batches without
+            # a mask (it reads the boundaries from position ids then); amzft's packed rows would
+            # attend across examples there: a silently wrong loss. Measured on an H200, grouped
+            # batches gain Unsloth nothing either (README, GPU).
+            raise ConfigError("data.layout=packed does not work with model.backend=unsloth (its attention would "
+                              "cross example boundaries in packed rows); use data.layout=plain or grouped")
         accumulate = config.trainer.accumulate_grad_batches
         if accumulate is not None and accumulate < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, found {accumulate}")

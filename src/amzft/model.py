@@ -32,6 +32,26 @@ MAX_CONSECUTIVE_SKIPS = 10  # with on_nonfinite=skip: beyond this the weights th
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
 
 
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (one row per label token).
+
+    With ``chunk`` > 0 and more rows than that, rows go through the head ``chunk`` at a time,
+    each chunk checkpointed: its logits are freed after the forward and recomputed in backward,
+    so only one chunk's vocabulary-sized tensors exist at any time."""
+    if chunk <= 0 or hidden.shape[0] <= chunk:
+        return _head_loss(head, hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    return sum(
+        checkpoint(_head_loss, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+        for i in range(0, hidden.shape[0], chunk)
+    )
+
+
 class LoraCausalLM(LightningModule):
     """Causal LM + LoRA, fine-tuned to answer "What is the description of product {title}?".
 
@@ -55,6 +75,16 @@ class LoraCausalLM(LightningModule):
         max_new_tokens: longest generated answer (ask / predict).
         quantization: ``none`` (full-precision base) or ``nf4`` (4-bit base, QLoRA; backend
             ``hf``). The ``unsloth`` backend always loads 4-bit.
+        loss_chunk_tokens: compute the LM head and cross-entropy over the label tokens in chunks
+            of this many tokens, each recomputed in backward (``torch.utils.checkpoint``), so the
+            fp32 logits of one chunk, not of the whole micro-batch, are ever held. Unchunked, the
+            logits path costs about 14 bytes x vocabulary per label token (bf16 logits, fp32
+            copy, log-softmax, their gradients): ~2.5 GiB for the two longest answers of the
+            real records with Llama-3.2's 128k vocabulary, the bulk of amzft's extra peak GPU
+            memory over the reference (README, GPU). 0 (default) is one pass and no
+            recomputation (chunking recomputes the head: an estimated +4 % FLOPs on a 1B
+            model), the faster choice where memory is plentiful. Micro-batches with no more label
+            tokens than this are never chunked. Plain-head architectures only (see below).
         compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for training:
             fuses the element-wise work around the matmuls (norms, rotary, SiLU, residuals,
             LoRA's scaling): +4-9 % tokens/s measured on a 2-core CPU, after a one-time
@@ -88,6 +118,7 @@ class LoraCausalLM(LightningModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
         quantization: Literal["none", "nf4"] = "none",
         compile: bool = False,
+        loss_chunk_tokens: int = 0,
     ):
         super().__init__()
         problems = []
@@ -99,6 +130,8 @@ class LoraCausalLM(LightningModule):
             problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
         if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
             problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
+        if loss_chunk_tokens < 0:
+            problems.append(f"model.loss_chunk_tokens must be >= 0 (0: no chunking), found {loss_chunk_tokens}")
         if compile and backend != "hf":
             problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
         if backend == "unsloth" and quantization == "nf4":
@@ -203,12 +236,11 @@ class LoraCausalLM(LightningModule):
             hidden = base.get_decoder()(
                 **self._inputs(batch), use_cache=False
             ).last_hidden_state
-            logits = base.get_output_embeddings()(hidden[:, :-1][mask])
-        else:
-            out = self.model(**self._inputs(batch), use_cache=False)
-            logits = out.logits[:, :-1][mask]
-        loss_sum = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
-        return loss_sum, int(mask.sum())
+            return head_loss_sum(base.get_output_embeddings(), hidden[:, :-1][mask], labels[mask],
+                                 self.hparams.loss_chunk_tokens), int(mask.sum())
+        out = self.model(**self._inputs(batch), use_cache=False)
+        logits = out.logits[:, :-1][mask]
+        return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
 
     def forward(self, batch: dict) -> torch.Tensor:
         loss_sum, n = self.token_loss_sum(batch)

@@ -1,0 +1,87 @@
+"""CUDA-only checks of the unsloth backend (skipped without CUDA; see gpu/run_on_device.sh).
+
+Run this file on its own (``python -m pytest tests/test_gpu.py``) so that Unsloth is imported
+before transformers, as ``python -m amzft`` does (DESIGN.md §4); collected after other test
+files it still runs, with Unsloth's "import me first" warning.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+if torch.cuda.is_available():  # before anything imports transformers / peft / lightning
+    from amzft.bootstrap import import_unsloth_if_wanted
+
+    import_unsloth_if_wanted(["fit", "--model.backend", "unsloth"])
+
+from amzft.callbacks import StopAtStep  # noqa: E402
+from amzft.cli import main  # noqa: E402
+from conftest import fit_args, tiny_records  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_llama_dir(tmp_path_factory, llama_tokenizer):
+    """A small random Llama with the real Llama-3.2 vocabulary and head_dim 64 (the tests' CPU
+    model has head_dim 8, below what Unsloth's Triton kernels are built for)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("gpu-llama")
+    config = LlamaConfig(
+        vocab_size=len(llama_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=llama_tokenizer.bos_token_id,
+        eos_token_id=llama_tokenizer.eos_token_id, pad_token_id=llama_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    llama_tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _adapter(ckpt) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v.float() for k, v in state.items() if "lora_" in k}
+
+
+def test_unsloth_fit_resumes_exactly_then_evaluates_and_exports(gpu_llama_dir, write_jsonl, tmp_path):
+    """The seed's backend through the same seams as hf: a run stopped at step 2 and resumed
+    ends where the straight run ends; its checkpoint evaluates (base and fine-tuned answers)
+    and exports as a PEFT adapter."""
+    from test_model import RecordSteps, run_fit
+
+    data = write_jsonl(tiny_records(24))
+    common = ("--model.backend", "unsloth", "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
+              "--trainer.max_steps", "4", "--model.lr", "1e-2",  # big steps, so a wrong resume shows
+              "--data.val_fraction", "0.2", "--data.test_fraction", "0.2", "--sample_answers.every_n_steps", "0")
+    straight = RecordSteps()
+    run_fit(fit_args(gpu_llama_dir, data, tmp_path / "a", *common), straight)
+    run_fit(fit_args(gpu_llama_dir, data, tmp_path / "b", *common), RecordSteps(), StopAtStep(2))
+    stopped = _adapter(next((tmp_path / "b").rglob("last.ckpt")))
+    resumed = RecordSteps()
+    run_fit(fit_args(gpu_llama_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed,
+            resumed_from_last=True)
+
+    assert len(straight.losses) == 4 and len(resumed.losses) == 2
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses[2:]), rtol=1e-3, atol=1e-4)
+    ckpt_a = next((tmp_path / "a").rglob("last.ckpt"))
+    end_a, end_b = _adapter(ckpt_a), _adapter(next((tmp_path / "b").rglob("last.ckpt")))
+    assert end_a.keys() == end_b.keys() == stopped.keys() and end_a
+    moved = sum((end_a[k] - stopped[k]).norm() ** 2 for k in end_a) ** 0.5  # steps 3-4 of training
+    apart = sum((end_a[k] - end_b[k]).norm() ** 2 for k in end_a) ** 0.5
+    assert moved > 0 and apart < 0.01 * moved, (float(apart), float(moved))
+
+    main(["evaluate", "--ckpt_path", str(ckpt_a), "--samples", "2", "--gen.max_new_tokens", "8"])
+    report = json.loads((ckpt_a.parent.parent / "report.json").read_text())
+    for split in report["splits"].values():
+        assert set(split["models"]) == {"base", "fine-tuned"} and split["n"] == 2
+
+    main(["export", "--ckpt_path", str(ckpt_a), "--out", str(tmp_path / "adapter")])
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(exported) == len(end_a) and (tmp_path / "adapter" / "adapter_config.json").is_file()
