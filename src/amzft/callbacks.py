@@ -24,7 +24,7 @@ class TokenThroughput(Callback):
         self._last_step = None
 
     def _reset(self):
-        self._tokens = self._padded = self._labels = 0
+        self._tokens = self._processed = self._padded = self._labels = 0
         self._start = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -35,6 +35,7 @@ class TokenThroughput(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._tokens += int(batch["real_tokens"])
+        self._processed += int(batch.get("input_tokens", batch["real_tokens"]))  # < real with share_prefix
         self._padded += batch["input_ids"].numel()
         self._labels += int(batch["label_tokens"])
         if trainer.global_step == self._last_step:
@@ -43,7 +44,7 @@ class TokenThroughput(Callback):
         elapsed = time.perf_counter() - self._start
         pl_module.log("train/tokens_per_s", self._tokens / elapsed, on_step=True, prog_bar=True)
         pl_module.log("train/label_tokens_per_s", self._labels / elapsed, on_step=True)
-        pl_module.log("train/padding_efficiency", self._tokens / self._padded, on_step=True)
+        pl_module.log("train/padding_efficiency", self._processed / self._padded, on_step=True)
         pl_module.log("train/peak_memory_mib", peak_memory_mib(pl_module.device), on_step=True)
         self._reset()
 

@@ -220,12 +220,21 @@ class LoraCausalLM(LightningModule):
             )
 
     # ------------------------------------------------------------------ loss
-    @staticmethod
-    def _inputs(batch: dict) -> dict:
+    def _inputs(self, batch: dict) -> dict:
         """Unpacked batches carry an attention mask; packed ones carry per-example position ids
-        instead, from which transformers builds the block-diagonal mask (see data.batching)."""
+        instead, from which transformers builds the block-diagonal mask (see data.batching);
+        packed ones with a shared prefix carry a ready 4-D boolean mask (True = may attend)."""
         keys = ("input_ids", "attention_mask", "position_ids")
-        return {k: batch[k] for k in keys if batch.get(k) is not None}
+        inputs = {k: batch[k] for k in keys if batch.get(k) is not None}
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            attention = self.model.get_base_model().config._attn_implementation
+            if attention == "eager":  # eager attention adds the mask to the scores: make it additive
+                inputs["attention_mask"] = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(torch.float32).min)
+            elif attention != "sdpa":
+                raise ConfigError(f"data.share_prefix needs the model's sdpa or eager attention, not {attention!r}")
+        return inputs
 
     def token_loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over the label (response) tokens, and their count."""

@@ -91,6 +91,11 @@ class AmazonTitlesDataModule(LightningDataModule):
             within random mega-batches: less padding) or ``packed`` (several examples per row of
             up to max_length tokens, attention kept inside each example: no padding to speak of,
             more examples per step). All three are seeded and resume exactly.
+        share_prefix: with ``packed``, store the tokens every example of a batch starts with
+            (the Alpaca preamble) once per row instead of once per example; a 4-D mask keeps
+            each example's loss and gradients exactly its own. Fewer tokens to process (the
+            preamble is ~20 % of an example on the real records); needs the model's ``sdpa``
+            or ``eager`` attention (transformers' default), so ``backend: hf`` only.
         mega_batch: batches per length-grouping / packing chunk (bigger: tighter, less random).
         val_max_examples: validate on at most this many validation examples (a fixed, seeded
             sample), so validation of a huge file stays short; null: the whole split.
@@ -127,6 +132,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         seed: int = 3407,
         shuffle: bool = True,
         layout: Literal["plain", "grouped", "packed"] = "plain",
+        share_prefix: bool = False,
         mega_batch: int = 64,
         val_max_examples: int | None = 2000,
         num_workers: int = 0,
@@ -152,6 +158,8 @@ class AmazonTitlesDataModule(LightningDataModule):
             problems.append(f"data.mega_batch and val_max_examples must be >= 1, found {mega_batch}, {val_max_examples}")
         if limit is not None and limit < 1:
             problems.append(f"data.limit must be >= 1 or null, found {limit}")
+        if share_prefix and layout != "packed":
+            problems.append(f"data.share_prefix needs data.layout=packed (rows of several examples), found {layout!r}")
         if problems:
             raise ConfigError("; ".join(problems))
         self.save_hyperparameters()
@@ -170,6 +178,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
         self.layout, self.mega_batch, self.val_max_examples = layout, mega_batch, val_max_examples
+        self.share_prefix = share_prefix
         self.num_proc = num_proc
         self.pad_to_multiple_of, self.cache_dir = pad_to_multiple_of, cache_dir
         self.predict_split, self.predict_limit = predict_split, predict_limit
@@ -205,8 +214,8 @@ class AmazonTitlesDataModule(LightningDataModule):
         self.setup()
         return self.prepared.splits[name]
 
-    def collator(self) -> Collator:
-        return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+    def collator(self, train: bool = False) -> Collator:
+        return Collator(self.tokenizer.pad_token_id, self.pad_to_multiple_of, share_prefix=train and self.share_prefix)
 
     def _accumulate(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -248,7 +257,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         return ResumableDataLoader(
             TokenizedDataset(data),
             batch_sampler=sampler,
-            collate_fn=self.collator(),
+            collate_fn=self.collator(train=True),
             num_workers=self.num_workers,
         )
 
