@@ -74,7 +74,7 @@ def make_model(directory: Path) -> None:
 
 def _env() -> dict:
     paths = [str(REPO / "src"), str(REPO / "gpu"), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "UNSLOTH_DISABLE_STATISTICS": "1"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 _DEADLINE = float("inf")  # main() sets it: no stage may run past the budget's end (+ a grace)
@@ -122,13 +122,10 @@ def run_cli(name: str, args: list[str], work: Path, timeout: float = 300) -> dic
 # ------------------------------------------------------------------------- reference side
 def reference(model_dir: str, data: str, steps: int, out: str) -> None:
     """The seed notebook's recipe, in this (fresh) process: unsloth imported first (this module
-    imports nothing heavy at its top, and amzft.sources imports no HF library)."""
-    from amzft.sources import force_offline
+    imports nothing heavy at its top, nor does amzft.bootstrap)."""
+    from amzft.bootstrap import import_unsloth
 
-    force_offline()
-    os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
-    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-    import unsloth  # noqa: F401
+    import_unsloth()
     from unsloth import FastLanguageModel
 
     import inspect

@@ -60,11 +60,16 @@ def import_unsloth_if_wanted(argv: list[str]) -> bool:
 
     if not torch.cuda.is_available():
         return False
+    import_unsloth()
+    return True
+
+
+def import_unsloth() -> None:
+    """Import Unsloth offline (also the GPU check's reference process): call it before
+    anything imports transformers / peft / lightning."""
     from amzft.sources import force_offline
 
     force_offline()  # amzft never downloads: nor may Unsloth (it fetches usage statistics unless told)
     os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import unsloth  # noqa: F401  (patches transformers / peft before they are imported)
-
-    return True

@@ -289,30 +289,8 @@ class Collator:
 
     def _packed(self, batch: dict) -> dict[str, torch.Tensor]:
         seqs, prompt_lens, counts = batch["input_ids"], batch["prompt_len"], batch["rows"]
-        if self.share_prefix:
-            shared = self.shared_prefix_length(seqs, prompt_lens)
-            if shared > 0:
-                return self._packed_shared(batch, shared)
-        bounds = np.cumsum([0, *counts])
-        row_lengths = [sum(len(seqs[i]) for i in range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        width = self._width(row_lengths)
-        input_ids = torch.full((len(counts), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(counts), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(counts), width), dtype=torch.long)
-        for row, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            at = 0
-            for i in range(a, b):
-                ids = torch.as_tensor(seqs[i], dtype=torch.long)
-                n, p = len(ids), prompt_lens[i]
-                input_ids[row, at : at + n] = ids
-                labels[row, at + p : at + n] = ids[p:]
-                position_ids[row, at : at + n] = torch.arange(n)
-                at += n
-            position_ids[row, at:] = torch.arange(width - at)  # the pad tail: its own segment
-        return self._finish(batch, input_ids, labels, sum(row_lengths), position_ids=position_ids)
-
-    def _packed_shared(self, batch: dict, shared: int) -> dict[str, torch.Tensor]:
-        seqs, prompt_lens, counts = batch["input_ids"], batch["prompt_len"], batch["rows"]
+        # Without sharing, shared = 0: every example starts its row segment at position 0.
+        shared = self.shared_prefix_length(seqs, prompt_lens) if self.share_prefix else 0
         bounds = np.cumsum([0, *counts])
         row_lengths = [shared + sum(len(seqs[i]) - shared for i in range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
         width = self._width(row_lengths)
@@ -336,11 +314,12 @@ class Collator:
                 at += n - shared
             position_ids[row, at:] = torch.arange(width - at)  # the pad tail: a segment of its own
             segment[row, at:] = b - a + 1
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-        visible = (segment[:, :, None] == segment[:, None, :]) | (segment == 0)[:, None, :]
-        mask = (causal & visible)[:, None]  # (rows, 1, query, key): True = may attend
-        return self._finish(batch, input_ids, labels, sum(len(s) for s in seqs), position_ids=position_ids,
-                            attention_mask=mask, input_tokens=sum(row_lengths))
+        extra = {"position_ids": position_ids}
+        if shared:  # position ids alone cannot say "see the prefix too": a 4-D mask does
+            causal = torch.ones((width, width), dtype=torch.bool).tril()
+            visible = (segment[:, :, None] == segment[:, None, :]) | (segment == 0)[:, None, :]
+            extra["attention_mask"] = (causal & visible)[:, None]  # (rows, 1, query, key): True = may attend
+        return self._finish(batch, input_ids, labels, sum(len(s) for s in seqs), input_tokens=sum(row_lengths), **extra)
 
     @staticmethod
     def _finish(batch, input_ids, labels, real_tokens: int, input_tokens: int | None = None,
