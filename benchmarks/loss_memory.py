@@ -24,7 +24,7 @@ def measure(tokens: int, chunk: int, hidden: int, vocab: int, device: str) -> di
 
     import torch
 
-    from amzft.model import head_loss_sum
+    from amzft.loss import head_loss_sum
 
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False, device=device, dtype=torch.bfloat16).requires_grad_(False)

@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import fit_args
 
 from amzft.cli import main
-from amzft.errors import ConfigError
 from amzft.generate import Answer
 from amzft.scoring import failure_views, is_looping, is_title_only, overlap_scores
-from conftest import fit_args
 
 
 def test_overlap_scores_are_torchmetrics_values():
@@ -61,9 +60,9 @@ def test_exported_adapter_and_merged_model_match_the_module(trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from amzft.generate import load_trained
+    from amzft.model import LoraCausalLM
 
-    module, _ = load_trained(trained)
+    module, _ = LoraCausalLM.from_checkpoint(trained)
     with torch.no_grad():  # make the adapter non-trivial so that a wrong export shows
         for n, p in module.model.named_parameters():
             if "lora_B" in n:

@@ -3,7 +3,7 @@ import torch
 
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
-from amzft.generate import generate_answers, load_trained
+from amzft.generate import generate_answers
 from amzft.model import LoraCausalLM
 
 TITLES = ["Mug", "A much longer product title with many words in it", "Lamp"]
@@ -54,12 +54,12 @@ def test_generation_stops_at_eos(tiny_module):
 
 def test_checkpoint_errors_are_one_line(tmp_path, tiny_model_dir):
     with pytest.raises(ModelError, match="does not exist"):
-        load_trained(tmp_path / "missing.ckpt")
+        LoraCausalLM.from_checkpoint(tmp_path / "missing.ckpt")
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ModelError, match="corrupt or not a checkpoint"):
-        load_trained(corrupt)
+        LoraCausalLM.from_checkpoint(corrupt)
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"name_or_path": str(tiny_model_dir), "lora_r": 8}}, other)
     with pytest.raises(ModelError, match="another base model or LoRA config"):
-        load_trained(other)
+        LoraCausalLM.from_checkpoint(other)

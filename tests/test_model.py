@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import fit_args
 from lightning.pytorch import Callback
 
 from amzft.lightning_cli import cli_main
 from amzft.model import LoraCausalLM
-from conftest import fit_args
 
 
 class RecordSteps(Callback):
@@ -89,8 +89,9 @@ def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, record
     """6 steps straight == `stop` steps, then `fit --ckpt_path last` to 6: same losses, same weights.
     (30 records: resume mid-epoch 0; 10 records: 3 steps per epoch, resume mid-epoch 1;
     16 records: 2 steps per epoch, stop exactly at the end of epoch 0.)"""
-    from amzft.callbacks import StopAtStep
     from conftest import tiny_records
+
+    from amzft.callbacks import StopAtStep
 
     data = write_jsonl(tiny_records(records))
     # checkpoint.every_n_train_steps stays at 20: last.ckpt at `stop` comes from StopAtStep,
@@ -115,7 +116,7 @@ def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, record
 
 
 def test_checkpoint_holds_only_the_adapter(tiny_model_dir, tiny_data, tmp_path):
-    from amzft.checkpointing import load_checkpoint_file
+    from amzft.checkpoints import load_checkpoint_file
 
     cli = run_fit(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2"))
     ckpt = load_checkpoint_file(cli.trainer.checkpoint_callback.last_model_path)
@@ -158,7 +159,7 @@ def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resu
     import sys
     import time
 
-    from amzft.checkpointing import load_checkpoint_file
+    from amzft.checkpoints import load_checkpoint_file
 
     args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000",
                     "--trainer.accumulate_grad_batches", "3", "--checkpoint.every_n_train_steps", "2")
@@ -181,9 +182,8 @@ def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resu
 
 def test_each_epoch_is_reshuffled_under_the_trainer(tiny_model_dir, write_jsonl, tmp_path):
     """Lightning never calls set_epoch on a batch sampler: the sampler reads the trainer's epoch."""
-    from lightning.pytorch import Callback
-
     from conftest import tiny_records
+    from lightning.pytorch import Callback
 
     seen: dict[int, list] = {}
 
@@ -202,9 +202,10 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
     """model.compile: the same losses and adapter as eager (to float tolerance: the fused
     kernels sum in another order), checkpoints with the same keys, and generation still works
     (it runs the layers eagerly, so no recompilation per decoded length)."""
-    from amzft.checkpointing import load_checkpoint_file
-    from amzft.generate import GenerationOptions, generate
     from conftest import tiny_records
+
+    from amzft.checkpoints import load_checkpoint_file
+    from amzft.generate import GenerationOptions, generate
 
     data = write_jsonl(tiny_records(16))
     runs = {}
@@ -265,7 +266,7 @@ def test_chunked_head_loss_equals_one_pass(tiny_model_dir, llama_tokenizer):
 def test_chunked_head_keeps_one_chunk_of_logits_for_backward():
     """What the head's forward keeps for backward, counted with autograd's saved-tensor hooks:
     the whole micro-batch's fp32 logits in one pass, only the (small) inputs when chunked."""
-    from amzft.model import head_loss_sum
+    from amzft.loss import head_loss_sum
 
     head = torch.nn.Linear(16, 5000, bias=False).requires_grad_(False)
     hidden = torch.randn(300, 16, requires_grad=True)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_args, one_line_error, tiny_records
 
+from amzft.checkpoints import load_checkpoint_file
 from amzft.cli import main
-from amzft.checkpointing import load_checkpoint_file
 from amzft.errors import ModelError
 from amzft.lightning_cli import cli_main
-from conftest import fit_args, one_line_error, tiny_records
 
 TESTS = Path(__file__).resolve().parent
 
@@ -138,7 +138,7 @@ def test_full_disk_is_caught_before_training(tiny_model_dir, tiny_data, tmp_path
 def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     import errno
 
-    from amzft.checkpointing import atomic_torch_save
+    from amzft.checkpoints import atomic_torch_save
 
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"state_dict": {}, "hyper_parameters": {}, "step": 1}, target)
@@ -211,7 +211,7 @@ def test_nan_loss_with_skip_leaves_the_weights_untouched_and_goes_on(tiny_model_
 
 
 def test_skip_gives_up_when_every_step_is_nan(tiny_model_dir, tiny_data, tmp_path):
-    from amzft.model import MAX_CONSECUTIVE_SKIPS
+    from amzft.nonfinite import MAX_CONSECUTIVE_SKIPS
 
     cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "50",
                             "--model.on_nonfinite", "skip", "--trainer.accumulate_grad_batches", "1"), run=False)

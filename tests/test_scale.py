@@ -227,7 +227,7 @@ def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, w
 def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
     """`trainer.strategy: ddp` on 2 gloo processes x batch 1 == 1 process x batch 2: same
     per-step losses and adapter (float tolerance: the all-reduce sums in another order)."""
-    from amzft.checkpointing import load_checkpoint_file
+    from amzft.checkpoints import load_checkpoint_file
 
     def run(name, *extra):
         losses = tmp_path / f"{name}.jsonl"

@@ -3,12 +3,11 @@
 import math
 
 import pytest
-import torch
-
-from amzft.data.prompt import PromptFormat
-from amzft.generate import generate_answers, load_trained
-from amzft.lightning_cli import cli_main
 from conftest import REPO
+
+from amzft.generate import generate_answers
+from amzft.lightning_cli import cli_main
+from amzft.model import LoraCausalLM
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,7 @@ def test_embedded_fit_resume_and_ask(tmp_path):
     loss = float(cli.trainer.callback_metrics["train/loss"])
     assert math.isfinite(loss) and loss < 6
     last = cli.trainer.checkpoint_callback.last_model_path
-    module, fmt = load_trained(last)
+    module, fmt = LoraCausalLM.from_checkpoint(last)
     titles = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
     tuned = generate_answers(module, titles, fmt, max_new_tokens=120)
     base = generate_answers(module, titles, fmt, max_new_tokens=120, use_adapter=False)

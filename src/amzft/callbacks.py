@@ -1,12 +1,20 @@
-"""Training callbacks: token throughput, padding efficiency and peak memory per optimizer step."""
+"""Training callbacks: stop at a step, graceful SIGTERM / Ctrl-C, pre-flight disk check, predictions
+file, sample answers in TensorBoard (and the token-throughput meter)."""
 
 from __future__ import annotations
 
+import json
 import resource
+import signal
+import threading
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+
+from amzft.checkpoints import check_writable, save_last_now
+from amzft.generate import generate_answers
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -49,17 +57,6 @@ class TokenThroughput(Callback):
         self._reset()
 
 
-def save_last_now(trainer) -> str | None:
-    """Write ``last.ckpt`` at this point of training (ModelCheckpoint only writes it on its own
-    schedule), so that ``fit --ckpt_path last`` continues from here."""
-    callback = trainer.checkpoint_callback
-    if callback is None or callback.dirpath is None:
-        return None
-    path = f"{callback.dirpath}/{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-    trainer.save_checkpoint(path)
-    return path
-
-
 class StopAtStep(Callback):
     """Ends fit cleanly after ``step`` optimizer steps and writes ``last.ckpt`` there (the
     demo's stand-in for an interrupted run)."""
@@ -77,9 +74,6 @@ class PredictionsWriter(Callback):
     """``predict`` results as JSON Lines (title, reference, answer) in the run's log folder."""
 
     def on_predict_epoch_end(self, trainer, pl_module):
-        import json
-        from pathlib import Path
-
         rows = [row for batch in trainer.predict_loop.predictions for row in batch]
         if not rows or trainer.log_dir is None:
             return
@@ -121,8 +115,6 @@ class SampleAnswers(Callback):
         self._done_step = step
         if not trainer.is_global_zero or trainer.datamodule is None or not trainer.loggers:
             return
-        from amzft.generate import generate_answers
-
         split, rows = self._rows(trainer)
         if rows is None:
             return
@@ -150,16 +142,11 @@ class GracefulStop(Callback):
         self._previous: dict = {}
 
     def _handler(self, signum, frame):
-        import signal
-
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
     def on_train_start(self, trainer, pl_module):
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -167,8 +154,6 @@ class GracefulStop(Callback):
             signal.signal(sig, self._handler)
 
     def _restore(self):
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -206,48 +191,8 @@ class Preflight(Callback):
     def on_fit_start(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.checkpoint_callback is None:
             return
-        from amzft.checkpointing import check_writable
-
         trainable = [p for p in pl_module.parameters() if p.requires_grad]
         # weights + two AdamW moments (fp32 upper bound; 8-bit moments are smaller)
         one = sum(p.numel() * (p.element_size() + 8) for p in trainable) + (1 << 20)
         folder = trainer.checkpoint_callback.dirpath or trainer.default_root_dir
         check_writable(folder, self.CHECKPOINTS_OF_ROOM * one, what="checkpoint folder")
-
-
-def reopen_interrupted_epoch(checkpoint: dict) -> bool:
-    """Work around Lightning marking an epoch *finished* when training stops inside it.
-
-    When fit ends (``max_steps``, ``should_stop`` from SIGTERM or the demo's stop), Lightning
-    closes the epoch before ``ModelCheckpoint.on_train_end`` writes ``last.ckpt``, even if only
-    some of its batches ran, while the epoch's batch counter is kept. Resuming that state goes
-    wrong both ways (seen with lightning 2.6): cut short, the resume starts epoch e + 1 and
-    silently skips the rest of epoch e; at the exact end of an epoch, epoch e + 1 starts with
-    the old batch counter and ends after one batch. So whenever an epoch is marked closed while
-    its batch counter still holds batches, mark it "started, not finished": Lightning then
-    restarts it mid-epoch, the resumable sampler skips exactly the batches already run (all of
-    them at an epoch's end), and the next epoch starts cleanly. Returns whether it changed
-    anything.
-    """
-    fit = checkpoint.get("loops", {}).get("fit_loop")
-    if not fit:
-        return False
-    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
-    if not epochs or not batches:
-        return False
-    current = epochs["current"]
-    closed = current["ready"] == current["started"] == current["processed"] == current["completed"] > 0
-    if not (closed and batches["current"]["processed"] > 0):
-        return False
-    for counts in (epochs["current"], epochs["total"]):
-        counts["processed"] -= 1
-        counts["completed"] -= 1
-    return True
-
-
-class ResumeMidEpoch(Callback):
-    """Applies ``reopen_interrupted_epoch`` to the checkpoint being resumed (callbacks'
-    ``on_load_checkpoint`` runs before Lightning restores its loops)."""
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        reopen_interrupted_epoch(checkpoint)

@@ -1,8 +1,21 @@
-"""The commands that are not Lightning loops: ``data`` (report), ``ask``, ``demo``."""
+"""The commands that are not Lightning loops: ``data`` (report), ``ask``, ``evaluate``, ``export``, ``demo``.
+
+Modules that import torch, Lightning or transformers are imported inside each command, after
+its arguments are parsed: ``--help`` and argument errors answer at once, not after seconds of
+imports.
+"""
 
 from __future__ import annotations
 
+import textwrap
+import time
+from pathlib import Path
 from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from amzft.data.prompt import prompt_format_from
+from amzft.errors import ConfigError
 
 # Top-level keys of a training config that a command may not use: accepted, then ignored,
 # so every command reads the same YAML files.
@@ -12,8 +25,6 @@ _TRAINING_KEYS = (
 
 
 def _parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = ()):
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     # exit_on_error=False: amzft.cli prints parse errors as one line instead of the usage dump.
     parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/*.yaml)")
@@ -52,23 +63,12 @@ def data_command(argv: list[str]) -> None:
     print(render_report(dm.prepared, dm.settings, dm.tokenizer, cfg.examples))
 
 
-def _resolve_ckpt(ckpt_path: str, log_root: str = "logs") -> str:
-    if ckpt_path != "last":
-        return ckpt_path
-    from amzft.lightning_cli import find_last_checkpoint
-
-    return str(find_last_checkpoint(log_root))
-
-
 def _base_module(model_args: dict):
+    from amzft.checkpoints import init_kwargs
     from amzft.model import LoraCausalLM
 
-    import inspect
-
     # A training config's model section may hold keys for other tools; keep the module's own.
-    accepted = inspect.signature(LoraCausalLM.__init__).parameters
-    allowed = {k: v for k, v in model_args.items() if k in accepted}
-    module = LoraCausalLM(**allowed)
+    module = LoraCausalLM(**init_kwargs(LoraCausalLM, model_args))
     module.configure_model()
     return module
 
@@ -84,10 +84,12 @@ def ask_command(argv: list[str]) -> None:
     parser.add_argument("--data", type=Any, default=None, help="(its prompt options are used)")
     parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` looks")
     cfg = parser.parse_args(argv)
-    from amzft.generate import generate_answers, load_trained, prompt_format_from
+    from amzft.checkpoints import resolve_ckpt_path
+    from amzft.generate import generate_answers
+    from amzft.model import LoraCausalLM
 
     if cfg.ckpt_path:
-        module, fmt = load_trained(_resolve_ckpt(cfg.ckpt_path, cfg.log_root))
+        module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root))
     else:
         module, fmt = _base_module(dict(cfg.model or {})), prompt_format_from(dict(cfg.data or {}))
     tuned = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=bool(cfg.ckpt_path))
@@ -106,21 +108,12 @@ SEED_QUESTIONS = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the 
 
 
 def _wrap(text: str, width: int = 96, indent: str = "      ") -> str:
-    import textwrap
-
     return textwrap.fill(text or "(empty)", width=width, initial_indent=indent, subsequent_indent=indent)
 
 
 def demo_command(argv: list[str]) -> None:
     """Fine-tune the embedded model on the bundled sample (stopping half-way and resuming, as a
     real run would after an interruption), then print base vs fine-tuned answers."""
-    import time
-    from pathlib import Path
-
-    from amzft.callbacks import StopAtStep
-    from amzft.generate import generate_answers, load_trained
-    from amzft.lightning_cli import cli_main
-
     parser = _parser("amzft demo", "Fine-tune on the bundled sample, resume, compare answers.", with_data=False)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
     parser.add_argument("--max_new_tokens", type=int, default=96)
@@ -133,32 +126,52 @@ def demo_command(argv: list[str]) -> None:
     if cfg.steps:
         extra += ["--trainer.max_steps", str(cfg.steps)]
     started = time.perf_counter()
-    first = cli_main(["fit", "--config", str(config), *extra], run=False)
+    last, datamodule = _demo_train(str(config), extra, cfg.log_root)
+    train_minutes = (time.perf_counter() - started) / 60
+    print("\n== 3/3 base vs fine-tuned answers (greedy) ==")
+    _demo_answers(last, datamodule, cfg.max_new_tokens)
+    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min (training {train_minutes:.1f} min). "
+          f"checkpoint: {last} ({last.stat().st_size / 2**20:.1f} MiB)")
+    print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
+    print('ask it yourself: python -m amzft ask "Girls Ballet Tutu Neon Pink" --ckpt_path last --compare true')
+
+
+def _demo_train(config: str, extra: list[str], log_root: str):
+    """Train to half the steps, stop (as an interruption would), resume from last.ckpt to the end.
+    Returns the final checkpoint and the data module."""
+    from amzft.callbacks import StopAtStep
+    from amzft.checkpoints import resolve_ckpt_path
+    from amzft.lightning_cli import cli_main
+
+    first = cli_main(["fit", "--config", config, *extra], run=False)
     total = first.trainer.max_steps
     half = max(1, total // 2)
     print(f"\n== 1/3 fine-tuning {first.model.hparams.name_or_path} on {first.datamodule.settings.path}; "
           f"interrupting at step {half} of {total} to show an exact resume ==")
     first.trainer.callbacks.append(StopAtStep(half))
     first.trainer.fit(first.model, datamodule=first.datamodule)
-    print(f"\n== 2/3 resuming from {_resolve_ckpt('last', cfg.log_root)} ==")
-    second = cli_main(["fit", "--config", str(config), *extra, "--ckpt_path", "last"], run=False)
+    print(f"\n== 2/3 resuming from {resolve_ckpt_path('last', log_root)} ==")
+    second = cli_main(["fit", "--config", config, *extra, "--ckpt_path", "last"], run=False)
     second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=second.ckpt_path)
-    last = Path(second.trainer.checkpoint_callback.last_model_path)
-    train_minutes = (time.perf_counter() - started) / 60
+    return Path(second.trainer.checkpoint_callback.last_model_path), second.datamodule
 
-    print("\n== 3/3 base vs fine-tuned answers (greedy) ==")
-    module, fmt = load_trained(last)
-    dm = second.datamodule
+
+def _demo_answers(last: Path, datamodule, max_new_tokens: int) -> None:
+    """Base and fine-tuned answers for the seed's questions and one seen / one held-out product."""
+    from amzft.generate import generate_answers
+    from amzft.model import LoraCausalLM
+
+    module, fmt = LoraCausalLM.from_checkpoint(last)
     titles = list(SEED_QUESTIONS)
     references = {}
     for split in ("train", "test"):
-        rows = dm.split(split)
+        rows = datamodule.split(split)
         if len(rows):
             row = rows[0]
             titles.append(row["title"])
             references[row["title"]] = (split, row["content"])
-    base = generate_answers(module, titles, fmt, cfg.max_new_tokens, use_adapter=False)
-    tuned = generate_answers(module, titles, fmt, cfg.max_new_tokens, use_adapter=True)
+    base = generate_answers(module, titles, fmt, max_new_tokens, use_adapter=False)
+    tuned = generate_answers(module, titles, fmt, max_new_tokens, use_adapter=True)
     for title, b, t in zip(titles, base, tuned):
         split, reference = references.get(title, ("not in the data", None))
         print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")
@@ -169,33 +182,13 @@ def demo_command(argv: list[str]) -> None:
         print(_wrap(b))
         print("  fine-tuned:")
         print(_wrap(t))
-    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min (training {train_minutes:.1f} min). "
-          f"checkpoint: {last} ({last.stat().st_size / 2**20:.1f} MiB)")
-    print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
-    print(f"ask it yourself: python -m amzft ask \"Girls Ballet Tutu Neon Pink\" --ckpt_path last --compare true")
 
 
 def _default_cpu_config():
-    from pathlib import Path
-
-    from amzft.errors import ConfigError
-
     for candidate in (Path("configs/cpu.yaml"), Path(__file__).resolve().parents[2] / "configs" / "cpu.yaml"):
         if candidate.is_file():
             return candidate
     raise ConfigError("configs/cpu.yaml not found: run the demo from the amzft checkout or pass --config")
-
-
-def _datamodule_from_checkpoint(ckpt_path: str):
-    """The data module a checkpoint was trained with (same file, filters and product split),
-    and the optimizer step it was saved at."""
-    from amzft.checkpointing import load_checkpoint_file
-    from amzft.data.module import AmazonTitlesDataModule
-
-    checkpoint = load_checkpoint_file(ckpt_path)
-    hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    return AmazonTitlesDataModule(**hparams), int(checkpoint.get("global_step", 0))
 
 
 def evaluate_command(argv: list[str]) -> None:
@@ -214,20 +207,18 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--log_root", default="logs")
     parser.add_class_arguments(GenerationOptions, "gen")
     cfg = parser.parse_args(argv)
-    from pathlib import Path
-
-    from amzft.errors import ConfigError
+    from amzft.checkpoints import datamodule_from_checkpoint, resolve_ckpt_path
     from amzft.evaluation import render_table, run_evaluation, write_report
-    from amzft.generate import load_trained, prompt_format_from
+    from amzft.model import LoraCausalLM
 
     for split in cfg.splits:
         if split not in ("train", "validation", "test"):
             raise ConfigError(f"--splits takes train, validation, test; found {split!r}")
     options = GenerationOptions(**dict(cfg.gen))
     if cfg.ckpt_path:
-        ckpt = _resolve_ckpt(cfg.ckpt_path, cfg.log_root)
-        module, fmt = load_trained(ckpt)
-        dm, step = _datamodule_from_checkpoint(ckpt)
+        ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root)
+        module, fmt = LoraCausalLM.from_checkpoint(ckpt)
+        dm, step = datamodule_from_checkpoint(ckpt)
         out = Path(cfg.out) if cfg.out else Path(ckpt).parent.parent
     else:
         ckpt, dm, step = None, _datamodule(cfg), 0
@@ -252,11 +243,11 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--model", type=Any, default=None)
     parser.add_argument("--data", type=Any, default=None)
     cfg = parser.parse_args(argv)
-    from amzft.errors import ConfigError
+    from amzft.checkpoints import resolve_ckpt_path
     from amzft.export import export
 
     if not cfg.ckpt_path:
         raise ConfigError("export needs --ckpt_path: a base-only run has no adapter to export")
-    out = export(_resolve_ckpt(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge)
+    out = export(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge)
     kind = "merged model" if cfg.merge else "PEFT adapter"
     print(f"{kind} written to {out}")

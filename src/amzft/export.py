@@ -15,7 +15,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from amzft.generate import load_trained
+from amzft.model import LoraCausalLM
 from amzft.paths import staging_dir
 
 
@@ -24,7 +24,7 @@ def export(ckpt_path: str, out: str | Path, merge: bool = False) -> Path:
     # it with transformers at full precision: an adapter trained on a 4-bit base (nf4 or
     # Unsloth) exports on a machine without a GPU, and a merged model is a plain model (merging
     # into 4-bit weights would round the LoRA update away and need bitsandbytes to load).
-    module, fmt = load_trained(ckpt_path, backend="hf", quantization="none")
+    module, fmt = LoraCausalLM.from_checkpoint(ckpt_path, backend="hf", quantization="none")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling, then move into place: no half-written export on failure.

@@ -1,42 +1,14 @@
-"""Greedy answers from a trained (or base) model, and rebuilding a model from a checkpoint."""
+"""Answers from a trained (or base) model: batched, left-padded, each row stopping at its own EOS."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from amzft.data.prompt import ALPACA_TEMPLATE, SEED_QUESTION, PromptFormat
-
-
-def prompt_format_from(hparams: dict | None) -> PromptFormat:
-    hparams = hparams or {}
-    return PromptFormat(
-        question=hparams.get("question", SEED_QUESTION),
-        template=hparams.get("template", ALPACA_TEMPLATE),
-        input_text=hparams.get("input_text", ""),
-    )
-
-
-def load_trained(ckpt_path: str | Path, **overrides):
-    """Rebuild base model + adapter from a checkpoint's saved hyper-parameters (``overrides``
-    replace some, e.g. a full-precision base for merging).
-
-    Returns the module (adapter loaded, eval mode) and the prompt format it was trained with.
-    """
-    from amzft.checkpointing import load_checkpoint_file
-    from amzft.model import LoraCausalLM
-
-    checkpoint = load_checkpoint_file(ckpt_path)
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    module = LoraCausalLM(**{**hparams, **overrides})
-    module.configure_model()
-    module.check_adapter_state(checkpoint["state_dict"])
-    module.load_state_dict(checkpoint["state_dict"], strict=False)
-    module.eval()
-    return module, prompt_format_from(checkpoint.get("datamodule_hyper_parameters"))
+from amzft.backends import set_mode
+from amzft.data.prompt import PromptFormat
 
 
 @dataclass(frozen=True)
@@ -96,8 +68,6 @@ def generate(
     ``use_adapter=False`` switches the LoRA adapter off (peft's disable_adapter), so base and
     fine-tuned answers come from one loaded model.
     """
-    from amzft.backends import set_mode
-
     tokenizer, model = module.tokenizer, module.model
     backend = getattr(module, "hparams", {}).get("backend", "hf")
     eos = tokenizer.eos_token_id

@@ -14,35 +14,29 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from amzft.callbacks import (
     GracefulStop,
-    Preflight,
     PredictionsWriter,
-    ResumeMidEpoch,
+    Preflight,
     SampleAnswers,
     TokenThroughput,
 )
-from amzft.checkpointing import AtomicCheckpointIO, check_writable
+from amzft.checkpoints import (
+    LOG_NAME,
+    AtomicCheckpointIO,
+    ResumeMidEpoch,
+    check_writable,
+    resolve_ckpt_path,
+    run_version,
+)
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
 from amzft.model import LoraCausalLM
-
-LOG_NAME = "amzft"
-
-
-def find_last_checkpoint(root: str | Path) -> Path:
-    """The newest ``last.ckpt`` under ``root/amzft/version_*/checkpoints`` (``--ckpt_path last``)."""
-    candidates = list(Path(root, LOG_NAME).glob("version_*/checkpoints/last.ckpt"))
-    if not candidates:
-        raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/{LOG_NAME}/version_*/checkpoints")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+from amzft.nonfinite import NonFiniteGuard
 
 
 class AmzftCLI(LightningCLI):
@@ -85,12 +79,10 @@ class AmzftCLI(LightningCLI):
         if self.subcommand is not None:
             self.ckpt_path = config.get("ckpt_path")
         if self.ckpt_path == "last":
-            last = find_last_checkpoint(root)
-            self.ckpt_path = str(last)
+            self.ckpt_path = resolve_ckpt_path("last", root)
             if self.subcommand is not None:
                 config.ckpt_path = self.ckpt_path
-            match = re.fullmatch(r"version_(\d+)", last.parent.parent.name)
-            self._resume_version = int(match.group(1)) if match else None
+            self._resume_version = run_version(self.ckpt_path)
         model, data = config.get("model"), config.get("data")
         if model is not None and data is not None and model.get("backend") == "unsloth" and data.get("layout") == "packed":
             # Unsloth's attention keeps packed examples apart only for single-row batches without
@@ -115,6 +107,7 @@ class AmzftCLI(LightningCLI):
             *callbacks,
             Preflight(),
             ResumeMidEpoch(),
+            NonFiniteGuard(),
             LearningRateMonitor(logging_interval="step"),
             TokenThroughput(),
             PredictionsWriter(),

@@ -1,58 +1,38 @@
 """The LightningModule: a causal LM with LoRA adapters, trained on response tokens only.
 
-Loss normalisation (DESIGN.md §5): each micro-batch returns
-``sum of its token losses / label tokens in the whole accumulation window × accumulate``.
-Lightning divides by ``accumulate_grad_batches``, so the accumulated gradient is exactly the
-gradient of the mean token loss over the window: ``batch 2 × accumulate 4`` equals
-``batch 8 × accumulate 1``, however long each answer is.
-
-Checkpoints hold the adapter (the trainable parameters) and the training state only, never the
-frozen base model (DESIGN.md §6).
+The loss maths (response-only labels, normalisation over the accumulation window) live in
+``amzft.loss``; checkpoints (adapter only, validated on load, rebuilt by ``from_checkpoint``)
+in ``amzft.checkpoints``; the NaN/inf guard is a callback (``amzft.nonfinite``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
+from transformers import get_linear_schedule_with_warmup
 
 from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, set_mode
-from amzft.data.encode import IGNORE_INDEX
-from amzft.errors import ConfigError, ModelError
-
-MAX_CONSECUTIVE_SKIPS = 10  # with on_nonfinite=skip: beyond this the weights themselves are likely broken
-
-# Architectures whose logits are exactly lm_head(final hidden state): for them the loss is
-# computed from the label positions only, which skips most of the vocabulary projection
-# (the prompt is ~30-50 % of each sequence). Others use the model's own forward.
-_PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
+from amzft.checkpoints import AdapterCheckpointing
+from amzft.errors import ConfigError
+from amzft.generate import GenerationOptions, generate
+from amzft.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
 
 
-def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+@dataclass(frozen=True)
+class WindowSummary:
+    """One accumulation window, as the optimizer is about to step on it."""
+
+    loss: float  # mean token loss over the (global) window
+    grad_norm: float
+    label_tokens: int
+    batches: list[int]  # batch indices, for error messages
 
 
-def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (one row per label token).
-
-    With ``chunk`` > 0 and more rows than that, rows go through the head ``chunk`` at a time,
-    each chunk checkpointed: its logits are freed after the forward and recomputed in backward,
-    so only one chunk's vocabulary-sized tensors exist at any time."""
-    if chunk <= 0 or hidden.shape[0] <= chunk:
-        return _head_loss(head, hidden, targets)
-    from torch.utils.checkpoint import checkpoint
-
-    return sum(
-        checkpoint(_head_loss, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
-        for i in range(0, hidden.shape[0], chunk)
-    )
-
-
-class LoraCausalLM(LightningModule):
+class LoraCausalLM(AdapterCheckpointing, LightningModule):
     """Causal LM + LoRA, fine-tuned to answer "What is the description of product {title}?".
 
     Args:
@@ -75,26 +55,18 @@ class LoraCausalLM(LightningModule):
         max_new_tokens: longest generated answer (ask / predict).
         quantization: ``none`` (full-precision base) or ``nf4`` (4-bit base, QLoRA; backend
             ``hf``). The ``unsloth`` backend always loads 4-bit.
-        loss_chunk_tokens: compute the LM head and cross-entropy over the label tokens in chunks
-            of this many tokens, each recomputed in backward (``torch.utils.checkpoint``), so the
-            fp32 logits of one chunk, not of the whole micro-batch, are ever held. Unchunked, the
-            logits path costs about 14 bytes x vocabulary per label token (bf16 logits, fp32
-            copy, log-softmax, their gradients): ~2.5 GiB for the two longest answers of the
-            real records with Llama-3.2's 128k vocabulary, the bulk of amzft's extra peak GPU
-            memory over the reference (README, GPU). 0 (default) is one pass and no
-            recomputation (chunking recomputes the head: an estimated +4 % FLOPs on a 1B
-            model), the faster choice where memory is plentiful. Micro-batches with no more label
-            tokens than this are never chunked. Plain-head architectures only (see below).
-        compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for training:
-            fuses the element-wise work around the matmuls (norms, rotary, SiLU, residuals,
-            LoRA's scaling): +4-9 % tokens/s measured on a 2-core CPU, after a one-time
-            compilation of about a minute (benchmarks/train_throughput.py, README).
-            Validation and generation run the same layers eagerly. ``hf`` backend only
-            (Unsloth brings its own kernels).
-        on_nonfinite: a NaN/inf loss or gradient ``stop``s training (one-line error naming the
-            step and batches; checkpoints already written stay intact) or ``skip``s that
-            optimizer step (no update; counted in ``train/skipped_steps``; more than
-            ``MAX_CONSECUTIVE_SKIPS`` in a row stops).
+        loss_chunk_tokens: run the LM head and cross-entropy over the label tokens this many
+            at a time, each chunk recomputed in backward, so only one chunk's fp32 logits are
+            ever held (unchunked: ~14 bytes x vocabulary per label token, ~2.5 GiB for the
+            longest real micro-batch with Llama-3.2's 128k vocabulary; docs/gpu.md). 0 (default):
+            one pass, no recomputation (chunking adds ~4 % FLOPs on a 1B model). Plain-head
+            architectures only (``amzft.loss.PLAIN_HEAD_MODELS``).
+        compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for training,
+            fusing the element-wise work around the matmuls (+4-9 % tokens/s measured on a
+            2-core CPU after about a minute of compilation; docs/performance.md). Validation and
+            generation run the layers eagerly. ``hf`` backend only (Unsloth has its own kernels).
+        on_nonfinite: a NaN/inf loss or gradient ``stop``s training or ``skip``s that optimizer
+            step (``amzft.nonfinite.NonFiniteGuard``).
     """
 
     def __init__(
@@ -157,9 +129,10 @@ class LoraCausalLM(LightningModule):
         self._window_loss = 0.0  # sum of token losses in the current accumulation window
         self._window_tokens = 0
         self._window_batches: list[int] = []  # batch indices of the window, for error messages
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient
-        self._consecutive_skips = 0
+        self._window: WindowSummary | None = None  # this optimizer step's, once computed
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (NonFiniteGuard)
         self._eval_sums: dict[str, list[float]] = {}
+
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -167,8 +140,6 @@ class LoraCausalLM(LightningModule):
             return
         settings = self.lora
         if self.hparams.quantization != "none" or self.hparams.backend == "unsloth":
-            from dataclasses import replace
-
             # 4-bit weights are packed on the device they load to: the trainer's (the rank's
             # GPU under DDP), or the first GPU / CPU outside a trainer.
             device = self.trainer.strategy.root_device if self._trainer is not None else (
@@ -178,7 +149,7 @@ class LoraCausalLM(LightningModule):
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         self.trainable_share = trainable / total
-        self._plain_head = self.model.get_base_model().config.model_type in _PLAIN_HEAD_MODELS
+        self._plain_head = self.model.get_base_model().config.model_type in PLAIN_HEAD_MODELS
         if self.hparams.compile:
             self._compile_layers()
 
@@ -193,63 +164,10 @@ class LoraCausalLM(LightningModule):
         for layer in layers:
             layer.compile(dynamic=True)
 
-    def trainable_keys(self) -> dict[str, torch.Size]:
-        return {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        if self.model is None:
-            return full
-        keep = {prefix + k for k in self.trainable_keys()}
-        return type(full)((k, v) for k, v in full.items() if k in keep)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_adapter_state(checkpoint.get("state_dict", {}))
-        self.skipped_steps = int(checkpoint.get("amzft_skipped_steps", 0))
-
-    def check_adapter_state(self, state: dict) -> None:
-        """A checkpoint must hold exactly this model's adapter: name it clearly if not."""
-        expected = self.trainable_keys()
-        missing = [k for k in expected if k not in state]
-        wrong = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
-        if missing or wrong:
-            what = f"{len(missing)} adapter tensors missing" if missing else f"shape mismatch in {wrong[0]}"
-            raise ModelError(
-                f"the checkpoint does not fit this model ({what}): it was made with another base model "
-                f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora_r={self.hparams.lora_r}"
-            )
-
     # ------------------------------------------------------------------ loss
-    def _inputs(self, batch: dict) -> dict:
-        """Unpacked batches carry an attention mask; packed ones carry per-example position ids
-        instead, from which transformers builds the block-diagonal mask (see data.batching);
-        packed ones with a shared prefix carry a ready 4-D boolean mask (True = may attend)."""
-        keys = ("input_ids", "attention_mask", "position_ids")
-        inputs = {k: batch[k] for k in keys if batch.get(k) is not None}
-        mask = inputs.get("attention_mask")
-        if mask is not None and mask.dim() == 4:
-            attention = self.model.get_base_model().config._attn_implementation
-            if attention == "eager":  # eager attention adds the mask to the scores: make it additive
-                inputs["attention_mask"] = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(torch.float32).min)
-            elif attention != "sdpa":
-                raise ConfigError(f"data.share_prefix needs the model's sdpa or eager attention, not {attention!r}")
-        return inputs
-
     def token_loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over the label (response) tokens, and their count."""
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        if self._plain_head:
-            base = self.model.get_base_model()
-            hidden = base.get_decoder()(
-                **self._inputs(batch), use_cache=False
-            ).last_hidden_state
-            return head_loss_sum(base.get_output_embeddings(), hidden[:, :-1][mask], labels[mask],
-                                 self.hparams.loss_chunk_tokens), int(mask.sum())
-        out = self.model(**self._inputs(batch), use_cache=False)
-        logits = out.logits[:, :-1][mask]
-        return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
+        return token_loss_sum(self.model, batch, self._plain_head, self.hparams.loss_chunk_tokens)
 
     def forward(self, batch: dict) -> torch.Tensor:
         loss_sum, n = self.token_loss_sum(batch)
@@ -261,58 +179,33 @@ class LoraCausalLM(LightningModule):
         self._window_loss += float(loss_sum.detach())
         self._window_tokens = window
         self._window_batches.append(batch_idx)
-        # Lightning divides by `accumulate` and DDP averages gradients over ranks; the window
-        # total counts the label tokens of every rank's batches (the sampler sees them all),
-        # so this makes the update exactly sum(token losses) / (tokens in the global window).
-        accumulate, world = (self.trainer.accumulate_grad_batches, self.trainer.world_size) if self._trainer is not None else (1, 1)
-        return loss_sum * (accumulate * world / window)
+        trainer = self._trainer
+        accumulate, world = (trainer.accumulate_grad_batches, trainer.world_size) if trainer is not None else (1, 1)
+        return window_scaled(loss_sum, window, accumulate, world)
+
+    def window_summary(self) -> WindowSummary:
+        """The accumulation window about to be stepped on: computed once per optimizer step
+        (by the NonFiniteGuard, which runs first, or by the logging below)."""
+        if self._window is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            window_loss = self._window_loss
+            if self.trainer.world_size > 1:  # every rank holds its share of the window: add them up
+                total = torch.tensor(window_loss, dtype=torch.float64, device=self.device)
+                window_loss = float(self.trainer.strategy.reduce(total, reduce_op="sum"))
+            self._window = WindowSummary(window_loss / max(self._window_tokens, 1), float(grad_norm),
+                                         self._window_tokens, list(self._window_batches))
+        return self._window
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Called once per optimizer step, after the whole window's backward passes.
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-        window_loss = self._window_loss
-        if self.trainer.world_size > 1:  # every rank holds its share of the window: add them up
-            total = torch.tensor(window_loss, dtype=torch.float64, device=self.device)
-            window_loss = float(self.trainer.strategy.reduce(total, reduce_op="sum"))
-        loss = window_loss / max(self._window_tokens, 1)
-        # fp16 AMP's GradScaler skips inf-gradient steps itself (they are normal there).
-        scaled = str(self.trainer.precision).startswith("16")
-        finite = math.isfinite(loss) and (scaled or bool(torch.isfinite(grad_norm)))
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
-        self.log("train/grad_norm", grad_norm, on_step=True)
-        self.log("train/label_tokens", float(self._window_tokens), on_step=True)
-        batches, self._window_batches = self._window_batches, []
-        self._window_loss, self._window_tokens = 0.0, 0
-        if finite:
-            self._consecutive_skips = 0
-        else:
-            self._handle_nonfinite(loss, grad_norm, batches, params)
+        window = self.window_summary()
+        self.log("train/loss", window.loss, on_step=True, prog_bar=True)
+        self.log("train/grad_norm", window.grad_norm, on_step=True)
+        self.log("train/label_tokens", float(window.label_tokens), on_step=True)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        self._window_loss, self._window_tokens, self._window_batches, self._window = 0.0, 0, [], None
 
-    def _handle_nonfinite(self, loss: float, grad_norm: torch.Tensor, batches: list[int], params) -> None:
-        what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {float(grad_norm)}"
-        span = f"batch {batches[0]}" if len(batches) == 1 else f"batches {batches[0]}-{batches[-1]}" if batches else "no batch"
-        where = f"at step {self.global_step + 1} (epoch {self.current_epoch}, {span})"
-        if self.hparams.on_nonfinite == "skip" and self._consecutive_skips < MAX_CONSECUTIVE_SKIPS:
-            # Dropping every gradient makes the optimizer leave the weights *and* its moments
-            # untouched (torch and bitsandbytes AdamW skip parameters whose grad is None).
-            for p in params:
-                p.grad = None
-            self.skipped_steps += 1
-            self._consecutive_skips += 1
-            rank_zero_warn(f"amzft: {what} {where}: step skipped (model.on_nonfinite=skip)")
-            return
-        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-        also = f" ({MAX_CONSECUTIVE_SKIPS} steps in a row were skipped)" if self.hparams.on_nonfinite == "skip" else ""
-        raise ModelError(
-            f"{what} {where}{also}; training stopped before the update, the last checkpoint "
-            f"({checkpoint}) is intact: lower model.lr, look at those records, or set model.on_nonfinite=skip"
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["amzft_skipped_steps"] = self.skipped_steps
-
+    # ------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, stage: str) -> None:
         # Eagerly: under no_grad a compiled layer would compile a second graph for a few batches.
         with torch.compiler.set_stance("force_eager"):
@@ -343,8 +236,6 @@ class LoraCausalLM(LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        from amzft.generate import GenerationOptions, generate
-
         options = GenerationOptions(max_new_tokens=self.hparams.max_new_tokens)
         answers = generate(self, batch["prompt"], options, batch_size=len(batch["prompt"]))
         return [
@@ -358,23 +249,17 @@ class LoraCausalLM(LightningModule):
         h = self.hparams
         kwargs = dict(lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay)
         if h.optimizer == "adamw_8bit":
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # noqa: PLC0415 - heavy, and only this optimizer needs it
 
             optimizer = bnb.optim.AdamW8bit(params, **kwargs)
         else:
             optimizer = torch.optim.AdamW(params, **kwargs)
+        # Its length comes from max_steps, not estimated_stepping_batches (Lightning issue #20550
+        # with stateful loaders); an epoch-based run (max_steps -1) falls back to the estimate.
         total = self.trainer.max_steps
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
-        warmup = h.warmup_steps
-
-        def linear_warmup_decay(step: int) -> float:
-            # As transformers' get_linear_schedule_with_warmup, stepped per optimizer step.
-            if step < warmup:
-                return step / max(1, warmup)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay)
+        scheduler = get_linear_schedule_with_warmup(optimizer, h.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def on_train_start(self) -> None:

@@ -35,3 +35,14 @@ class PromptFormat:
         before, _, rest = self.template.partition("{instruction}")
         middle, _, after = rest.partition("{input}")
         return before + instruction + middle + self.input_text + after
+
+
+def prompt_format_from(settings: dict | None) -> PromptFormat:
+    """The prompt a data section or a checkpoint's data hyper-parameters describe (defaults:
+    the seed's question in the Alpaca template)."""
+    settings = settings or {}
+    return PromptFormat(
+        question=settings.get("question", SEED_QUESTION),
+        template=settings.get("template", ALPACA_TEMPLATE),
+        input_text=settings.get("input_text", ""),
+    )

@@ -1,0 +1,87 @@
+"""The training loss: next-token cross-entropy on response tokens, normalised per accumulation window.
+
+Normalisation. Lightning averages per-micro-batch losses, which weights the tokens of short
+answers more than those of long ones (a 39 % gradient error against one big batch was measured
+before this was fixed). Instead each micro-batch returns
+
+    sum of its token losses / label tokens in the whole accumulation window x accumulate x world
+
+Lightning divides by ``accumulate_grad_batches`` and DDP averages over ranks, so the update is
+exactly ``sum(token losses) / (label tokens in the global window)``: ``batch 2 x accumulate 4``
+gives the gradient of ``batch 8 x accumulate 1``, however long each answer is. The window's
+token count comes with each batch (``window_label_tokens``, counted by the batch sampler, which
+sees every rank's batches).
+
+Only label positions go through the LM head where the architecture allows it (see
+``PLAIN_HEAD_MODELS``): the prompt is ~30-50 % of each sequence and its logits are never used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from amzft.data.encode import IGNORE_INDEX
+from amzft.errors import ConfigError
+
+# Architectures whose logits are exactly lm_head(final hidden state): for them the loss is
+# computed from the label positions only. Others use the model's own forward.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
+
+
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (one row per label token).
+
+    With ``chunk`` > 0 and more rows than that, rows go through the head ``chunk`` at a time,
+    each chunk checkpointed: its logits are freed after the forward and recomputed in backward,
+    so only one chunk's vocabulary-sized tensors exist at any time."""
+    if chunk <= 0 or hidden.shape[0] <= chunk:
+        return _head_loss(head, hidden, targets)
+    return sum(
+        checkpoint(_head_loss, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+        for i in range(0, hidden.shape[0], chunk)
+    )
+
+
+def model_inputs(batch: dict, attention: str) -> dict:
+    """The model's keyword inputs for a batch. Unpacked batches carry an attention mask; packed
+    ones carry per-example position ids instead, from which transformers builds the
+    block-diagonal mask (see data.batching); packed ones with a shared prefix carry a ready 4-D
+    boolean mask (True = may attend), which eager attention needs as an additive mask."""
+    keys = ("input_ids", "attention_mask", "position_ids")
+    inputs = {k: batch[k] for k in keys if batch.get(k) is not None}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4:
+        if attention == "eager":  # eager attention adds the mask to the scores
+            inputs["attention_mask"] = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min)
+        elif attention != "sdpa":
+            raise ConfigError(f"data.share_prefix needs the model's sdpa or eager attention, not {attention!r}")
+    return inputs
+
+
+def token_loss_sum(peft_model, batch: dict, plain_head: bool, chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the label (response) tokens, and their count.
+
+    ``plain_head``: run the decoder, then the LM head on label positions only (in chunks of
+    ``chunk`` tokens when > 0); otherwise the model's own forward and full logits."""
+    base = peft_model.get_base_model()
+    inputs = model_inputs(batch, base.config._attn_implementation)
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    if plain_head:
+        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return head_loss_sum(base.get_output_embeddings(), hidden[:, :-1][mask], labels[mask], chunk), int(mask.sum())
+    logits = peft_model(**inputs, use_cache=False).logits[:, :-1][mask]
+    return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
+
+
+def window_scaled(loss_sum: torch.Tensor, window_tokens: int, accumulate: int, world: int) -> torch.Tensor:
+    """The micro-batch's share of the window's mean token loss, pre-multiplied by what Lightning
+    (``accumulate``) and DDP (``world``) will divide it by (see the module docstring)."""
+    return loss_sum * (accumulate * world / window_tokens)
