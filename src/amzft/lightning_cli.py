@@ -88,7 +88,7 @@ class AmzftCLI(LightningCLI):
             # Unsloth's attention keeps packed examples apart only for single-row batches without
             # a mask (it reads the boundaries from position ids then); amzft's packed rows would
             # attend across examples there: a silently wrong loss. Measured on an H200, grouped
-            # batches gain Unsloth nothing either (README, GPU).
+            # batches gain Unsloth nothing either (docs/gpu.md).
             raise ConfigError("data.layout=packed does not work with model.backend=unsloth (its attention would "
                               "cross example boundaries in packed rows); use data.layout=plain or grouped")
         accumulate = config.trainer.accumulate_grad_batches
