@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -27,12 +27,13 @@ from amzft.callbacks import (
     PredictionsWriter,
     ResumeMidEpoch,
     SampleAnswers,
-    TokenThroughput,
 )
 from amzft.checkpointing import AtomicCheckpointIO, check_writable
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
 from amzft.model import LoraCausalLM
+from amzft.progress import ParameterSummary, StepProgressBar
+from amzft.throughput import ThroughputMeter
 
 LOG_NAME = "amzft"
 
@@ -116,10 +117,21 @@ class AmzftCLI(LightningCLI):
             Preflight(),
             ResumeMidEpoch(),
             LearningRateMonitor(logging_interval="step"),
-            TokenThroughput(),
             PredictionsWriter(),
             GracefulStop(),
         ]
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        # One meter per run: gpu/check.py passes its own (with summary_path), which then replaces
+        # this one. The meter comes before the bar, whose tokens/s it logs.
+        if not any(isinstance(c, ThroughputMeter) for c in given):
+            callbacks.append(ThroughputMeter())
+        # Lightning refuses a progress bar callback when the bar is disabled, and two of them.
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgressBar())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            callbacks.append(ParameterSummary())
+            config["enable_model_summary"] = False  # else Lightning logs that it skips its own summary
         return super()._instantiate_trainer(config, callbacks)
 
 
