@@ -12,6 +12,11 @@ Prints, per run, real tokens per second over the steps after the first (warm-up)
 of the examples trained, counted alike for every run (with ``+share`` amzft processes the
 shared preamble once per row but trains each example on all of its tokens); padding
 efficiency (non-pad positions processed / positions processed); and each amzft run / HF Trainer.
+amzft's numbers are the CLI's own ThroughputMeter (amzft.throughput), the one ``fit`` logs.
+
+torch, transformers, peft and Lightning are imported inside the functions, after
+``force_offline()`` in main(): the Hugging Face libraries read the offline switches when first
+imported.
 """
 
 from __future__ import annotations
@@ -21,39 +26,15 @@ import os
 import tempfile
 import time
 
-
-def _measure():
-    """A Lightning callback timing optimizer steps 2..N and counting real/padded tokens."""
-    from lightning.pytorch import Callback
-
-    class Measure(Callback):
-        def __init__(self):
-            self.start = self.fit_start = None
-            self.first_step = 0.0
-            self.real = self.processed = self.padded = 0
-            self.steps = 0
-
-        def on_train_start(self, trainer, pl_module):
-            self.fit_start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 1 and self.start is None:  # first step done: start the clock
-                self.start = time.perf_counter()
-                self.first_step = self.start - self.fit_start  # includes compilation, if any
-                return
-            if self.start is not None:
-                self.real += int(batch["real_tokens"])
-                self.processed += int(batch["input_tokens"])  # fewer than real with data.share_prefix
-                self.padded += batch["input_ids"].numel()
-                self.steps = trainer.global_step
-
-    return Measure()
+from amzft.quiet import quiet_libraries
+from amzft.sources import force_offline, resolve_model_dir
 
 
 def run_amzft(args, variant: str, root: str) -> dict:
     """``variant`` is a data.layout, optionally with ``+share`` (data.share_prefix, packed only)
     and / or ``+compile`` (model.compile)."""
-    from amzft.lightning_cli import cli_main
+    from amzft.lightning_cli import cli_main  # noqa: PLC0415 - after force_offline (module doc)
+    from amzft.throughput import ThroughputMeter  # noqa: PLC0415
 
     layout, *flags = variant.split("+")
     unknown = set(flags) - {"share", "compile"}
@@ -77,21 +58,26 @@ def run_amzft(args, variant: str, root: str) -> dict:
     if args.data:
         argv += ["--data.path", args.data]
     cli = cli_main(argv, run=False)
-    measure = _measure()
-    cli.trainer.callbacks.append(measure)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    elapsed = time.perf_counter() - measure.start
-    return {"tokens_per_s": measure.real / elapsed, "padding_efficiency": measure.processed / measure.padded,
-            "seconds": elapsed, "steps": measure.steps - 1, "first_step": measure.first_step}
+    # The CLI's own meter: the tokens/s a user's fit logs, timed from the end of step 1.
+    meter = next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter))
+    s = meter.summary()
+    return {"tokens_per_s": s["tokens_per_s"], "padding_efficiency": s["padding_efficiency"],
+            "seconds": s["seconds"], "steps": s["steps_timed"], "first_step": s["first_step_s"]}
 
 
 def run_hf_trainer(args, root: str) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    import torch  # noqa: PLC0415 - after force_offline (module doc), as the four below
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from transformers import (  # noqa: PLC0415
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from amzft.data.module import AmazonTitlesDataModule
-    from amzft.sources import resolve_model_dir
+    from amzft.data.module import AmazonTitlesDataModule  # noqa: PLC0415
 
     data = AmazonTitlesDataModule(path=args.data, tokenizer=args.model, max_length=args.max_length,
                                   val_fraction=0.05, test_fraction=0.05)
@@ -153,9 +139,6 @@ def main() -> None:
                         help="data.layout values; '+share' adds data.share_prefix=true (packed), "
                         "'+compile' model.compile=true, e.g. packed+share+compile")
     args = parser.parse_args()
-
-    from amzft.quiet import quiet_libraries
-    from amzft.sources import force_offline
 
     force_offline()
     quiet_libraries()

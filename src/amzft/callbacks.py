@@ -1,60 +1,16 @@
-"""Training callbacks: stop at a step, graceful SIGTERM / Ctrl-C, pre-flight disk check, predictions
-file, sample answers in TensorBoard (and the token-throughput meter)."""
+"""Training callbacks: stop at a step, stop gracefully, preflight checks, predictions, sample answers."""
 
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import threading
-import time
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback
 
 from amzft.checkpoints import check_writable, save_last_now
 from amzft.generate import generate_answers
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class TokenThroughput(Callback):
-    """Per optimizer step: real (non-pad) tokens/s, label tokens/s, padding efficiency and peak
-    memory; tokens/s also on the progress bar. Time covers the whole accumulation window."""
-
-    def __init__(self):
-        self._reset()
-        self._last_step = None
-
-    def _reset(self):
-        self._tokens = self._processed = self._padded = self._labels = 0
-        self._start = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._start is None:
-            self._start = time.perf_counter()
-        if self._last_step is None:
-            self._last_step = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._tokens += int(batch["real_tokens"])
-        self._processed += int(batch.get("input_tokens", batch["real_tokens"]))  # < real with share_prefix
-        self._padded += batch["input_ids"].numel()
-        self._labels += int(batch["label_tokens"])
-        if trainer.global_step == self._last_step:
-            return  # still inside an accumulation window
-        self._last_step = trainer.global_step
-        elapsed = time.perf_counter() - self._start
-        pl_module.log("train/tokens_per_s", self._tokens / elapsed, on_step=True, prog_bar=True)
-        pl_module.log("train/label_tokens_per_s", self._labels / elapsed, on_step=True)
-        pl_module.log("train/padding_efficiency", self._processed / self._padded, on_step=True)
-        pl_module.log("train/peak_memory_mib", peak_memory_mib(pl_module.device), on_step=True)
-        self._reset()
 
 
 class StopAtStep(Callback):

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -23,7 +23,6 @@ from amzft.callbacks import (
     PredictionsWriter,
     Preflight,
     SampleAnswers,
-    TokenThroughput,
 )
 from amzft.checkpoints import (
     LOG_NAME,
@@ -37,6 +36,8 @@ from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
 from amzft.model import LoraCausalLM
 from amzft.nonfinite import NonFiniteGuard
+from amzft.progress import ParameterSummary, StepProgressBar
+from amzft.throughput import ThroughputMeter
 
 
 class AmzftCLI(LightningCLI):
@@ -109,10 +110,21 @@ class AmzftCLI(LightningCLI):
             ResumeMidEpoch(),
             NonFiniteGuard(),
             LearningRateMonitor(logging_interval="step"),
-            TokenThroughput(),
             PredictionsWriter(),
             GracefulStop(),
         ]
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        # One meter per run: gpu/check.py passes its own (with summary_path), which then replaces
+        # this one. The meter comes before the bar, whose tokens/s it logs.
+        if not any(isinstance(c, ThroughputMeter) for c in given):
+            callbacks.append(ThroughputMeter())
+        # Lightning refuses a progress bar callback when the bar is disabled, and two of them.
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgressBar())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            callbacks.append(ParameterSummary())
+            config["enable_model_summary"] = False  # else Lightning logs that it skips its own summary
         return super()._instantiate_trainer(config, callbacks)
 
 

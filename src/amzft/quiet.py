@@ -7,6 +7,25 @@ import os
 import warnings
 
 
+class _DropLines(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# Lightning log lines with nothing to act on, by the logger that emits them.
+_LIGHTNING_LINES = {
+    # On every machine without a TPU; the GPU line (available, used) stays.
+    "lightning.pytorch.utilities.rank_zero": _DropLines("TPU available: False"),
+    # Every save through Trainer.save_checkpoint without weights_only (amzft's stop-and-save
+    # paths): it states Lightning's default, which is what amzft wants (optimizer state kept).
+    "lightning.pytorch.trainer.connectors.checkpoint_connector": _DropLines("`weights_only` was not set"),
+}
+
+
 def quiet_libraries() -> None:
     # bitsandbytes looks for optional `kernels` CPU 4-bit kernels and warns when absent;
     # its own CPU path works (DESIGN.md §3).
@@ -21,10 +40,13 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for users to do.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # HF loaders' per-tensor progress bars, on every model load.
-    try:
-        from transformers.utils import logging as hf_logging
+    for name, line_filter in _LIGHTNING_LINES.items():
+        logging.getLogger(name).addFilter(line_filter)  # the same object: added once, however often this runs
+    # `--ckpt_path last` resumes into the run's own version folder, which holds its checkpoints
+    # by design; a fresh run always gets a new folder (TensorBoard's version_N).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # HF loaders' per-tensor progress bars ("Loading weights: 100%|…"), on every model load.
+    # (transformers takes seconds to import: only once a command runs, not at this module's import)
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,153 @@
+"""The one token-throughput meter, used by ``fit`` (TensorBoard curves, progress bar),
+benchmarks/train_throughput.py and gpu/check.py alike, so that every number amzft reports
+counts the same tokens over the same time.
+
+Token kinds, per batch (amzft.data.batching writes them):
+
+* real: ``batch["real_tokens"]``, the examples' non-pad tokens; tokens/s counts these.
+* processed: ``batch["input_tokens"]``, the positions the model computes that are not padding
+  (fewer than real with ``data.share_prefix``, which stores the shared preamble once per row).
+* padded: ``batch["input_ids"].numel()``, every position, padding included.
+* label: ``batch["label_tokens"]``, the response tokens the loss is taken on.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's peak on a GPU, else the process's peak resident
+    set (where CPU tensors live)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class TokenCounts:
+    real: int = 0
+    processed: int = 0
+    padded: int = 0
+    labels: int = 0
+
+    def add_batch(self, batch: dict) -> None:
+        self.real += int(batch["real_tokens"])
+        self.processed += int(batch.get("input_tokens", batch["real_tokens"]))
+        self.padded += batch["input_ids"].numel()
+        self.labels += int(batch["label_tokens"])
+
+    def add(self, other: TokenCounts) -> None:
+        self.real += other.real
+        self.processed += other.processed
+        self.padded += other.padded
+        self.labels += other.labels
+
+
+class ThroughputMeter(Callback):
+    """Token throughput, padding efficiency and peak memory of a training run.
+
+    Per optimizer step (an accumulation window: the step ends when ``trainer.global_step``
+    changes) it logs ``train/tokens_per_s`` (also on the progress bar),
+    ``train/label_tokens_per_s``, ``train/padding_efficiency`` (processed / padded positions)
+    and ``train/peak_memory_mib``. A step's time runs from its window's first batch to its end,
+    so validation and checkpoint writes between steps are not counted in it.
+
+    ``summary()`` gives the run's totals, timed from the end of this fit's first optimizer step
+    to the end of its last, so compilation and warm-up (the first step) are left out; how long
+    that first step took is reported apart (``first_step_s``). With ``summary_path`` the summary
+    is also written there as JSON when training ends (gpu/check.py reads it).
+
+    On CUDA the device is synchronised before every clock reading (kernels run asynchronously)
+    and peak memory statistics are reset when training starts, so the peak is the training's,
+    not the model loading's.
+    """
+
+    def __init__(self, summary_path: str | None = None):
+        self.summary_path = summary_path
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        self._device = torch.device("cpu")
+        self._window, self._total = TokenCounts(), TokenCounts()
+        self._window_start: float | None = None
+        self._last_step: int | None = None
+        self._train_start = self._timed_from = self._timed_to = None
+        self._steps = self._steps_timed = 0
+        self._last_loss: float | None = None
+
+    def _now(self) -> float:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module):
+        self._reset_run()
+        self._device = pl_module.device
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+        self._last_step = self._steps = trainer.global_step  # not 0 when resuming
+        self._train_start = self._now()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._window_start is None:
+            self._window_start = self._now()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._window.add_batch(batch)
+        if trainer.global_step == self._last_step:
+            return  # still inside an accumulation window
+        now = self._now()
+        self._log_step(pl_module, self._window, now - self._window_start)
+        if self._timed_from is None:  # this fit's first optimizer step: compilation, warm-up
+            self._timed_from = now
+        else:
+            self._total.add(self._window)
+            self._steps_timed += 1
+        self._timed_to = now
+        self._last_step = self._steps = trainer.global_step
+        loss = trainer.callback_metrics.get("train/loss")
+        self._last_loss = float(loss) if loss is not None else self._last_loss
+        self._window, self._window_start = TokenCounts(), None
+
+    def _log_step(self, pl_module, counts: TokenCounts, elapsed: float) -> None:
+        pl_module.log("train/tokens_per_s", counts.real / elapsed, on_step=True, prog_bar=True)
+        pl_module.log("train/label_tokens_per_s", counts.labels / elapsed, on_step=True)
+        pl_module.log("train/padding_efficiency", counts.processed / counts.padded, on_step=True)
+        pl_module.log("train/peak_memory_mib", peak_memory_mib(self._device), on_step=True)
+
+    def summary(self) -> dict:
+        """The run's totals over its timed steps (all but this fit's first). Rates are None
+        when fewer than two optimizer steps ran (nothing was timed)."""
+        seconds = self._timed_to - self._timed_from if self._steps_timed else 0.0
+        total = self._total
+
+        def rate(count: int) -> float | None:
+            return count / seconds if seconds > 0 else None
+
+        return {
+            "tokens_per_s": rate(total.real),
+            "label_tokens_per_s": rate(total.labels),
+            "padding_efficiency": total.processed / total.padded if total.padded else None,
+            "seconds": seconds,
+            "steps": self._steps,  # trainer.global_step at the last step (resumed steps included)
+            "steps_timed": self._steps_timed,
+            "first_step_s": self._timed_from - self._train_start if self._timed_from is not None else None,
+            "tokens": total.real,
+            "processed_tokens": total.processed,
+            "padded_tokens": total.padded,
+            "label_tokens": total.labels,
+            "peak_memory_mib": peak_memory_mib(self._device),
+            "last_loss": self._last_loss,
+        }
+
+    def on_train_end(self, trainer, pl_module):
+        if self.summary_path and trainer.is_global_zero:
+            Path(self.summary_path).write_text(json.dumps(self.summary(), indent=1))
