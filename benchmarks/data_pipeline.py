@@ -3,7 +3,7 @@
     python benchmarks/data_pipeline.py --records 300000      # extrapolates to the full file
     python benchmarks/data_pipeline.py                       # the full 2,248,619 records
 
-The synthetic file is shaped like the real one (DESIGN.md §7): about half the records have
+The synthetic file is shaped like the real trn.json (measured on it): about half the records have
 empty content; titles and contents follow log-normal lengths fitted to the real medians and
 p99s (title 33 / 134 chars, content 451 / 2,575, max 4,173); some carry HTML entities, double
 spaces and Amazon's "--This text refers to …" boilerplate. It prints records/s, the
@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from amzft.data.build import DataSettings, default_num_proc, prepare
+from amzft.sources import force_offline, load_tokenizer
 
 FULL_FILE_RECORDS = 2_248_619
 WORDS = (
@@ -69,9 +72,6 @@ def main() -> None:
                         help="comma-separated process counts to build with, the first is the baseline (auto: one per core)")
     args = parser.parse_args()
 
-    from amzft.data.build import DataSettings, prepare
-    from amzft.sources import force_offline, load_tokenizer
-
     force_offline()
     tokenizer = load_tokenizer(args.tokenizer)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="amzft-bench-"))
@@ -81,8 +81,6 @@ def main() -> None:
         t = time.perf_counter()
         make_file(data_file, args.records)
         print(f"generated {args.records:,} records ({data_file.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t:.0f} s")
-    from amzft.data.build import default_num_proc
-
     settings = DataSettings(path=str(data_file), max_length=args.max_length)
     print(f"machine: {sys.platform}, {default_num_proc()} usable cores; tokenizer: {args.tokenizer}")
     rates = {}
@@ -106,6 +104,7 @@ def main() -> None:
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\npeak RSS: parent {parent:,.0f} MiB, largest worker {child:,.0f} MiB")
+
 
 if __name__ == "__main__":
     main()

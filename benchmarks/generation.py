@@ -10,6 +10,17 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
+from amzft.data.clean import FilterSettings, RecordFilter
+from amzft.data.prompt import PromptFormat
+from amzft.data.reader import read_records
+from amzft.data.stats import PipelineStats
+from amzft.generate import GenerationOptions, generate
+from amzft.model import LoraCausalLM
+from amzft.paths import shipped_sample
+from amzft.quiet import quiet_libraries
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -18,18 +29,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args()
-
-    import torch
-
-    from amzft.data.clean import FilterSettings, RecordFilter
-    from amzft.data.prompt import PromptFormat
-    from amzft.data.reader import read_records
-    from amzft.data.stats import PipelineStats
-    from amzft.generate import GenerationOptions, generate
-    from amzft.model import LoraCausalLM
-    from amzft.paths import shipped_sample
-    from amzft.quiet import quiet_libraries
-
     quiet_libraries()
     keep = RecordFilter(FilterSettings())
     titles = []

@@ -4,7 +4,7 @@
     python benchmarks/loss_memory.py                    # 1,469 label tokens, chunks 0 (one pass), 1024, 256
     python benchmarks/loss_memory.py --tokens 940 --chunks 0,256
 
-1,469 is the label-token count of the two longest answers in ../shared/data's first 400
+1,469 is the label-token count of the two longest answers in the first 400 real trn.json
 records (801 + 668 with the Llama-3.2 tokenizer): a micro-batch of 2 can hold them. Each
 setting runs in a fresh process; on CPU it reports the growth of peak RSS over the process's
 footprint once the inputs exist, on CUDA the peak of allocated memory over the same point.
@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
 
+import torch
+
+from amzft.loss import head_loss_sum
+
 
 def measure(tokens: int, chunk: int, hidden: int, vocab: int, device: str) -> dict:
-    import resource
-
-    import torch
-
-    from amzft.loss import head_loss_sum
-
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False, device=device, dtype=torch.bfloat16).requires_grad_(False)
     states = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -61,8 +60,6 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args()
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     what = "peak allocated" if device.startswith("cuda") else "peak RSS growth"
     print(f"LM head {args.hidden} x {args.vocab} (bf16), {args.tokens} label tokens, forward + backward on {device}")

@@ -4,8 +4,8 @@
     python gpu/wheelhouse.py --cuda 130      # keep bitsandbytes' library for that CUDA only
 
 The target image (the device machines: Python 3.12, torch 2.11+cu130, transformers 5.17, peft,
-lightning 2.6, torchmetrics, tensorboard, accelerate, sentencepiece, typer, rich, ...; see
-/work/.library/device/KINDS.md) lacks what is listed in WHEELS. They are downloaded without
+lightning 2.6, torchmetrics, tensorboard, accelerate, sentencepiece, typer, rich, ..., as its
+provider lists them) lacks what is listed in WHEELS. They are downloaded without
 their dependencies (the image has the rest) and slimmed: bitsandbytes ships one CUDA library
 per CUDA version (~5 MiB each; one is kept), Unsloth ships its web UI ("studio", ~24 MiB; not
 used by the library). The folder must stay under the 64 MiB a device call can carry.
@@ -83,7 +83,7 @@ def main() -> None:
     download(out, args.python)
     for wheel in out.glob("bitsandbytes-*.whl"):
         keep = f"libbitsandbytes_cuda{args.cuda}.so"
-        n = slim(wheel, lambda name: "/libbitsandbytes_" in name and not name.endswith((keep, "_cpu.so")))
+        n = slim(wheel, lambda name, keep=keep: "/libbitsandbytes_" in name and not name.endswith((keep, "_cpu.so")))
         print(f"{wheel.name}: dropped {n} libraries for other CUDA/ROCm versions (kept {keep})")
     for wheel in out.glob("unsloth-*.whl"):
         n = slim(wheel, lambda name: name.startswith("studio/"))

@@ -1,13 +1,20 @@
 """Shared fixtures: the real Llama-3.2 tokenizer (from its wheel), tiny in-memory models,
-a private cache folder, and the path to the real records in ../shared/data."""
+a private cache folder, and the path to the real records in ../shared/data.
+
+Nothing here imports transformers or Lightning at module level (fault_helpers imports
+Lightning): tests/test_gpu.py must be able to import Unsloth before them."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from amzft.cli import main
+from amzft.quiet import quiet_libraries
+from amzft.sources import force_offline, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -18,9 +25,7 @@ REAL_400 = SHARED_DATA / "amazontitles_trn_first400.jsonl"
 def _offline():
     """Every test runs with the network blocked (loopback excepted): a code path that tries to
     reach the internet fails its test (fault_helpers.block_network)."""
-    from amzft.quiet import quiet_libraries
-    from amzft.sources import force_offline
-    from fault_helpers import block_network
+    from fault_helpers import block_network  # noqa: PLC0415 - imports Lightning (module doc)
 
     force_offline()
     quiet_libraries()
@@ -31,8 +36,6 @@ def _offline():
 
 @pytest.fixture(scope="session")
 def llama_tokenizer():
-    from amzft.sources import load_tokenizer
-
     return load_tokenizer("llama3.2")
 
 
@@ -64,8 +67,6 @@ def needs_real_data():
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -89,8 +90,7 @@ def tiny_records(n: int, words: int = 12):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, llama_tokenizer):
     """A tiny random Llama with the real Llama-3.2 vocabulary, saved like a user's download."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 - after Unsloth (module doc)
 
     directory = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(
@@ -138,8 +138,6 @@ def fit_args(tiny_model_dir, data_path, tmp_path, *extra):
 def one_line_error(capsys, *args, code: int | None = None) -> str:
     """Run ``python -m amzft *args`` in-process; it must exit (with ``code`` if given) printing
     exactly one ``amzft: error: …`` line on stderr, which is returned."""
-    from amzft.cli import main
-
     with pytest.raises(SystemExit) as done:
         main(list(args))
     assert done.value.code == code if code is not None else done.value.code in (1, 2)

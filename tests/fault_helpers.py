@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback
 
 
@@ -55,8 +56,6 @@ class HangWhileWriting(Callback):
         self.step, self.marker = step, Path(marker)
 
     def setup(self, trainer, pl_module, stage):
-        import torch
-
         real_save = torch.save
         helper = self
 

@@ -6,12 +6,22 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import bitsandbytes as bnb
 import pytest
 import torch
+from bitsandbytes.backends.cpu.ops import has_avx512bf16
+from transformers import AutoModelForCausalLM
 
+import amzft.backends
+from amzft.bootstrap import import_unsloth_if_wanted, wants_unsloth
+from amzft.callbacks import StopAtStep
 from amzft.cli import main
+from amzft.data.batching import Collator
+from amzft.export import export
 from amzft.model import LoraCausalLM
-from conftest import REPO, fit_args, tiny_records
+from amzft.paths import shipped_sample
+from conftest import REPO, fit_args, one_line_error, tiny_records
+from test_model import RecordSteps, run_fit
 
 
 def _nf4(tiny_model_dir) -> LoraCausalLM:
@@ -30,15 +40,11 @@ def _lora_grads(module, batch) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def batch(llama_tokenizer):
-    from amzft.data.batching import Collator
-
     ids = [[llama_tokenizer.bos_token_id, *range(1000, 1000 + n)] for n in (20, 33)]
     return Collator(llama_tokenizer.pad_token_id)({"input_ids": ids, "prompt_len": [8, 12]})
 
 
 def test_nf4_base_is_4bit_with_lora_on_top(tiny_model_dir):
-    import bitsandbytes as bnb
-
     module = _nf4(tiny_model_dir)
     four_bit = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
@@ -49,7 +55,7 @@ def test_nf4_base_is_4bit_with_lora_on_top(tiny_model_dir):
 
 
 def test_nf4_lora_gradients_are_the_same_after_an_eval_forward(tiny_model_dir, batch):
-    """DESIGN.md §3: on AVX512-BF16 CPUs an eval forward repacks the 4-bit weights and later
+    """A bitsandbytes 0.50 bug: on AVX512-BF16 CPUs an eval forward repacks the 4-bit weights and later
     LoRA gradients come out wrong, unless the repacking is turned off (amzft does)."""
     module = _nf4(tiny_model_dir)
     before = _lora_grads(module, batch)
@@ -66,9 +72,6 @@ def test_without_the_workaround_the_bug_shows_on_this_cpu(tiny_model_dir, batch,
     """Proves the test above can fail: load the 4-bit base as bitsandbytes leaves it, and
     training after an eval forward goes wrong: wrong gradients or (with shapes as small as the
     tiny model's) a crash inside bitsandbytes. Only on CPUs with AVX512-BF16, where the bug lives."""
-    import amzft.backends
-    from bitsandbytes.backends.cpu.ops import has_avx512bf16
-
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: the bitsandbytes bug cannot show here")
     monkeypatch.setattr(amzft.backends, "disable_avx512bf16_repacking", lambda model: 0)
@@ -86,10 +89,6 @@ def test_without_the_workaround_the_bug_shows_on_this_cpu(tiny_model_dir, batch,
 
 
 def test_nf4_fit_resumes_exactly_and_exports(tiny_model_dir, write_jsonl, tmp_path):
-    from amzft.callbacks import StopAtStep
-    from amzft.export import export
-    from test_model import RecordSteps, run_fit
-
     data = write_jsonl(tiny_records(20))
     common = ("--trainer.max_steps", "4", "--model.quantization", "nf4")
     straight = RecordSteps()
@@ -101,8 +100,6 @@ def test_nf4_fit_resumes_exactly_and_exports(tiny_model_dir, write_jsonl, tmp_pa
     assert resumed.losses == straight.losses[2:]
     ckpt = next((tmp_path / "b").rglob("last.ckpt"))
     merged = export(str(ckpt), tmp_path / "merged", merge=True)
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(merged)  # plain weights: no bitsandbytes needed
     assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
 
@@ -120,16 +117,12 @@ def test_packed_rows_are_refused_with_unsloth(tiny_model_dir, tiny_data, tmp_pat
     """Unsloth's attention does not see amzft's per-example position ids in multi-row batches:
     packing there would silently mix examples, so the combination is a one-line config error
     (raised before any model is built, on CPU as on GPU)."""
-    from conftest import one_line_error
-
     err = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.backend", "unsloth",
                                           "--data.layout", "packed"))
     assert "data.layout=packed" in err and "model.backend=unsloth" in err
 
 
 def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
-    from amzft.bootstrap import import_unsloth_if_wanted, wants_unsloth
-
     base, cpu = str(REPO / "configs" / "base.yaml"), str(REPO / "configs" / "cpu.yaml")
     assert wants_unsloth(["fit", "--config", base]) and not wants_unsloth(["fit", "--config", cpu])
     assert wants_unsloth(["fit", "--model.backend", "unsloth"]) and wants_unsloth(["fit", "--model.backend=unsloth"])
@@ -149,8 +142,6 @@ def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
 def test_evaluate_and_export_of_an_unsloth_run_import_unsloth_first(tmp_path):
     """A checkpoint's backend is read from its run's hparams.yaml, so ``evaluate`` / ``export``
     of an Unsloth-trained run import Unsloth before transformers, as ``fit`` does."""
-    from amzft.bootstrap import wants_unsloth
-
     for backend in ("unsloth", "hf"):
         run = tmp_path / backend / "amzft" / "version_0"
         (run / "checkpoints").mkdir(parents=True)
@@ -165,9 +156,7 @@ def test_gpu_check_command_line_is_valid_on_cpu(tiny_model_dir, tmp_path):
     """gpu/check.py cannot run here, but its amzft command line (base.yaml + overrides + the
     measuring callback) can: the hf+nf4 run goes through on the tiny model on CPU."""
     sys.path.insert(0, str(REPO / "gpu"))
-    import check
-
-    from amzft.paths import shipped_sample
+    import check  # noqa: PLC0415 - gpu/ is put on sys.path just above
 
     result = check.run_amzft("hf_nf4", tiny_model_dir, str(shipped_sample()), tmp_path, 3,
                              ["--model.backend", "hf", "--model.quantization", "nf4", "--trainer.accelerator", "cpu",

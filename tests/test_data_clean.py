@@ -1,8 +1,8 @@
+import pytest
+
 from amzft.data.clean import FilterSettings, RecordFilter, clean_text
 from amzft.data.prompt import ALPACA_TEMPLATE, PromptFormat
 from amzft.errors import ConfigError
-
-import pytest
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,15 @@
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 
 from amzft.data.batching import Collator, ResumableBatchSampler
 from amzft.data.build import DataSettings, prepare
-from amzft.data.encode import IGNORE_INDEX, join_example
+from amzft.data.encode import IGNORE_INDEX, PromptEncoder, encode_texts, join_example
 from amzft.data.prompt import PromptFormat
 from amzft.data.split import assign_split
 from amzft.errors import DataError
+from amzft.sources import load_tokenizer
 from conftest import REAL_400, SHARED_DATA, needs_real_data
 
 
@@ -150,9 +149,6 @@ def test_real_file_report_counts(llama_tokenizer, cache_dir):
 
 @pytest.mark.parametrize("tokenizer_name", ["llama3.2", "embedded"])
 def test_prompt_encoder_matches_whole_prompt_tokenisation(tokenizer_name):
-    from amzft.data.encode import PromptEncoder, encode_texts
-    from amzft.sources import load_tokenizer
-
     tok = load_tokenizer(tokenizer_name)
     titles = ["Mog's Kittens", "HMS \"Ulysses\"", "123 Go!", "  spaced", "?odd", "Caf\u00e9 Songs", "x" * 300]
     enc = PromptEncoder(tok, PromptFormat())

@@ -1,7 +1,7 @@
 """CUDA-only checks of the unsloth backend (skipped without CUDA; see gpu/run_on_device.sh).
 
 Run this file on its own (``python -m pytest tests/test_gpu.py``) so that Unsloth is imported
-before transformers, as ``python -m amzft`` does (DESIGN.md §4); collected after other test
+before transformers, as ``python -m amzft`` does (amzft.bootstrap); collected after other test
 files it still runs, with Unsloth's "import me first" warning.
 """
 
@@ -17,9 +17,13 @@ if torch.cuda.is_available():  # before anything imports transformers / peft / l
 
     import_unsloth_if_wanted(["fit", "--model.backend", "unsloth"])
 
+from safetensors.torch import load_file  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
 from amzft.callbacks import StopAtStep  # noqa: E402
 from amzft.cli import main  # noqa: E402
 from conftest import fit_args, tiny_records  # noqa: E402
+from test_model import RecordSteps, run_fit  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -28,8 +32,6 @@ pytestmark = pytest.mark.gpu
 def gpu_llama_dir(tmp_path_factory, llama_tokenizer):
     """A small random Llama with the real Llama-3.2 vocabulary and head_dim 64 (the tests' CPU
     model has head_dim 8, below what Unsloth's Triton kernels are built for)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     directory = tmp_path_factory.mktemp("gpu-llama")
     config = LlamaConfig(
         vocab_size=len(llama_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -52,8 +54,6 @@ def test_unsloth_fit_resumes_exactly_then_evaluates_and_exports(gpu_llama_dir, w
     """The seed's backend through the same seams as hf: a run stopped at step 2 and resumed
     ends where the straight run ends; its checkpoint evaluates (base and fine-tuned answers)
     and exports as a PEFT adapter."""
-    from test_model import RecordSteps, run_fit
-
     data = write_jsonl(tiny_records(24))
     common = ("--model.backend", "unsloth", "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
               "--trainer.max_steps", "4", "--model.lr", "1e-2",  # big steps, so a wrong resume shows
@@ -81,7 +81,5 @@ def test_unsloth_fit_resumes_exactly_then_evaluates_and_exports(gpu_llama_dir, w
         assert set(split["models"]) == {"base", "fine-tuned"} and split["n"] == 2
 
     main(["export", "--ckpt_path", str(ckpt_a), "--out", str(tmp_path / "adapter")])
-    from safetensors.torch import load_file
-
     exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert len(exported) == len(end_a) and (tmp_path / "adapter" / "adapter_config.json").is_file()

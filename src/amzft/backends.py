@@ -6,13 +6,22 @@ never branches on the backend elsewhere (``set_mode`` is the one other backend-s
 * ``hf``: transformers + peft, on CPU or GPU. ``quantization: nf4`` loads the frozen base in
   4-bit (bitsandbytes NF4, double quantisation, bf16 compute: QLoRA), on CPU too.
 * ``unsloth``: Unsloth's 4-bit loader and fused kernels, CUDA only, as in the seed notebook.
+
+peft (seconds to import) and bitsandbytes are imported by the builder that needs them, since
+``fit --help`` imports this module; unsloth only ever on CUDA, after amzft.bootstrap has
+imported it ahead of transformers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
 from amzft.errors import ConfigError, ModelError
+from amzft.sources import force_offline, load_tokenizer, resolve_model_dir
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -35,11 +44,11 @@ QUANTIZATIONS = ("none", "nf4")
 
 
 def disable_avx512bf16_repacking(model) -> int:
-    """Work around a bitsandbytes 0.50 bug (DESIGN.md §3): on CPUs with AVX512-BF16, an
+    """Work around a bitsandbytes 0.50 bug: on CPUs with AVX512-BF16, an
     eval-mode forward repacks ``Linear4bit`` weights for a faster kernel, and later training
     forwards use them wrongly, so LoRA gradients come out wrong. Turning the fast path off on
     every 4-bit layer keeps one weight layout. Returns how many layers were changed."""
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # noqa: PLC0415 - nf4 only (module doc)
 
     changed = 0
     for module in model.modules():
@@ -51,11 +60,7 @@ def disable_avx512bf16_repacking(model) -> int:
 
 def build_hf(settings: LoraSettings):
     """transformers + peft, on CPU or GPU: full-precision base model, LoRA adapters on top."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from amzft.sources import force_offline, load_tokenizer, resolve_model_dir
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - start-up time (module doc)
 
     force_offline()
     directory = resolve_model_dir(settings.name_or_path)
@@ -68,8 +73,6 @@ def build_hf(settings: LoraSettings):
     quantized = settings.quantization == "nf4"
     load = {"dtype": torch.float32}
     if quantized:
-        from transformers import BitsAndBytesConfig
-
         load = {
             "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -85,7 +88,7 @@ def build_hf(settings: LoraSettings):
     except Exception as exc:
         raise ModelError(f"cannot load a causal LM ({config.model_type}) from {directory}: {exc}") from exc
     if quantized:
-        from peft import prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - start-up time (module doc)
 
         disable_avx512bf16_repacking(model)
         # Freezes the base and casts its remaining non-4-bit weights (norms, embeddings,
@@ -122,10 +125,6 @@ def build_unsloth(settings: LoraSettings):
     load_in_4bit=True, dtype=None)`` + ``get_peft_model(..., use_gradient_checkpointing=
     "unsloth", random_state=seed)``. CUDA only; ``amzft.bootstrap`` has imported unsloth
     before transformers/peft/lightning (its patches need that order)."""
-    import importlib.util
-
-    import torch
-
     if not torch.cuda.is_available():
         raise ConfigError(
             "model.backend=unsloth needs a CUDA GPU and none is visible; use model.backend=hf "
@@ -133,9 +132,7 @@ def build_unsloth(settings: LoraSettings):
         )
     if importlib.util.find_spec("unsloth") is None:
         raise ConfigError("model.backend=unsloth needs the unsloth package: pip install 'amzft[gpu]' (see README, GPU)")
-    from unsloth import FastLanguageModel
-
-    from amzft.sources import load_tokenizer, resolve_model_dir
+    from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only (module doc)
 
     directory = resolve_model_dir(settings.name_or_path)
     try:
@@ -173,6 +170,6 @@ def set_mode(backend: str, model, training: bool) -> None:
     """Unsloth keeps its own training / inference switch (gradient checkpointing, fast
     generation); Lightning's train()/eval() does not reach it. No-op for ``hf``."""
     if backend == "unsloth":
-        from unsloth import FastLanguageModel
+        from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only (module doc)
 
         (FastLanguageModel.for_training if training else FastLanguageModel.for_inference)(model)

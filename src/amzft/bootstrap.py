@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from amzft.sources import force_offline
+
 _ASKS_FOR_UNSLOTH = re.compile(r"backend\s*[:=]\s*['\"]?unsloth\b")
 
 
@@ -56,7 +58,7 @@ def import_unsloth_if_wanted(argv: list[str]) -> bool:
         return False
     if importlib.util.find_spec("unsloth") is None:
         return False
-    import torch
+    import torch  # noqa: PLC0415 - only when Unsloth is asked for: `--help` never imports torch
 
     if not torch.cuda.is_available():
         return False
@@ -67,9 +69,7 @@ def import_unsloth_if_wanted(argv: list[str]) -> bool:
 def import_unsloth() -> None:
     """Import Unsloth offline (also the GPU check's reference process): call it before
     anything imports transformers / peft / lightning."""
-    from amzft.sources import force_offline
-
     force_offline()  # amzft never downloads: nor may Unsloth (it fetches usage statistics unless told)
     os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-    import unsloth  # noqa: F401  (patches transformers / peft before they are imported)
+    import unsloth  # noqa: F401, PLC0415  (patches transformers / peft before they are imported)

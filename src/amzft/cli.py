@@ -2,13 +2,20 @@
 
 The Lightning subcommands go to a ``LightningCLI`` subclass (amzft.lightning_cli); the others
 are small jsonargparse parsers that accept the same ``--config`` files. Heavy imports happen
-only after the subcommand is known, so ``--help`` is instant. Errors a user can act on
-(``AmzftError``, bad arguments) print as one line; ``--debug`` shows the full traceback.
+only after the subcommand is known (the ``# noqa: PLC0415`` imports in ``_run``), so ``--help``
+is instant. Errors a user can act on (``AmzftError``, bad arguments) print as one line;
+``--debug`` shows the full traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import traceback
+
+from amzft.errors import AmzftError
+from amzft.quiet import quiet_libraries
 
 USAGE = """usage: python -m amzft COMMAND [--config FILE] [options] [--debug]
 
@@ -33,27 +40,27 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def _run(command: str, args: list[str]) -> None:
     if command in LIGHTNING_COMMANDS:
-        from amzft.lightning_cli import cli_main
+        from amzft.lightning_cli import cli_main  # noqa: PLC0415 - start-up time (module doc)
 
         cli_main([command, *args])
     elif command == "data":
-        from amzft.commands import data_command
+        from amzft.commands import data_command  # noqa: PLC0415
 
         data_command(args)
     elif command == "ask":
-        from amzft.commands import ask_command
+        from amzft.commands import ask_command  # noqa: PLC0415
 
         ask_command(args)
     elif command == "evaluate":
-        from amzft.commands import evaluate_command
+        from amzft.commands import evaluate_command  # noqa: PLC0415
 
         evaluate_command(args)
     elif command == "export":
-        from amzft.commands import export_command
+        from amzft.commands import export_command  # noqa: PLC0415
 
         export_command(args)
     elif command == "demo":
-        from amzft.commands import demo_command
+        from amzft.commands import demo_command  # noqa: PLC0415
 
         demo_command(args)
     else:
@@ -68,11 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
-    import argparse
-
-    from amzft.errors import AmzftError
-    from amzft.quiet import quiet_libraries
-
     try:
         quiet_libraries()
         _run(argv[0], argv[1:])
@@ -108,9 +110,6 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 def _where(exc: BaseException) -> str:
     """file:line of the innermost frame, so a bug report can name it without --debug."""
-    import os
-    import traceback
-
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return "no traceback"

@@ -7,6 +7,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
 from amzft.generate import Answer, GenerationOptions, generate
 from amzft.scoring import failure_views, overlap_scores
 
@@ -16,8 +19,6 @@ VIEWS = ("empty", "title_only", "never_stopped", "looping", "facts_recalled", "f
 
 
 def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
-    import numpy as np
-
     n = min(n, len(dataset))
     picks = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)) if n else []
     rows = dataset.select([int(i) for i in picks]).select_columns(["title", "content"])
@@ -41,7 +42,8 @@ def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_ada
 
 
 def render_markdown(report: dict, examples_per_split: int = 6) -> str:
-    lines = [f"# amzft evaluation", "", f"checkpoint: `{report['checkpoint']}`  ", f"generation: `{json.dumps(report['generation'])}`", ""]
+    lines = ["# amzft evaluation", "", f"checkpoint: `{report['checkpoint']}`  ",
+             f"generation: `{json.dumps(report['generation'])}`", ""]
     for split, result in report["splits"].items():
         lines += [f"## {split}: {SPLIT_MEANING.get(split, split)} ({result['n']} products)", ""]
         models = list(result["models"])
@@ -58,7 +60,8 @@ def render_markdown(report: dict, examples_per_split: int = 6) -> str:
 
 
 def render_table(report: dict) -> str:
-    header = f"{'split':<10} {'model':<11} " + " ".join(f"{k:>7}" for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "empty", "loop", "nostop"))
+    columns = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "empty", "loop", "nostop")
+    header = f"{'split':<10} {'model':<11} " + " ".join(f"{k:>7}" for k in columns)
     lines = [header]
     for split, result in report["splits"].items():
         for model, m in result["models"].items():
@@ -72,8 +75,6 @@ def write_report(report: dict, out_dir: Path, step: int = 0) -> tuple[Path, Path
     md, js = out_dir / "report.md", out_dir / "report.json"
     js.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     md.write_text(render_markdown(report))
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(out_dir)) as writer:
         for split, result in report["splits"].items():
             for model, metrics in result["models"].items():

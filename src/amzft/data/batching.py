@@ -2,20 +2,21 @@
 window, and a collator that pads dynamically.
 
 Why the sampler knows the window: the loss is normalised by the number of label tokens in the
-whole accumulation window (DESIGN.md §5), and that number depends on batches the model has not
-seen yet. Every example's label count is in the dataset, so the sampler, which decides the
-order, can attach the window total to each batch it yields.
+whole accumulation window (so every label token weighs the same whichever micro-batch holds it;
+see docs/architecture.md), and that number depends on batches the model has not seen yet.
+Every example's label count is in the dataset, so the sampler, which decides the order, can
+attach the window total to each batch it yields.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from amzft.data.encode import IGNORE_INDEX
-
 
 LAYOUTS = ("plain", "grouped", "packed")
 
@@ -187,8 +188,6 @@ def pack_first_fit(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> l
     Rows are kept in a list sorted by free space; each example (longest first) goes to the row
     with the least free space that still fits it (best fit), found by bisection: O(n log n).
     """
-    import bisect
-
     ordered = sorted(indices.tolist(), key=lambda i: -int(lengths[i]))
     free: list[tuple[int, int]] = []  # (free tokens, row id), sorted
     rows: list[list[int]] = []

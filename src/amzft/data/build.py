@@ -11,15 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder, encode_texts, join_example
 from amzft.data.prompt import PromptFormat
-from amzft.data.reader import check_data_file, read_records
+from amzft.data.reader import check_data_file, iter_raw_lines, parse_line, read_records
 from amzft.data.split import SPLITS, assign_split
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
@@ -73,8 +76,12 @@ def cache_key(settings: DataSettings, tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+# `datasets` (~2 s to import) is imported where it is used: `fit --help` imports this module,
+# and so does each worker process of a spawn-started build, which never needs it.
+
+
 def _features():
-    from datasets import Features, Sequence, Value
+    from datasets import Features, Sequence, Value  # noqa: PLC0415 - start-up time (see above)
 
     return Features(
         {
@@ -89,7 +96,7 @@ def _features():
 
 
 def _load(directory: Path) -> PreparedData:
-    from datasets import Dataset
+    from datasets import Dataset  # noqa: PLC0415 - start-up time
 
     stats = PipelineStats.from_dict(json.loads((directory / "stats.json").read_text()))
     splits = {name: Dataset.from_file(str(directory / f"{name}.arrow")) for name in SPLITS}
@@ -130,13 +137,10 @@ def prepare(
 
 
 def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from datasets.arrow_writer import ArrowWriter
+    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time
 
     stats = PipelineStats()
     keep = RecordFilter(settings.filters)
-    eos = tokenizer.eos_token_id
     encode_prompts = PromptEncoder(tokenizer, settings.prompt)
     features = _features()
     writers = {name: ArrowWriter(features=features, path=str(out / f"{name}.arrow")) for name in SPLITS}
@@ -239,8 +243,6 @@ def _worker_init(settings: DataSettings, tokenizer) -> None:
 def _worker_chunk(lines: list[tuple[int, bytes]]):
     """Parse, validate, clean, filter and tokenise raw lines. Returns the skips as
     (reason, line, message) in line order, the encoded examples, and the too-long lines."""
-    from amzft.data.reader import parse_line
-
     w = _WORKER
     skips, records = [], []
     for line, raw in lines:
@@ -263,12 +265,7 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
     results in file order, so the output (and the first lines listed per skip reason) do not
     depend on the number of processes. At most 2 x num_proc chunks are in flight: memory
     stays bounded whatever the file size."""
-    import multiprocessing as mp
-    from collections import deque
-
-    from datasets.arrow_writer import ArrowWriter
-
-    from amzft.data.reader import iter_raw_lines
+    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time
 
     stats = PipelineStats()
     features = _features()

@@ -1,6 +1,6 @@
 """Cleaning and filtering of trn.json records.
 
-What the real records hold (DESIGN.md §7, checked on ../shared/data): every non-ASCII
+What the real AmazonTitles-1.3MM records hold (checked on the real trn.json): every non-ASCII
 character is an HTML entity (``&#8217;``, ``&#xE7;``, ``&quot;``), in titles too; Amazon's
 "--This text refers to … edition." boilerplate, often with its spaces missing
 (``thePaperbackedition``); double spaces; contents that say nothing ("VHS Tape", "Book by",

@@ -1,4 +1,4 @@
-"""Tokenisation with response-only labels (DESIGN.md §5).
+"""Tokenisation with response-only labels: only the answer is learned, never the prompt.
 
 The prompt and the response are tokenised separately, so the label mask is exactly the prompt
 length (litgpt's approach): labels are -100 on the prompt, real ids on the response and on the

@@ -6,16 +6,18 @@ import logging
 from typing import Literal
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from lightning.pytorch import LightningDataModule
 
 from amzft.data.batching import Collator, ResumableBatchSampler, TokenizedDataset
 from amzft.data.build import DataSettings, PreparedData, prepare
 from amzft.data.clean import FilterSettings
-from amzft.data.reader import check_data_file
 from amzft.data.prompt import ALPACA_TEMPLATE, SEED_QUESTION, PromptFormat
+from amzft.data.reader import check_data_file
 from amzft.errors import ConfigError
 from amzft.paths import shipped_sample
+from amzft.sources import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,6 @@ def label_counts(data):
 
 def example_lengths(data):
     """Token length of every example, computed in Arrow (no Python list of lists)."""
-    import pyarrow.compute as pc
-
     return pc.list_value_length(data.data.column("input_ids")).to_numpy()
 
 
@@ -189,8 +189,6 @@ class AmazonTitlesDataModule(LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from amzft.sources import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer
 

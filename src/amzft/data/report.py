@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from amzft.data.build import PreparedData, DataSettings
+from amzft.data.build import DataSettings, PreparedData
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -17,8 +19,6 @@ def _percentiles(values) -> str:
 
 
 def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, examples: int = 3) -> str:
-    import pyarrow.compute as pc
-
     s = prepared.stats
     lines = [f"data report: {settings.path}", f"  cache: {prepared.directory} ({'reopened' if prepared.from_cache else 'built'})"]
     lines.append(f"  records read: {s.records_read:,}")
@@ -31,8 +31,6 @@ def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, exa
         where = ", ".join(map(str, s.skipped_lines.get(reason, [])))
         lines.append(f"    {reason:<22} {count:>9,}   first lines: {where}")
     tables = [prepared.splits[name].data.table for name in ("train", "validation", "test")]
-    import pyarrow as pa
-
     table = pa.concat_tables(tables)
     lines.append("  lengths (kept examples):")
     lines.append(f"    title chars     {_percentiles(pc.utf8_length(table['title']).to_numpy())}")

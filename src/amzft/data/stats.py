@@ -34,7 +34,7 @@ class PipelineStats:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PipelineStats":
+    def from_dict(cls, data: dict) -> PipelineStats:
         return cls(
             records_read=data["records_read"],
             kept=data["kept"],
