@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, fit_args
 
 from amzft.checkpoints import atomic_torch_save, load_checkpoint_file
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
 from amzft.lightning_cli import cli_main
 from amzft.model import LoraCausalLM
+from conftest import REPO, fit_args
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

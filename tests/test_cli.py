@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import time
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import amzft.commands as commands
 from amzft.cli import main
 from amzft.lightning_cli import cli_main
 from conftest import REPO, fit_args, one_line_error
@@ -14,7 +16,8 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = "import sys, amzft.cli as c; c.main(['--help']); print(sorted(m for m in ('torch','transformers','lightning','unsloth') if m in sys.modules))"
+    code = ("import sys, amzft.cli as c; c.main(['--help']); "
+            "print(sorted(m for m in ('torch','transformers','lightning','unsloth') if m in sys.modules))")
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "usage: python -m amzft" in out and out.strip().endswith("[]")
@@ -103,8 +106,6 @@ def test_data_command_reports_the_shipped_sample(capsys):
 
 
 def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, tmp_path, capsys):
-    import json
-
     main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
     for command in ("validate", "test", "predict"):
         args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last",
@@ -113,7 +114,7 @@ def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, t
         main(args)
     out = capsys.readouterr().out
     assert "val/loss" in out and "test/loss" in out
-    rows = [json.loads(l) for l in (tmp_path / "logs" / "amzft" / "version_0" / "predictions.jsonl").open()]
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "amzft" / "version_0" / "predictions.jsonl").open()]
     assert rows and set(rows[0]) == {"title", "reference", "answer", "stopped"}
 
 
@@ -121,8 +122,6 @@ def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, t
 @pytest.mark.parametrize("command", ["data", "evaluate", "ask", "export", "demo"])
 def test_every_command_reads_every_config(command, config, monkeypatch):
     """The non-Lightning commands accept the training YAMLs (and ignore the keys they don't use)."""
-    import amzft.commands as commands
-
     seen = {}
 
     class Parsed(Exception):

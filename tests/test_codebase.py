@@ -186,7 +186,9 @@ def _shipped_text_files():
     roots = [REPO / "src", REPO / "configs", REPO / "docs"]
     files = [REPO / "README.md"]
     for root in roots:
-        files += [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        # build artefacts (pip's egg-info copy of an older README, bytecode) are not shipped sources
+        files += [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and not any(part.endswith(".egg-info") for part in p.parts)]
     for path in files:
         if not path.is_file():
             continue

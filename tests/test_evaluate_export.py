@@ -2,11 +2,15 @@ import json
 
 import pytest
 import torch
-from conftest import fit_args
+from peft import PeftModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
 
 from amzft.cli import main
 from amzft.generate import Answer
+from amzft.model import LoraCausalLM
 from amzft.scoring import failure_views, is_looping, is_title_only, overlap_scores
+from conftest import fit_args
 
 
 def test_overlap_scores_are_torchmetrics_values():
@@ -57,11 +61,6 @@ def test_evaluate_writes_reports_for_both_models_and_splits(trained, capsys):
 
 
 def test_exported_adapter_and_merged_model_match_the_module(trained, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from amzft.model import LoraCausalLM
-
     module, _ = LoraCausalLM.from_checkpoint(trained)
     with torch.no_grad():  # make the adapter non-trivial so that a wrong export shows
         for n, p in module.model.named_parameters():
@@ -69,7 +68,8 @@ def test_exported_adapter_and_merged_model_match_the_module(trained, tmp_path):
                 p.normal_(0, 0.2)
     ids = torch.tensor([[128000, 791, 8415, 7731, 389, 279, 5634]])
     expected = module.model(input_ids=ids).logits
-    torch.save({**torch.load(trained, weights_only=True), "state_dict": {f"model.{k}": v for k, v in module.model.named_parameters() if v.requires_grad}}, trained)
+    adapter = {f"model.{k}": v for k, v in module.model.named_parameters() if v.requires_grad}
+    torch.save({**torch.load(trained, weights_only=True), "state_dict": adapter}, trained)
 
     main(["export", "--ckpt_path", str(trained), "--out", str(tmp_path / "adapter")])
     main(["export", "--ckpt_path", str(trained), "--out", str(tmp_path / "merged"), "--merge", "true"])
@@ -92,8 +92,6 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_sample_answers_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--data.val_fraction", "0.2",
                   "--sample_answers.every_n_steps", "1", "--sample_answers.max_new_tokens", "3"))
     acc = EventAccumulator(str(tmp_path / "logs" / "amzft" / "version_0"), size_guidance={"tensors": 0})

@@ -1,12 +1,25 @@
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import fit_args
 from lightning.pytorch import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch._dynamo.utils import counters
 
+from amzft.callbacks import StopAtStep
+from amzft.checkpoints import load_checkpoint_file
+from amzft.data.batching import Collator
+from amzft.errors import ConfigError
+from amzft.generate import GenerationOptions, generate
 from amzft.lightning_cli import cli_main
+from amzft.loss import head_loss_sum
 from amzft.model import LoraCausalLM
+from conftest import fit_args, tiny_records
 
 
 class RecordSteps(Callback):
@@ -41,8 +54,6 @@ def test_trainable_share_and_lora_targets(tiny_model_dir):
 
 def test_loss_masks_prompt_and_matches_hf_loss(tiny_model_dir, llama_tokenizer):
     """The fast path (lm_head on label positions only) equals HF's own masked mean loss."""
-    from amzft.data.batching import Collator
-
     m = LoraCausalLM(name_or_path=str(tiny_model_dir))
     m.configure_model()
     batch = Collator(llama_tokenizer.pad_token_id)(
@@ -63,8 +74,6 @@ def test_loss_masks_prompt_and_matches_hf_loss(tiny_model_dir, llama_tokenizer):
 
 
 def test_accumulation_2x4_equals_8x1(tiny_model_dir, write_jsonl, tmp_path):
-    from conftest import tiny_records
-
     recs = tiny_records(8)
     for i, r in enumerate(recs):  # very different answer lengths: where naive averaging errs
         r["content"] = " ".join(["word"] * (2 + 12 * (i % 3)))
@@ -89,10 +98,6 @@ def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, record
     """6 steps straight == `stop` steps, then `fit --ckpt_path last` to 6: same losses, same weights.
     (30 records: resume mid-epoch 0; 10 records: 3 steps per epoch, resume mid-epoch 1;
     16 records: 2 steps per epoch, stop exactly at the end of epoch 0.)"""
-    from conftest import tiny_records
-
-    from amzft.callbacks import StopAtStep
-
     data = write_jsonl(tiny_records(records))
     # checkpoint.every_n_train_steps stays at 20: last.ckpt at `stop` comes from StopAtStep,
     # as in the demo (ModelCheckpoint alone would only write it at step 20).
@@ -116,15 +121,12 @@ def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, record
 
 
 def test_checkpoint_holds_only_the_adapter(tiny_model_dir, tiny_data, tmp_path):
-    from amzft.checkpoints import load_checkpoint_file
-
     cli = run_fit(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2"))
     ckpt = load_checkpoint_file(cli.trainer.checkpoint_callback.last_model_path)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["name_or_path"] == str(tiny_model_dir)
     events = list((tmp_path / "logs" / "amzft" / "version_0").glob("events.out.tfevents.*"))
     assert events
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
@@ -153,14 +155,6 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resume(sig, tiny_model_dir, tiny_data, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from amzft.checkpoints import load_checkpoint_file
-
     args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000",
                     "--trainer.accumulate_grad_batches", "3", "--checkpoint.every_n_train_steps", "2")
     proc = subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -182,9 +176,6 @@ def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resu
 
 def test_each_epoch_is_reshuffled_under_the_trainer(tiny_model_dir, write_jsonl, tmp_path):
     """Lightning never calls set_epoch on a batch sampler: the sampler reads the trainer's epoch."""
-    from conftest import tiny_records
-    from lightning.pytorch import Callback
-
     seen: dict[int, list] = {}
 
     class Record(Callback):
@@ -202,11 +193,6 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
     """model.compile: the same losses and adapter as eager (to float tolerance: the fused
     kernels sum in another order), checkpoints with the same keys, and generation still works
     (it runs the layers eagerly, so no recompilation per decoded length)."""
-    from conftest import tiny_records
-
-    from amzft.checkpoints import load_checkpoint_file
-    from amzft.generate import GenerationOptions, generate
-
     data = write_jsonl(tiny_records(16))
     runs = {}
     for name in ("eager", "compiled"):
@@ -224,7 +210,6 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5) for k in wa)
     ckpt = load_checkpoint_file(b.trainer.checkpoint_callback.last_model_path)
     assert ckpt["state_dict"].keys() == wa.keys() and ckpt["hyper_parameters"]["compile"] is True
-    from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
     answers = generate(b.model, ["What is the description of product Tutu?"] * 2, GenerationOptions(max_new_tokens=5))
@@ -232,16 +217,12 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
 
 
 def test_compile_is_for_the_hf_backend_only():
-    from amzft.errors import ConfigError
-
     with pytest.raises(ConfigError, match="model.compile works with backend hf only"):
         LoraCausalLM(backend="unsloth", compile=True)
 
 
 def test_chunked_head_loss_equals_one_pass(tiny_model_dir, llama_tokenizer):
     """loss_chunk_tokens changes memory, not maths: the same loss and LoRA gradients."""
-    from amzft.data.batching import Collator
-
     ids = [[llama_tokenizer.bos_token_id, *range(1000, 1000 + n)] for n in (40, 27)]
     batch = Collator(llama_tokenizer.pad_token_id)({"input_ids": ids, "prompt_len": [8, 12]})
     results = []
@@ -266,8 +247,6 @@ def test_chunked_head_loss_equals_one_pass(tiny_model_dir, llama_tokenizer):
 def test_chunked_head_keeps_one_chunk_of_logits_for_backward():
     """What the head's forward keeps for backward, counted with autograd's saved-tensor hooks:
     the whole micro-batch's fp32 logits in one pass, only the (small) inputs when chunked."""
-    from amzft.loss import head_loss_sum
-
     head = torch.nn.Linear(16, 5000, bias=False).requires_grad_(False)
     hidden = torch.randn(300, 16, requires_grad=True)
     targets = torch.randint(0, 5000, (300,))
@@ -275,8 +254,12 @@ def test_chunked_head_keeps_one_chunk_of_logits_for_backward():
     kept = {}
     for chunk in (0, 32):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = head_loss_sum(head, hidden, targets, chunk)
         loss.backward()
         kept[chunk] = sum(saved)

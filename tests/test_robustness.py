@@ -3,21 +3,30 @@ an unwritable or full disk is caught before training, and nothing reaches the ne
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_args, one_line_error, tiny_records
+from lightning.pytorch import Callback
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from amzft.checkpoints import load_checkpoint_file
+from amzft.checkpoints import atomic_torch_save, load_checkpoint_file
 from amzft.cli import main
-from amzft.errors import ModelError
+from amzft.data.build import DataSettings, prepare
+from amzft.errors import ConfigError, ModelError
 from amzft.lightning_cli import cli_main
+from amzft.nonfinite import MAX_CONSECUTIVE_SKIPS
+from conftest import fit_args, one_line_error, tiny_records
+from fault_helpers import ATTEMPTS, NetworkAccess
 
 TESTS = Path(__file__).resolve().parent
 
@@ -56,8 +65,6 @@ def test_other_commands_reject_unknown_options_in_one_line(capsys):
 
 
 def test_debug_shows_the_traceback_instead(tiny_model_dir, tiny_data, tmp_path):
-    from amzft.errors import ConfigError
-
     with pytest.raises(ConfigError, match="model.lr must be a positive number"):
         main([*fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.lr", "-1"), "--debug"])
     with pytest.raises(Exception, match="max_steps"):
@@ -67,10 +74,6 @@ def test_debug_shows_the_traceback_instead(tiny_model_dir, tiny_data, tmp_path):
 @pytest.fixture
 def model_dirs(tmp_path, tiny_model_dir):
     """An empty folder, a tokenizer without a model, a BERT config, and a GPT-2 (no q/k/v_proj)."""
-    import shutil
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     made = {}
     for name in ("empty", "tokenizer_only", "bert", "gpt2"):
         made[name] = tmp_path / name
@@ -103,8 +106,6 @@ def test_max_length_shorter_than_every_prompt_is_clear(tiny_model_dir, tiny_data
 
 
 def test_a_huge_record_is_truncated_not_fatal(write_jsonl, llama_tokenizer, tmp_path):
-    from amzft.data.build import DataSettings, prepare
-
     huge = {"title": "Huge manual", "content": "word " * 600_000}  # 3 MB on one line
     path = write_jsonl([*tiny_records(10), huge])
     assert path.stat().st_size > 3_000_000
@@ -125,9 +126,6 @@ def test_unwritable_log_dir_fails_before_training(tiny_model_dir, tiny_data, tmp
 
 
 def test_full_disk_is_caught_before_training(tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch):
-    import shutil
-    from collections import namedtuple
-
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 4096))
     line = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
@@ -136,10 +134,6 @@ def test_full_disk_is_caught_before_training(tiny_model_dir, tiny_data, tmp_path
 
 
 def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    import errno
-
-    from amzft.checkpoints import atomic_torch_save
-
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"state_dict": {}, "hyper_parameters": {}, "step": 1}, target)
 
@@ -181,15 +175,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_model
     with pytest.raises(ModelError) as error:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     message = str(error.value)
-    assert "the training loss is nan at step 4 (epoch 0, batches 12-14)" in message  # 15 batches an epoch: a short last window and "is intact" in message
+    # 15 batches an epoch: a short last window
+    assert "the training loss is nan at step 4 (epoch 0, batches 12-14)" in message and "is intact" in message
     last = load_checkpoint_file(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
     assert last["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
 def test_nan_loss_with_skip_leaves_the_weights_untouched_and_goes_on(tiny_model_dir, tiny_data, tmp_path):
-    from lightning.pytorch import Callback
-
     snapshots = {}
 
     class Snapshot(Callback):
@@ -211,8 +204,6 @@ def test_nan_loss_with_skip_leaves_the_weights_untouched_and_goes_on(tiny_model_
 
 
 def test_skip_gives_up_when_every_step_is_nan(tiny_model_dir, tiny_data, tmp_path):
-    from amzft.nonfinite import MAX_CONSECUTIVE_SKIPS
-
     cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "50",
                             "--model.on_nonfinite", "skip", "--trainer.accumulate_grad_batches", "1"), run=False)
     cli.model.configure_model()
@@ -306,10 +297,6 @@ def test_sigkill_during_a_checkpoint_write_never_corrupts_last(tiny_model_dir, t
 
 # ------------------------------------------------------------------------ network
 def test_the_network_guard_really_blocks():
-    import urllib.request
-
-    from fault_helpers import ATTEMPTS, NetworkAccess
-
     with pytest.raises(NetworkAccess):
         urllib.request.urlopen("http://example.com", timeout=2)
     assert ATTEMPTS.pop() == "getaddrinfo example.com"  # recorded (and forgiven: this one was ours)

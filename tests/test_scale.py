@@ -13,10 +13,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
+from amzft.callbacks import StopAtStep
+from amzft.checkpoints import load_checkpoint_file
 from amzft.data.batching import Collator, ResumableBatchSampler, pack_first_fit
+from amzft.data.build import DataSettings, prepare
 from amzft.data.encode import IGNORE_INDEX
-from conftest import fit_args, tiny_records
+from amzft.data.module import AmazonTitlesDataModule
+from amzft.errors import ConfigError, DataError
+from amzft.lightning_cli import cli_main
+from amzft.model import LoraCausalLM
+from conftest import REAL_400, fit_args, tiny_records
+from test_model import RecordSteps, run_fit
 
 TESTS = Path(__file__).resolve().parent
 
@@ -30,8 +39,9 @@ def test_every_layout_covers_each_example_once_and_resumes_exactly(layout):
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 300, size=203)
     labels = lengths // 2
-    make = lambda: ResumableBatchSampler(labels, batch_size=2, accumulate=4, seed=7, lengths=lengths,
-                                         layout=layout, max_length=512, mega_batch=8)
+    def make():
+        return ResumableBatchSampler(labels, batch_size=2, accumulate=4, seed=7, lengths=lengths,
+                                     layout=layout, max_length=512, mega_batch=8)
     s = make()
     epoch0 = [list(b) for b in s]
     assert _flat(epoch0) == list(range(203))
@@ -107,8 +117,6 @@ def _per_example_losses(model, batch, spans):
 
 
 def test_packed_batch_gives_the_same_per_example_losses(tiny_model_dir, llama_tokenizer):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
     seqs = [rng.integers(100, 5000, size=n).tolist() for n in (23, 40, 17, 31, 9)]
@@ -138,10 +146,6 @@ def test_shared_prefix_packing_gives_each_example_its_own_loss_and_gradients(tin
     """data.share_prefix: the common preamble stored once per row, a 4-D mask, position ids
     continuing from it: per-example losses, the batch's loss sum and the LoRA gradients are
     those of the unpacked batch, with fewer tokens processed."""
-    from transformers import AutoModelForCausalLM
-
-    from amzft.model import LoraCausalLM
-
     rng = np.random.default_rng(1)
     preamble = rng.integers(100, 5000, size=7).tolist()
     seqs = [preamble + rng.integers(100, 5000, size=n).tolist() for n in (16, 33, 10, 24, 12)]
@@ -193,20 +197,12 @@ def test_shared_prefix_packing_gives_each_example_its_own_loss_and_gradients(tin
 
 
 def test_share_prefix_needs_packed_rows():
-    from amzft.data.module import AmazonTitlesDataModule
-    from amzft.errors import ConfigError
-
     with pytest.raises(ConfigError, match="data.share_prefix needs data.layout=packed"):
         AmazonTitlesDataModule(layout="grouped", share_prefix=True)
 
 
 @pytest.mark.parametrize("layout", ["grouped", "packed", "packed+share"])
 def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, write_jsonl, tmp_path):
-    from amzft.callbacks import StopAtStep
-    from amzft.lightning_cli import cli_main
-
-    from test_model import RecordSteps, run_fit
-
     data = write_jsonl(tiny_records(40))
     layout, _, share = layout.partition("+")
     common = ("--trainer.max_steps", "6", "--data.layout", layout, "--data.max_length", "160", "--data.mega_batch", "4",
@@ -227,8 +223,6 @@ def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, w
 def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
     """`trainer.strategy: ddp` on 2 gloo processes x batch 1 == 1 process x batch 2: same
     per-step losses and adapter (float tolerance: the all-reduce sums in another order)."""
-    from amzft.checkpoints import load_checkpoint_file
-
     def run(name, *extra):
         losses = tmp_path / f"{name}.jsonl"
         args = fit_args(tiny_model_dir, tiny_data, tmp_path / name, "--trainer.max_steps", "4",
@@ -253,15 +247,14 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, tiny_data, tmp_
 
 
 def test_epoch_based_run_and_validation_sample(tiny_model_dir, write_jsonl, tmp_path):
-    from amzft.lightning_cli import cli_main
-
     data = write_jsonl(tiny_records(40))
     cli = cli_main(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "-1", "--trainer.max_epochs", "2",
                             "--data.val_fraction", "0.3", "--data.val_max_examples", "3",
                             "--trainer.check_val_every_n_epoch", "1"), run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     train = len(cli.datamodule.split("train"))
-    per_epoch = -(-(-(-train // 2)) // 4)  # batches of 2, windows of 4 (the last one short)
+    batches = -(-train // 2)  # batches of 2 (ceiling division), the last one short
+    per_epoch = -(-batches // 4)  # windows of 4
     assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2 * per_epoch
     assert len(cli.datamodule.split("validation")) > 3
     val = cli.datamodule.val_dataloader()
@@ -275,9 +268,6 @@ def _rows(prepared):
 
 
 def test_parallel_build_gives_the_same_examples_and_counts(write_jsonl, llama_tokenizer, tmp_path):
-    from amzft.data.build import DataSettings, prepare
-    from conftest import REAL_400
-
     records = [*tiny_records(30), *tiny_records(5), b"{broken", b'{"title": 3, "content": "x"}', b"\xff\xfe",
                {"title": "Empty", "content": ""}, {"title": "Same", "content": "Same"}, {"title": "A", "content": "VHS Tape"}]
     files = [write_jsonl(records)] + ([REAL_400] if REAL_400.is_file() else [])
@@ -292,9 +282,6 @@ def test_parallel_build_gives_the_same_examples_and_counts(write_jsonl, llama_to
 
 
 def test_parallel_build_strict_names_the_first_bad_line(write_jsonl, llama_tokenizer, tmp_path):
-    from amzft.data.build import DataSettings, prepare
-    from amzft.errors import DataError
-
     path = write_jsonl([*tiny_records(5000), b"{broken", *tiny_records(3)])
     with pytest.raises(DataError, match=r"trn.json:5001: malformed JSON"):
         prepare(DataSettings(path=str(path), strict=True), llama_tokenizer, tmp_path / "c", num_proc=2)

@@ -3,18 +3,17 @@
 import math
 
 import pytest
-from conftest import REPO
 
 from amzft.generate import generate_answers
 from amzft.lightning_cli import cli_main
 from amzft.model import LoraCausalLM
+from amzft.sources import load_tokenizer
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def test_embedded_tokenizer_is_fixed_up():
-    from amzft.sources import load_tokenizer
-
     tok = load_tokenizer("embedded")
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
 

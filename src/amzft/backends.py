@@ -131,7 +131,7 @@ def build_unsloth(settings: LoraSettings):
             "(add model.quantization=nf4 for the same 4-bit QLoRA without Unsloth)"
         )
     if importlib.util.find_spec("unsloth") is None:
-        raise ConfigError("model.backend=unsloth needs the unsloth package: pip install 'amzft[gpu]' (see README, GPU)")
+        raise ConfigError("model.backend=unsloth needs the unsloth package: pip install 'amzft[gpu]' (see docs/gpu.md)")
     from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only (module doc)
 
     directory = resolve_model_dir(settings.name_or_path)

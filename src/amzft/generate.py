@@ -59,7 +59,7 @@ def generate_answers(
 def generate(
     module,
     prompts: list[str],
-    options: GenerationOptions = GenerationOptions(),
+    options: GenerationOptions | None = None,
     use_adapter: bool = True,
     batch_size: int = 8,
 ) -> list[Answer]:
@@ -68,6 +68,7 @@ def generate(
     ``use_adapter=False`` switches the LoRA adapter off (peft's disable_adapter), so base and
     fine-tuned answers come from one loaded model.
     """
+    options = options or GenerationOptions()
     tokenizer, model = module.tokenizer, module.model
     backend = getattr(module, "hparams", {}).get("backend", "hf")
     eos = tokenizer.eos_token_id

@@ -146,7 +146,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AmzftCLI:
         seed_everything_default=3407,
         save_config_kwargs={"overwrite": True},
         # Parse errors raise instead of printing the whole usage: amzft.cli makes them one line.
-        parser_kwargs={"exit_on_error": False, "prog": "python -m amzft", **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
+        parser_kwargs={"exit_on_error": False, "prog": "python -m amzft",
+                       **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
         args=args,
         run=run,
         ckpt_path=ckpt_path,

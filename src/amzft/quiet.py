@@ -28,7 +28,7 @@ _LIGHTNING_LINES = {
 
 def quiet_libraries() -> None:
     # bitsandbytes looks for optional `kernels` CPU 4-bit kernels and warns when absent;
-    # its own CPU path works (DESIGN.md §3).
+    # its own CPU path works (docs/architecture.md, bitsandbytes on CPU).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Lightning advertises a cloud logger at every start.
     os.environ.setdefault("LITLOGGER_TIP_DISABLED", "1")
