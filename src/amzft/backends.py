@@ -4,7 +4,10 @@ Each backend is a function ``(LoraSettings) -> (peft model, tokenizer)``; the Li
 never branches on the backend elsewhere (``set_mode`` is the one other backend-specific call).
 
 * ``hf``: transformers + peft, on CPU or GPU. ``quantization: nf4`` loads the frozen base in
-  4-bit (bitsandbytes NF4, double quantisation, bf16 compute: QLoRA), on CPU too.
+  4-bit (bitsandbytes NF4, double quantisation, bf16 compute: QLoRA), on CPU too. A folder
+  saved already quantised (``config.json`` with a bitsandbytes ``quantization_config``, as the
+  seed's ``unsloth/Llama-3.2-1B-Instruct-bnb-4bit``) loads 4-bit as saved, whatever
+  ``quantization`` says; ``dequantize`` (exports) turns it into a full-precision base.
 * ``unsloth``: Unsloth's 4-bit loader and fused kernels, CUDA only, as in the seed notebook.
 
 peft (seconds to import) and bitsandbytes are imported by the builder that needs them, since
@@ -15,6 +18,8 @@ imported it ahead of transformers.
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from amzft.errors import ConfigError, ModelError
 from amzft.sources import force_offline, load_tokenizer, resolve_model_dir
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -38,6 +45,9 @@ class LoraSettings:
     quantization: str = "none"  # "nf4": 4-bit base (QLoRA); the unsloth backend is always 4-bit
     max_seq_length: int = 2048  # Unsloth sizes its RoPE cache from it
     device: str = "cpu"  # where a quantised base is loaded (4-bit weights are packed on load)
+    use_dora: bool = False  # peft's DoRA: weight-decomposed LoRA (a trainable magnitude per output)
+    use_rslora: bool = False  # peft's rank-stabilised scale alpha / sqrt(r) instead of alpha / r
+    dequantize: bool = False  # a pre-quantised base is dequantised to fp32 (merged / GGUF exports)
 
 
 QUANTIZATIONS = ("none", "nf4")
@@ -58,22 +68,57 @@ def disable_avx512bf16_repacking(model) -> int:
     return changed
 
 
-def build_hf(settings: LoraSettings):
-    """transformers + peft, on CPU or GPU: full-precision base model, LoRA adapters on top."""
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - start-up time (module doc)
+def prequantized(config) -> dict | None:
+    """The bitsandbytes 4-bit ``quantization_config`` a model folder was saved with (a
+    transformers config, or a ``name_or_path``), or None for a full-precision folder. Other
+    quantisation methods are a one-line error: amzft trains on bitsandbytes 4-bit bases only."""
+    if isinstance(config, str):
+        directory = resolve_model_dir(config)
+        config = json.loads((directory / "config.json").read_text())
+    quant = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit"):
+        method = quant.get("quant_method"), "8-bit" if quant.get("load_in_8bit") else ""
+        raise ModelError(f"the model folder is quantised with {' '.join(m for m in method if m)}: amzft trains on "
+                         "full-precision folders or bitsandbytes 4-bit ones (model.quantization=nf4 quantises a full one)")
+    return quant
 
-    force_offline()
-    directory = resolve_model_dir(settings.name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    except Exception as exc:
-        raise ModelError(f"cannot read the model config in {directory}: {exc}") from exc
+
+def dequantize_base(model) -> None:
+    """A pre-quantised (bitsandbytes 4-bit) base in place as fp32 ``nn.Linear`` layers: the
+    weights the 4-bit layers compute with (their bf16 dequantised values, exact in fp32), not
+    the original full-precision ones, which the folder does not hold. The config loses its
+    ``quantization_config``, so a merged export is a plain transformers model."""
+    model.dequantize(dtype=torch.float32)
+    model.to(torch.float32)
+    # transformers 5 keeps the loading conversions to invert them on save; the 4-bit
+    # deserialiser among them has no inverse (save_pretrained raises NotImplementedError) and
+    # there is nothing 4-bit left to convert back, so drop it and keep the others (renamings).
+    kept = []
+    for conversion in getattr(model, "_weight_conversions", None) or []:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue
+        kept.append(conversion)
+    model._weight_conversions = kept
+
+
+def _load_kwargs(settings: LoraSettings, config, directory) -> tuple[dict, bool, bool]:
+    """``from_pretrained`` arguments, whether the base will be 4-bit, and whether it was saved so."""
     if settings.quantization not in QUANTIZATIONS:
         raise ConfigError(f"model.quantization must be one of {QUANTIZATIONS}, found {settings.quantization!r}")
-    quantized = settings.quantization == "nf4"
-    load = {"dtype": torch.float32}
-    if quantized:
-        load = {
+    saved_4bit = prequantized(config) is not None
+    if saved_4bit:
+        if not settings.dequantize and settings.quantization == "none":
+            log.info("%s is saved in 4-bit (bitsandbytes): training on it as saved, as with model.quantization=nf4", directory)
+        # The folder's own quantization_config applies (no second BitsAndBytesConfig: no double
+        # quantisation). Non-4-bit weights load in fp32 for training, as prepare_model_for_kbit_training would.
+        return {"dtype": torch.float32, "device_map": {"": settings.device}}, not settings.dequantize, True
+    if settings.quantization == "nf4":
+        return {
             "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
@@ -82,11 +127,30 @@ def build_hf(settings: LoraSettings):
             ),
             "dtype": torch.bfloat16,
             "device_map": {"": settings.device},
-        }
+        }, True, False
+    return {"dtype": torch.float32}, False, False
+
+
+def build_hf(settings: LoraSettings):
+    """transformers + peft, on CPU or GPU: full-precision, 4-bit or pre-quantised 4-bit base
+    model, LoRA (or DoRA / rsLoRA) adapters on top."""
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - start-up time (module doc)
+
+    force_offline()
+    directory = resolve_model_dir(settings.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read the model config in {directory}: {exc}") from exc
+    if settings.dequantize and settings.quantization == "nf4":
+        raise ConfigError("a dequantised base cannot also be quantised: use model.quantization=none with dequantize")
+    load, quantized, saved_4bit = _load_kwargs(settings, config, directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, trust_remote_code=False, **load)
     except Exception as exc:
         raise ModelError(f"cannot load a causal LM ({config.model_type}) from {directory}: {exc}") from exc
+    if saved_4bit and settings.dequantize:
+        dequantize_base(model)
     if quantized:
         from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - start-up time (module doc)
 
@@ -114,6 +178,8 @@ def build_hf(settings: LoraSettings):
         bias="none",
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
     )
     peft_model = get_peft_model(model, lora)
     peft_model.train()  # from_pretrained leaves modules in eval mode; Lightning keeps modes as found
@@ -151,6 +217,7 @@ def build_unsloth(settings: LoraSettings):
         bias="none",
         use_gradient_checkpointing="unsloth" if settings.gradient_checkpointing else False,
         random_state=settings.seed,
+        use_rslora=settings.use_rslora,  # Unsloth's own switch (DoRA it lacks: refused by the module)
     )
     torch.manual_seed(settings.seed)  # get_peft_model calls set_seed: leave the global RNG as ours
     FastLanguageModel.for_training(model)

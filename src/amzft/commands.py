@@ -7,6 +7,7 @@ imports.
 
 from __future__ import annotations
 
+import json
 import textwrap
 import time
 from pathlib import Path
@@ -195,7 +196,8 @@ def evaluate_command(argv: list[str]) -> None:
     """Score base (and fine-tuned) answers on seen and held-out products."""
     from amzft.generate import GenerationOptions
 
-    parser = _parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split.",
+    parser = _parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split. With a "
+                     "checkpoint, --data.path of another file scores its products as seen / unseen by that checkpoint.",
                      own=("ckpt_path",))
     parser.add_argument("--ckpt_path", default=None, help="checkpoint (or `last`); none: the base model only")
     parser.add_argument("--model", type=Any, default=None, help="base-model options when there is no checkpoint")
@@ -203,7 +205,8 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--samples", type=int, default=24, help="products per split (a seeded sample)")
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--out", default=None, help="report folder (default: the checkpoint's run folder)")
+    parser.add_argument("--out", default=None,
+                        help="report folder (default: the checkpoint's run folder; its eval_<file> subfolder for another --data.path)")
     parser.add_argument("--log_root", default="logs")
     parser.add_class_arguments(GenerationOptions, "gen")
     cfg = parser.parse_args(argv)
@@ -220,6 +223,9 @@ def evaluate_command(argv: list[str]) -> None:
         module, fmt = LoraCausalLM.from_checkpoint(ckpt)
         dm, step = datamodule_from_checkpoint(ckpt)
         out = Path(cfg.out) if cfg.out else Path(ckpt).parent.parent
+        other = _other_file(cfg, ckpt, dm)
+        if other is not None:
+            return _evaluate_file(cfg, options, module, fmt, ckpt, step, out, other)
     else:
         ckpt, dm, step = None, _datamodule(cfg), 0
         module = _base_module(dict(cfg.model or {}) | {"max_length": dm.settings.max_length})
@@ -230,6 +236,37 @@ def evaluate_command(argv: list[str]) -> None:
     md, js = write_report(report, out, step)
     print(render_table(report))
     print(f"\nreport: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
+
+
+def _other_file(cfg, ckpt: str, dm):
+    """``--data.path`` of a file other than the one the checkpoint was trained on: its data
+    module (the checkpoint's filters, prompt and tokenizer; every product in one split, no
+    read limit), and the checkpoint's training titles. None when no other file was named."""
+    from amzft.checkpoints import datamodule_from_checkpoint
+    from amzft.data.reader import check_data_file
+
+    path = (cfg.get("data") or {}).get("path")
+    if not path or check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve():
+        return None
+    other, _ = datamodule_from_checkpoint(ckpt, path=str(path), val_fraction=0.0, test_fraction=0.0, limit=None)
+    return other, dm.split("train")["title"]
+
+
+def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, other) -> None:
+    from amzft.evaluation import render_table, run_evaluation, split_by_seen, write_report
+
+    datamodule, trained_titles = other
+    if not cfg.out:  # beside the run's own report, not over it
+        out = out / f"eval_{Path(datamodule.settings.path).name.split('.')[0]}"
+    datasets = split_by_seen(datamodule.split("train"), trained_titles)
+    report = run_evaluation(module, datamodule, fmt, ["seen", "unseen"], cfg.samples, options, with_adapter=True,
+                            checkpoint=ckpt, seed=cfg.seed, batch_size=cfg.batch_size, datasets=datasets)
+    report["file"] = {"path": datamodule.settings.path, **{name: len(rows) for name, rows in datasets.items()}}
+    md, js = write_report(report, out, step)
+    print(render_table(report))
+    print(f"\n{datamodule.settings.path}: {len(datasets['seen'])} products seen in training, "
+          f"{len(datasets['unseen'])} unseen (scored: up to {cfg.samples} of each)")
+    print(f"report: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
 
 
 def export_command(argv: list[str]) -> None:
@@ -251,3 +288,5 @@ def export_command(argv: list[str]) -> None:
     out = export(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge)
     kind = "merged model" if cfg.merge else "PEFT adapter"
     print(f"{kind} written to {out}")
+    if (out / "amzft_base.json").is_file():  # a base folder saved in 4-bit: say what the weights are
+        print(f"note: {json.loads((out / 'amzft_base.json').read_text())['note']}")

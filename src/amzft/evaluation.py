@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from amzft.data.split import product_key
 from amzft.generate import Answer, GenerationOptions, generate
 from amzft.scoring import failure_views, overlap_scores
 
-SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (validation)", "test": "held-out products"}
+SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (validation)", "test": "held-out products",
+                 "seen": "products of the checkpoint's training split", "unseen": "products it was not trained on"}
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf")
 VIEWS = ("empty", "title_only", "never_stopped", "looping", "facts_recalled", "facts_invented", "mean_new_tokens")
 
@@ -84,11 +86,22 @@ def write_report(report: dict, out_dir: Path, step: int = 0) -> tuple[Path, Path
     return md, js
 
 
+def split_by_seen(dataset, trained_titles) -> dict:
+    """Another file's products as ``seen`` (a title of the checkpoint's training split) and
+    ``unseen`` (any other), matched by the key the product split hashes (``product_key`` of the
+    cleaned title), so spacing or case differences do not make a trained product look new."""
+    trained = {product_key(t) for t in trained_titles}
+    seen = np.array([product_key(t) in trained for t in dataset["title"]], dtype=bool)
+    return {"seen": dataset.select(np.flatnonzero(seen)), "unseen": dataset.select(np.flatnonzero(~seen))}
+
+
 def run_evaluation(module, datamodule, fmt, splits, samples, options: GenerationOptions, with_adapter: bool,
-                   checkpoint: str | None, seed: int = 3407, batch_size: int = 8) -> dict:
+                   checkpoint: str | None, seed: int = 3407, batch_size: int = 8, datasets: dict | None = None) -> dict:
+    """Scores per split: ``datamodule.split(name)``, or ``datasets[name]`` when given (another
+    file's seen / unseen products)."""
     report = {"checkpoint": checkpoint, "generation": asdict(options), "splits": {}}
     for split in splits:
-        rows = sample_rows(datamodule.split(split), samples, seed)
+        rows = sample_rows(datasets[split] if datasets is not None else datamodule.split(split), samples, seed)
         if rows["title"]:
             report["splits"][split] = evaluate_split(module, fmt, rows, options, with_adapter, batch_size)
     return report

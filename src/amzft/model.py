@@ -15,11 +15,12 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import get_linear_schedule_with_warmup
 
-from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, set_mode
+from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, prequantized, set_mode
 from amzft.checkpoints import AdapterCheckpointing
 from amzft.errors import ConfigError
 from amzft.generate import GenerationOptions, generate
 from amzft.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
+from amzft.neftune import NEFTune
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,15 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             generation run the layers eagerly. ``hf`` backend only (Unsloth has its own kernels).
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training or ``skip``s that optimizer
             step (``amzft.nonfinite.NonFiniteGuard``).
+        use_dora: DoRA (peft's weight-decomposed LoRA: a trainable magnitude per output
+            feature on top of the LoRA direction). ``hf`` backend only.
+        use_rslora: rank-stabilised LoRA (peft / Unsloth): scale alpha / sqrt(r) instead of alpha / r.
+        neftune_alpha: NEFTune noise on the input embeddings while training (uniform,
+            alpha / sqrt(length x hidden) at most; 5 in the NEFTune paper); 0: off. Validation,
+            generation and exports are noise-free. Seeded per step, so resume stays exact.
+        dequantize_base: a base folder saved in 4-bit (bitsandbytes) is dequantised to fp32
+            before the adapters go on (merged exports do this); without it such a folder trains
+            in 4-bit as saved, whatever ``quantization`` says.
     """
 
     def __init__(
@@ -91,6 +101,10 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         quantization: Literal["none", "nf4"] = "none",
         compile: bool = False,
         loss_chunk_tokens: int = 0,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        neftune_alpha: float = 0.0,
+        dequantize_base: bool = False,
     ):
         super().__init__()
         problems = []
@@ -104,6 +118,10 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
         if loss_chunk_tokens < 0:
             problems.append(f"model.loss_chunk_tokens must be >= 0 (0: no chunking), found {loss_chunk_tokens}")
+        if not (neftune_alpha >= 0 and math.isfinite(neftune_alpha)):
+            problems.append(f"model.neftune_alpha must be >= 0 (0: off), found {neftune_alpha}")
+        if use_dora and backend != "hf":
+            problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
         if compile and backend != "hf":
             problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
         if backend == "unsloth" and quantization == "nf4":
@@ -121,6 +139,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             seed=lora_seed,
             quantization=quantization,
             max_seq_length=max_length,
+            use_dora=use_dora,
+            use_rslora=use_rslora,
+            dequantize=dequantize_base,
         )
         self.model = None
         self.tokenizer = None
@@ -132,6 +153,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self._window: WindowSummary | None = None  # this optimizer step's, once computed
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (NonFiniteGuard)
         self._eval_sums: dict[str, list[float]] = {}
+        self._neftune: NEFTune | None = None
 
 
     # ----------------------------------------------------------------- model
@@ -139,7 +161,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         if self.model is not None:  # Lightning calls this once per fit/validate/test
             return
         settings = self.lora
-        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth":
+        saved_4bit = self.hparams.backend == "hf" and not settings.dequantize and prequantized(settings.name_or_path)
+        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit:
             # 4-bit weights are packed on the device they load to: the trainer's (the rank's
             # GPU under DDP), or the first GPU / CPU outside a trainer.
             device = self.trainer.strategy.root_device if self._trainer is not None else (
@@ -152,6 +175,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self._plain_head = self.model.get_base_model().config.model_type in PLAIN_HEAD_MODELS
         if self.hparams.compile:
             self._compile_layers()
+        self._neftune = NEFTune.attach(self.model, self.hparams.neftune_alpha, self.lora.seed)
 
     def _compile_layers(self) -> None:
         """Compile each decoder layer in place (``nn.Module.compile``: parameter names and
@@ -174,6 +198,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         return loss_sum / max(n, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._neftune is not None:  # this micro-batch's noise, the same again on resume
+            self._neftune.reseed(self.global_step, len(self._window_batches), self.global_rank)
         loss_sum, n = self.token_loss_sum(batch)
         window = int(batch["window_label_tokens"])
         self._window_loss += float(loss_sum.detach())

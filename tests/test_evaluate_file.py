@@ -1,0 +1,42 @@
+"""``evaluate --ckpt_path X --data.path tst.json``: another file's products scored as seen
+(in the checkpoint's training split) and unseen, both in the report."""
+
+from __future__ import annotations
+
+import json
+
+from amzft.checkpoints import datamodule_from_checkpoint
+from amzft.cli import main
+from conftest import fit_args
+
+
+def test_evaluate_on_another_file_reports_seen_and_unseen(tiny_model_dir, tiny_data, write_jsonl, tmp_path, capsys):
+    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1",
+                  "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    dm, _ = datamodule_from_checkpoint(ckpt)
+    trained, held_out = list(dm.split("train")["title"]), list(dm.split("test")["title"])
+    assert len(trained) >= 3 and len(held_out) >= 2
+    # Trained products, one with other case and spacing (the same product to the split's key);
+    # the checkpoint's held-out products and new ones are unseen.
+    titles = [trained[0].upper(), trained[1].replace(" ", "   "), trained[2], *held_out[:2],
+              *(f"Brand new thing {i}" for i in range(4))]
+    records = [{"title": t, "content": f"A fresh description number {i} of a product for testing."}
+               for i, t in enumerate(titles)]
+    tst = write_jsonl(records, name="tst.json")
+
+    capsys.readouterr()
+    main(["evaluate", "--ckpt_path", str(ckpt), "--data.path", str(tst), "--samples", "10", "--gen.max_new_tokens", "2"])
+    out = capsys.readouterr().out
+    assert "3 products seen in training, 6 unseen" in out
+    report = json.loads((ckpt.parent.parent / "eval_tst" / "report.json").read_text())
+    assert report["file"] == {"path": str(tst), "seen": 3, "unseen": 6}
+    assert {name: split["n"] for name, split in report["splits"].items()} == {"seen": 3, "unseen": 6}
+    assert set(report["splits"]["seen"]["models"]) == {"base", "fine-tuned"}
+    assert {e["title"] for e in report["splits"]["unseen"]["examples"]} >= {"Brand new thing 0", held_out[0]}
+    assert not (ckpt.parent.parent / "report.json").exists()  # the run's own report is not overwritten
+
+    # The training file itself (or a config naming it) keeps the usual train / test report.
+    main(["evaluate", "--ckpt_path", str(ckpt), "--data.path", str(tiny_data), "--samples", "2",
+          "--gen.max_new_tokens", "2", "--splits", "[test]"])
+    assert set(json.loads((ckpt.parent.parent / "report.json").read_text())["splits"]) == {"test"}
