@@ -270,12 +270,14 @@ def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, o
 
 
 def export_command(argv: list[str]) -> None:
-    """Write the adapter as a PEFT directory, or (--merge) a merged transformers model."""
-    parser = _parser("amzft export", "Export a trained adapter (PEFT) or a merged model (safetensors).",
+    """Write the adapter as a PEFT directory, a merged transformers model, or a GGUF file + Modelfile."""
+    parser = _parser("amzft export", "Export a trained adapter (PEFT), a merged model (safetensors) or a GGUF file.",
                      with_data=False, own=("ckpt_path",))
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of a fine-tuned run (or `last`)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--merge", type=bool, default=False, help="merge LoRA into the base weights")
+    parser.add_argument("--merge", type=bool, default=False, help="merge LoRA into the base weights (= --format merged)")
+    parser.add_argument("--format", default=None, help="peft (default), merged, or gguf (llama.cpp / Ollama)")
+    parser.add_argument("--gguf_type", default="f16", help="with --format gguf: f16 or q8_0")
     parser.add_argument("--log_root", default="logs")
     parser.add_argument("--model", type=Any, default=None)
     parser.add_argument("--data", type=Any, default=None)
@@ -285,8 +287,12 @@ def export_command(argv: list[str]) -> None:
 
     if not cfg.ckpt_path:
         raise ConfigError("export needs --ckpt_path: a base-only run has no adapter to export")
-    out = export(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge)
-    kind = "merged model" if cfg.merge else "PEFT adapter"
+    out = export(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge, cfg.format, cfg.gguf_type)
+    fmt = cfg.format or ("merged" if cfg.merge else "peft")
+    kind = {"peft": "PEFT adapter", "merged": "merged model", "gguf": f"GGUF ({cfg.gguf_type}) + Ollama Modelfile"}[fmt]
     print(f"{kind} written to {out}")
+    if fmt == "gguf":
+        print(f"run it: cd {out} && ollama create amzft -f Modelfile && ollama run amzft "
+              '"What is the description of product Girls Ballet Tutu?"')
     if (out / "amzft_base.json").is_file():  # a base folder saved in 4-bit: say what the weights are
         print(f"note: {json.loads((out / 'amzft_base.json').read_text())['note']}")

@@ -1,14 +1,18 @@
 """Export a checkpoint's adapter for use without amzft.
 
-* adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` (+ tokenizer), loadable
-  with ``peft.PeftModel.from_pretrained(base, DIR)``;
-* merged (``--merge``): LoRA folded into the base weights, a plain transformers model in
-  safetensors that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads without peft.
+* ``peft`` (default): ``adapter_config.json`` + ``adapter_model.safetensors`` (+ tokenizer),
+  loadable with ``peft.PeftModel.from_pretrained(base, DIR)``;
+* ``merged`` (``--merge true`` too): LoRA folded into the base weights, a plain transformers
+  model in safetensors that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads without peft;
+* ``gguf``: the merged model as one llama.cpp GGUF file (f16 or q8_0) and an Ollama
+  ``Modelfile`` (amzft.gguf_export).
 
-Both also get ``amzft_prompt.json``: the prompt the model was trained on, needed to ask it.
-A base folder saved in 4-bit (bitsandbytes, e.g. the seed's ``…-bnb-4bit``) is dequantised
-for exports (``full_precision_module``): the merged weights are the 4-bit base's, dequantised,
-not the original full-precision model's, and ``amzft_base.json`` says so.
+Every export carries the prompt the model was trained on, needed to ask it: as the
+tokenizer's chat template (``apply_chat_template`` on the question gives exactly the training
+prompt's ids) and as ``amzft_prompt.json``. A base folder saved in 4-bit (bitsandbytes, e.g. the
+seed's ``…-bnb-4bit``) is dequantised for exports (``full_precision_module``): merged and GGUF
+weights are the 4-bit base's, dequantised, not the original full-precision model's, and
+``amzft_base.json`` says so.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ from pathlib import Path
 
 from amzft.backends import prequantized
 from amzft.checkpoints import load_checkpoint_file
-from amzft.data.prompt import PromptFormat
+from amzft.data.prompt import PromptFormat, chat_template_for
+from amzft.errors import ConfigError
+from amzft.gguf_export import GGUF_TYPES, check_supported, export_gguf
 from amzft.model import LoraCausalLM
 from amzft.paths import staging_dir
 
+FORMATS = ("peft", "merged", "gguf")
 DEQUANTIZED_NOTE = "weights are the 4-bit base's, dequantized (not the original full-precision model's)"
 
 
 def full_precision_module(ckpt_path: str) -> tuple[LoraCausalLM, PromptFormat, str | None]:
     """The checkpoint's module on a full-precision base, built with transformers: what merged
-    (and GGUF) exports fold LoRA into. The adapter's weights do not depend on how the base was
+    and GGUF exports fold LoRA into. The adapter's weights do not depend on how the base was
     loaded, so an adapter trained on a 4-bit base (nf4 or Unsloth) exports on a machine without
     a GPU, and a merged model is a plain model (merging into 4-bit weights would round the LoRA
     update away and need bitsandbytes to load). A base folder saved in 4-bit has no
@@ -41,21 +48,33 @@ def full_precision_module(ckpt_path: str) -> tuple[LoraCausalLM, PromptFormat, s
     return module, fmt, DEQUANTIZED_NOTE if saved_4bit else None
 
 
-def export(ckpt_path: str, out: str | Path, merge: bool = False) -> Path:
-    module, fmt, note = full_precision_module(ckpt_path)
+def export(ckpt_path: str, out: str | Path, merge: bool = False, fmt: str | None = None, gguf_type: str = "f16") -> Path:
+    fmt = fmt or ("merged" if merge else "peft")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format takes {', '.join(FORMATS)}; found {fmt!r}")
+    if merge and fmt == "peft":
+        raise ConfigError("--merge true contradicts --format peft: pass one of them")
+    if fmt == "gguf" and gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"--gguf_type takes {', '.join(GGUF_TYPES)}; found {gguf_type!r}")
+    module, prompt, note = full_precision_module(ckpt_path)
+    if fmt == "gguf":
+        check_supported(module.model.config)  # before minutes of work, not after
+    module.tokenizer.chat_template = chat_template_for(module.tokenizer, prompt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling, then move into place: no half-written export on failure.
     tmp = staging_dir(out.parent, f".{out.name}-")
     try:
-        if merge:
-            merged = module.model.merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-        else:
+        if fmt == "peft":
             module.model.save_pretrained(tmp, safe_serialization=True)
-        module.tokenizer.save_pretrained(tmp)
-        (tmp / "amzft_prompt.json").write_text(json.dumps(asdict(fmt), indent=1))
-        if note and merge:
+            module.tokenizer.save_pretrained(tmp)
+        elif fmt == "merged":
+            module.model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            module.tokenizer.save_pretrained(tmp)
+        else:
+            export_gguf(module.model.merge_and_unload(), module.tokenizer, prompt, tmp, gguf_type)
+        (tmp / "amzft_prompt.json").write_text(json.dumps(asdict(prompt), indent=1))
+        if note and fmt != "peft":  # an adapter holds no base weights: nothing was dequantised in it
             base = {"base": module.hparams.name_or_path, "dequantized_from": "bitsandbytes 4-bit", "note": note}
             (tmp / "amzft_base.json").write_text(json.dumps(base, indent=1))
         if out.exists():
