@@ -1,16 +1,22 @@
-"""Training callbacks: stop at a step, stop gracefully, preflight checks, predictions, sample answers."""
+"""Training callbacks: stop at a step, stop gracefully, preflight checks, predictions, sample
+answers and their ROUGE-L (``val/rougeL``)."""
 
 from __future__ import annotations
 
 import json
+import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 from lightning.pytorch import Callback
 
 from amzft.checkpoints import check_writable, save_last_now
+from amzft.errors import ConfigError
 from amzft.generate import generate_answers
+from amzft.scoring import overlap_scores
+from amzft.selection import BestCheckpoint, find_schedule
 
 
 class StopAtStep(Callback):
@@ -42,27 +48,58 @@ class PredictionsWriter(Callback):
 
 
 class SampleAnswers(Callback):
-    """Every ``every_n_steps`` optimizer steps, answers for a few fixed validation products go to
-    TensorBoard as text, so the answers can be watched changing along the loss curve.
+    """Greedy answers (no RNG, so runs stay exact) for a fixed, seeded sample of validation products:
+
+    * every ``every_n_steps`` optimizer steps, the first ``products`` go to TensorBoard as text
+      (``samples/answers``), to watch the answers change along the loss curve;
+    * at every validation (so on ``validation.every_n_steps``' schedule, and in ``validate``),
+      the first ``rouge_products`` are scored against their descriptions with ROUGE-L F1
+      (torchmetrics, ``scoring.overlap_scores`` as in ``evaluate``) and logged as ``val/rougeL``:
+      a curve, and a metric ``best.monitor`` and early stopping can use. Answers are capped at
+      ``max_new_tokens``, so it ranks checkpoints rather than measuring full descriptions.
+
+    One generation pass serves both: when the text is due at a step that also validates, it is
+    written at the validation from the scored answers. Under DDP rank 0 generates and every rank
+    logs the score it broadcasts.
 
     Args:
-        every_n_steps: 0 turns it off.
-        products: how many products (the first of the validation split, else of train).
-        max_new_tokens: answer length cap (greedy; greedy uses no RNG, so runs stay exact).
+        every_n_steps: text every N optimizer steps; 0 turns the text off.
+        products: products in the text (of the validation split, else of train).
+        max_new_tokens: answer length cap.
+        rouge_products: products scored at each validation (one batch up to 8); 0 turns
+            ``val/rougeL`` off.
+        seed: picks the sample.
     """
 
-    def __init__(self, every_n_steps: int = 20, products: int = 3, max_new_tokens: int = 64):
+    def __init__(self, every_n_steps: int = 20, products: int = 3, max_new_tokens: int = 64, rouge_products: int = 8,
+                 seed: int = 3407):
+        if min(every_n_steps, products, rouge_products) < 0 or max_new_tokens < 1:
+            raise ConfigError("sample_answers.every_n_steps, products and rouge_products must be >= 0 (0: off), "
+                              "max_new_tokens >= 1")
         self.every_n_steps, self.products, self.max_new_tokens = every_n_steps, products, max_new_tokens
+        self.rouge_products, self.seed = rouge_products, seed
         self._done_step = -1
+        self._text_pending: int | None = None  # a step whose text waits for that step's validation
+        self.last_seconds: float | None = None  # the last val/rougeL generation + scoring, for the record
 
-    def _rows(self, trainer):
+    def _rows(self, trainer, n: int, splits=("validation", "train")):
+        """The first ``n`` of a seeded order of the split's products (the same order every call)."""
         dm = trainer.datamodule
-        for split in ("validation", "train"):
+        for split in splits:
             data = dm.split(split)
             if len(data):
-                n = min(self.products, len(data))
-                return split, data.select(range(n)).select_columns(["title", "content"])
+                order = random.Random(self.seed).sample(range(len(data)), min(max(n, self.products, self.rouge_products), len(data)))
+                return split, data.select(order[:n]).select_columns(["title", "content"])
         return None, None
+
+    def _write_text(self, trainer, step: int, split: str, rows, answers: list[str]) -> None:
+        text = "\n\n".join(
+            f"**{t}** ({split})  \nreference: {c}  \nanswer: {a or '(empty)'}"
+            for t, c, a in zip(rows["title"], rows["content"], answers)
+        )
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("samples/answers", text, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -71,17 +108,35 @@ class SampleAnswers(Callback):
         self._done_step = step
         if not trainer.is_global_zero or trainer.datamodule is None or not trainer.loggers:
             return
-        split, rows = self._rows(trainer)
-        if rows is None:
+        schedule = find_schedule(trainer)
+        if self.rouge_products and schedule is not None and schedule.is_due(trainer) and trainer.enable_validation:
+            self._text_pending = step  # the validation right after this batch generates them anyway
             return
-        answers = generate_answers(pl_module, list(rows["title"]), trainer.datamodule.settings.prompt, self.max_new_tokens)
-        text = "\n\n".join(
-            f"**{t}** ({split})  \nreference: {c}  \nanswer: {a or '(empty)'}"
-            for t, c, a in zip(rows["title"], rows["content"], answers)
-        )
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_text"):
-            experiment.add_text("samples/answers", text, step)
+        split, rows = self._rows(trainer, self.products)
+        if rows is not None:
+            answers = generate_answers(pl_module, list(rows["title"]), trainer.datamodule.settings.prompt, self.max_new_tokens)
+            self._write_text(trainer, step, split, rows, answers)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not self.rouge_products or trainer.sanity_checking or trainer.datamodule is None:
+            return
+        score = None
+        if trainer.is_global_zero:
+            started = time.perf_counter()
+            split, rows = self._rows(trainer, self.rouge_products, splits=("validation",))
+            if rows is not None:
+                titles, references = list(rows["title"]), list(rows["content"])
+                answers = generate_answers(pl_module, titles, trainer.datamodule.settings.prompt, self.max_new_tokens,
+                                           batch_size=8)
+                score = overlap_scores(answers, references)["rougeL"]
+                self.last_seconds = time.perf_counter() - started
+                if self._text_pending == trainer.global_step and trainer.loggers:
+                    n = min(self.products, len(titles))
+                    self._write_text(trainer, trainer.global_step, split, rows.select(range(n)), answers[:n])
+        self._text_pending = None
+        score = trainer.strategy.broadcast(score, src=0)
+        if score is not None:
+            pl_module.log("val/rougeL", float(score), prog_bar=True)
 
 
 class GracefulStop(Callback):
@@ -142,7 +197,7 @@ class Preflight(Callback):
     the adapter and optimizer-state size) is known. (The log folder itself is checked by the
     CLI before anything is written.)"""
 
-    CHECKPOINTS_OF_ROOM = 3  # a new step file, last.ckpt and its temporary copy
+    CHECKPOINTS_OF_ROOM = 3  # a new step file, last.ckpt and its temporary copy (plus the best-k files)
 
     def on_fit_start(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.checkpoint_callback is None:
@@ -151,4 +206,5 @@ class Preflight(Callback):
         # weights + two AdamW moments (fp32 upper bound; 8-bit moments are smaller)
         one = sum(p.numel() * (p.element_size() + 8) for p in trainable) + (1 << 20)
         folder = trainer.checkpoint_callback.dirpath or trainer.default_root_dir
-        check_writable(folder, self.CHECKPOINTS_OF_ROOM * one, what="checkpoint folder")
+        best = sum(c.save_top_k for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint))
+        check_writable(folder, (self.CHECKPOINTS_OF_ROOM + best) * one, what="checkpoint folder")

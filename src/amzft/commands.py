@@ -22,6 +22,7 @@ from amzft.errors import ConfigError
 # so every command reads the same YAML files.
 _TRAINING_KEYS = (
     "model", "trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything", "checkpoint", "sample_answers",
+    "validation", "best", "early_stopping",
 )
 
 
@@ -78,12 +79,12 @@ def ask_command(argv: list[str]) -> None:
     """Answer "What is the description of product TITLE?" with the base or fine-tuned model."""
     parser = _parser("amzft ask", "Answer the seed question for one or more product titles.", with_data=False, own=("ckpt_path",))
     parser.add_argument("titles", nargs="+", help="product titles")
-    parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`): answer with the fine-tuned adapter")
+    parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`, `best`): answer with the fine-tuned adapter")
     parser.add_argument("--compare", type=bool, default=False, help="with --ckpt_path: print base and fine-tuned answers")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--model", type=Any, default=None, help="model options (name_or_path …) for the base model")
     parser.add_argument("--data", type=Any, default=None, help="(its prompt options are used)")
-    parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` looks")
+    parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
     cfg = parser.parse_args(argv)
     from amzft.checkpoints import resolve_ckpt_path
     from amzft.generate import generate_answers
@@ -127,22 +128,44 @@ def demo_command(argv: list[str]) -> None:
     if cfg.steps:
         extra += ["--trainer.max_steps", str(cfg.steps)]
     started = time.perf_counter()
-    last, datamodule = _demo_train(str(config), extra, cfg.log_root)
+    last, datamodule, history = _demo_train(str(config), extra, cfg.log_root)
     train_minutes = (time.perf_counter() - started) / 60
-    print("\n== 3/3 base vs fine-tuned answers (greedy) ==")
-    _demo_answers(last, datamodule, cfg.max_new_tokens)
+    chosen, why = _demo_pick(last, history, cfg.log_root)
+    print(f"\n== 3/3 base vs fine-tuned answers (greedy) from {why} ==")
+    _demo_answers(chosen, datamodule, cfg.max_new_tokens)
     print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min (training {train_minutes:.1f} min). "
-          f"checkpoint: {last} ({last.stat().st_size / 2**20:.1f} MiB)")
+          f"checkpoint: {chosen} ({chosen.stat().st_size / 2**20:.1f} MiB); last: {last}")
     print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
-    print('ask it yourself: python -m amzft ask "Girls Ballet Tutu Neon Pink" --ckpt_path last --compare true')
+    which = "best" if chosen != last else "last"
+    print(f'ask it yourself: python -m amzft ask "Girls Ballet Tutu Neon Pink" --ckpt_path {which} --compare true')
+
+
+def _demo_pick(last: Path, history: list[tuple[int, dict[str, float]]], log_root: str) -> tuple[Path, str]:
+    """The best checkpoint and why (which step, its score among all validations, and the last
+    step's), or the last checkpoint when no validation kept a best one."""
+    from amzft.checkpoints import MONITOR_MODES, find_best_checkpoint
+
+    try:
+        best = find_best_checkpoint(log_root)
+    except ConfigError:
+        return last, "the last checkpoint (no validation kept a best one)"
+    scores = [(step, m[best.monitor]) for step, m in history if best.monitor in m]
+    lowest = "lowest" if MONITOR_MODES.get(best.monitor, "min") == "min" else "highest"
+    why = f"the best checkpoint: step {best.step} ({lowest} {best.monitor} {best.score:.4f}"
+    if not scores:
+        return best.path, why + ")"
+    final_step, final = scores[-1]
+    last_word = "it is the last step" if final_step == best.step else f"the last, step {final_step}, had {final:.4f}"
+    return best.path, f"{why} of the {len(scores)} validations; {last_word})"
 
 
 def _demo_train(config: str, extra: list[str], log_root: str):
     """Train to half the steps, stop (as an interruption would), resume from last.ckpt to the end.
-    Returns the final checkpoint and the data module."""
+    Returns the final checkpoint, the data module and the validations (step, metrics)."""
     from amzft.callbacks import StopAtStep
     from amzft.checkpoints import resolve_ckpt_path
     from amzft.lightning_cli import cli_main
+    from amzft.selection import ValidationSchedule
 
     first = cli_main(["fit", "--config", config, *extra], run=False)
     total = first.trainer.max_steps
@@ -154,15 +177,18 @@ def _demo_train(config: str, extra: list[str], log_root: str):
     print(f"\n== 2/3 resuming from {resolve_ckpt_path('last', log_root)} ==")
     second = cli_main(["fit", "--config", config, *extra, "--ckpt_path", "last"], run=False)
     second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=second.ckpt_path)
-    return Path(second.trainer.checkpoint_callback.last_model_path), second.datamodule
+    # Each run's validations (the first run's last one comes after its last.ckpt, so the
+    # checkpoint's own record cannot give them all).
+    history = [row for cli in (first, second) for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule) for row in c.history]
+    return Path(second.trainer.checkpoint_callback.last_model_path), second.datamodule, history
 
 
-def _demo_answers(last: Path, datamodule, max_new_tokens: int) -> None:
+def _demo_answers(checkpoint: Path, datamodule, max_new_tokens: int) -> None:
     """Base and fine-tuned answers for the seed's questions and one seen / one held-out product."""
     from amzft.generate import generate_answers
     from amzft.model import LoraCausalLM
 
-    module, fmt = LoraCausalLM.from_checkpoint(last)
+    module, fmt = LoraCausalLM.from_checkpoint(checkpoint)
     titles = list(SEED_QUESTIONS)
     references = {}
     for split in ("train", "test"):
@@ -199,7 +225,7 @@ def evaluate_command(argv: list[str]) -> None:
     parser = _parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split. With a "
                      "checkpoint, --data.path of another file scores its products as seen / unseen by that checkpoint.",
                      own=("ckpt_path",))
-    parser.add_argument("--ckpt_path", default=None, help="checkpoint (or `last`); none: the base model only")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint (or `last`, `best`); none: the base model only")
     parser.add_argument("--model", type=Any, default=None, help="base-model options when there is no checkpoint")
     parser.add_argument("--splits", type=list[str], default=["train", "test"], help="train = seen products, test = held-out")
     parser.add_argument("--samples", type=int, default=24, help="products per split (a seeded sample)")
@@ -273,7 +299,7 @@ def export_command(argv: list[str]) -> None:
     """Write the adapter as a PEFT directory, a merged transformers model, or a GGUF file + Modelfile."""
     parser = _parser("amzft export", "Export a trained adapter (PEFT), a merged model (safetensors) or a GGUF file.",
                      with_data=False, own=("ckpt_path",))
-    parser.add_argument("--ckpt_path", default=None, help="checkpoint of a fine-tuned run (or `last`)")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint of a fine-tuned run (or `last`, `best`)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--merge", type=bool, default=False, help="merge LoRA into the base weights (= --format merged)")
     parser.add_argument("--format", default=None, help="peft (default), merged, or gguf (llama.cpp / Ollama)")

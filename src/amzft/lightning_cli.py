@@ -7,7 +7,12 @@
   rate and token-throughput curves.
 * ``--ckpt_path last`` resumes (fit) or evaluates (validate / test / predict) the newest
   ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
-* ``sample_answers.*``: answers for a few validation products go to TensorBoard text every N steps.
+* ``sample_answers.*``: answers for a few validation products go to TensorBoard text every N
+  steps, and their ROUGE-L is logged as ``val/rougeL`` at every validation.
+* ``validation.every_n_steps``: validation every N optimizer steps (``amzft.selection``).
+* ``best.*``: the best-k checkpoints by ``val/loss`` or ``val/rougeL``; ``--ckpt_path best``
+  (validate / test / predict, and ``ask`` / ``evaluate`` / ``export``) picks the newest run's best.
+* ``early_stopping.*``: Lightning's EarlyStopping on ``best.monitor``, when ``patience`` > 0.
 * SIGTERM / Ctrl-C: training finishes the accumulation window, writes ``last.ckpt`` and stops.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
 """
@@ -37,6 +42,7 @@ from amzft.errors import ConfigError
 from amzft.model import LoraCausalLM
 from amzft.nonfinite import NonFiniteGuard
 from amzft.progress import ParameterSummary, StepProgressBar
+from amzft.selection import BestCheckpoint, EarlyStop, ValidationSchedule
 from amzft.throughput import ThroughputMeter
 
 
@@ -46,6 +52,7 @@ class AmzftCLI(LightningCLI):
 
     def __init__(self, *args, ckpt_path: str | None = None, **kwargs):
         self._resume_version: int | None = None
+        self._early_stop: dict | None = None
         self.ckpt_path = ckpt_path
         super().__init__(*args, **kwargs)
 
@@ -54,6 +61,13 @@ class AmzftCLI(LightningCLI):
         parser.link_arguments("data.max_length", "model.max_length")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleAnswers, "sample_answers")
+        parser.add_lightning_class_args(ValidationSchedule, "validation")
+        parser.add_lightning_class_args(BestCheckpoint, "best")
+        # Plain options, not a callback group: the callback exists only when enabled.
+        parser.add_argument("--early_stopping.patience", type=int, default=0,
+                            help="stop after this many validations without improvement of best.monitor; 0: off")
+        parser.add_argument("--early_stopping.min_delta", type=float, default=0.0,
+                            help="smallest change of best.monitor that counts as an improvement")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -79,8 +93,13 @@ class AmzftCLI(LightningCLI):
         check_writable(root)
         if self.subcommand is not None:
             self.ckpt_path = config.get("ckpt_path")
-        if self.ckpt_path == "last":
-            self.ckpt_path = resolve_ckpt_path("last", root)
+        if self.ckpt_path == "best" and self.subcommand in ("fit", None):
+            raise ConfigError("fit --ckpt_path best is not supported: resume with --ckpt_path last "
+                              "(best serves validate, test, predict, ask, evaluate and export)")
+        if self.ckpt_path in ("last", "best"):
+            # Lightning's own "best" means the best of a fit in this same process: resolve it to
+            # a file before Lightning sees it, as "last".
+            self.ckpt_path = resolve_ckpt_path(self.ckpt_path, root)
             if self.subcommand is not None:
                 config.ckpt_path = self.ckpt_path
             self._resume_version = run_version(self.ckpt_path)
@@ -95,6 +114,7 @@ class AmzftCLI(LightningCLI):
         accumulate = config.trainer.accumulate_grad_batches
         if accumulate is not None and accumulate < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, found {accumulate}")
+        self._early_stop = _selection_settings(config)
 
     def _instantiate_trainer(self, config, callbacks):
         root = config.get("default_root_dir") or "logs"
@@ -112,6 +132,7 @@ class AmzftCLI(LightningCLI):
             LearningRateMonitor(logging_interval="step"),
             PredictionsWriter(),
             GracefulStop(),
+            *([EarlyStop(**self._early_stop)] if self._early_stop else []),
         ]
         given = config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
@@ -126,6 +147,32 @@ class AmzftCLI(LightningCLI):
             callbacks.append(ParameterSummary())
             config["enable_model_summary"] = False  # else Lightning logs that it skips its own summary
         return super()._instantiate_trainer(config, callbacks)
+
+
+def _selection_settings(config) -> dict | None:
+    """Checks ``validation`` / ``best`` / ``early_stopping`` together, turns
+    ``validation.every_n_steps`` into the trainer settings it needs, and returns the early
+    stopping callback's arguments (None: off)."""
+    trainer = config.trainer
+    every = (config.get("validation") or {}).get("every_n_steps") or 0
+    if every > 0:
+        if trainer.get("val_check_interval") is not None:
+            raise ConfigError("set either validation.every_n_steps (optimizer steps) or trainer.val_check_interval "
+                              "(training batches), not both")
+        # ValidationSchedule makes the decision; these keep Lightning's own checks out of the
+        # way (no epoch gating) and its bookkeeping consistent (validation loaders, progress bar).
+        trainer.check_val_every_n_epoch = None
+        trainer.val_check_interval = every * (trainer.get("accumulate_grad_batches") or 1)
+    monitor = (config.get("best") or {}).get("monitor")
+    rouge = (config.get("sample_answers") or {}).get("rouge_products", 8)
+    if monitor == "val/rougeL" and not rouge:
+        raise ConfigError("best.monitor=val/rougeL needs sample_answers.rouge_products > 0 (it computes val/rougeL)")
+    early = config.get("early_stopping") or {}
+    if not early.get("patience"):
+        return None
+    if early["patience"] < 0:
+        raise ConfigError(f"early_stopping.patience must be >= 0 (0: off), found {early['patience']}")
+    return {"monitor": monitor or "val/loss", "patience": early["patience"], "min_delta": early.get("min_delta") or 0.0}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> AmzftCLI:

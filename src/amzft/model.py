@@ -247,7 +247,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         if totals.ndim > 1:
             totals = totals.sum(0)
         if totals[1] > 0:
-            self.log(f"{stage}/loss", float(totals[0] / totals[1]), prog_bar=True, rank_zero_only=True)
+            # Every rank logs the same (gathered) value, so callbacks monitoring it (best
+            # checkpoints, early stopping) see it on every rank under DDP.
+            self.log(f"{stage}/loss", float(totals[0] / totals[1]), prog_bar=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -1,0 +1,170 @@
+"""Keep the best, stop when it stops improving: validation every N optimizer steps, best-k
+checkpoints by val/loss or val/rougeL, ``--ckpt_path best`` everywhere a checkpoint is taken,
+early stopping, and the demo's pick (tiny models, fast)."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import EarlyStopping
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from amzft import checkpoints, commands
+from amzft.callbacks import StopAtStep
+from amzft.checkpoints import BestChoice, find_best_checkpoint, load_checkpoint_file
+from amzft.cli import main
+from amzft.lightning_cli import cli_main
+from amzft.selection import BestCheckpoint, EarlyStop, ValidationSchedule
+from conftest import REPO, fit_args, one_line_error, tiny_records
+from test_model import RecordSteps, run_fit
+
+
+class CountValidations(Callback):
+    """The optimizer step and batch counter at each validation run during fit."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.mid_window: list[bool] = []
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+            self.mid_window.append(trainer.fit_loop.epoch_loop._should_accumulate())
+
+
+def _args(tiny_model_dir, data, tmp_path, *extra):
+    # A validation split (fit_args turns it off), validation every 2 steps, short answers.
+    return fit_args(tiny_model_dir, data, tmp_path, "--data.val_fraction", "0.25", "--validation.every_n_steps", "2",
+                    "--sample_answers.every_n_steps", "0", "--sample_answers.max_new_tokens", "4",
+                    "--sample_answers.rouge_products", "3", *extra)
+
+
+def _ckpt_dir(tmp_path):
+    return tmp_path / "logs" / "amzft" / "version_0" / "checkpoints"
+
+
+def test_validation_runs_every_n_optimizer_steps_with_accumulate_4(tiny_model_dir, write_jsonl, tmp_path):
+    # 18 training products of batch 2 = 9 batches an epoch: windows of 4, 4, 1 -> 3 steps an
+    # epoch, so a batch count (3 x 4 = 12 batches) would validate after step 4, not 3.
+    data = write_jsonl(tiny_records(24))
+    counter = CountValidations()
+    cli = run_fit(_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "7",
+                        "--trainer.accumulate_grad_batches", "4", "--validation.every_n_steps", "3"), counter)
+    assert cli.trainer.num_training_batches == 9  # the drift case is really exercised
+    assert counter.steps == [3, 6, 7]  # every 3 optimizer steps, and the last step
+    assert not any(counter.mid_window)  # always right after an optimizer step
+
+
+def _val_losses(cli) -> dict[int, float]:
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule))
+    return {step: metrics["val/loss"] for step, metrics in schedule.history}
+
+
+def test_best_k_survive_a_resume_and_ckpt_path_best_serves_every_command(tiny_model_dir, write_jsonl, tmp_path, capsys,
+                                                                         monkeypatch):
+    data = write_jsonl(tiny_records(24))
+    common = ("--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "2", "--best.save_top_k", "2")
+    straight_losses = RecordSteps()
+    a = run_fit(_args(tiny_model_dir, data, tmp_path / "a", *common), straight_losses)
+    straight = _val_losses(a)
+    assert sorted(straight) == [2, 4, 6]
+    # Stopped at a validation step: last.ckpt is written before step 4's validation (and its
+    # best file), so the resumed run must adopt that file from the folder, not from last.ckpt.
+    first, resumed = RecordSteps(), RecordSteps()
+    b1 = run_fit(_args(tiny_model_dir, data, tmp_path / "b", *common), first, StopAtStep(4))
+    b2 = run_fit(_args(tiny_model_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed, resumed_from_last=True)
+    assert first.losses + resumed.losses == straight_losses.losses  # validation does not disturb exact resume
+    assert {**_val_losses(b1), **_val_losses(b2)} == straight
+
+    kept = sorted(p.name for p in _ckpt_dir(tmp_path / "b").glob("best-*.ckpt"))
+    ranked = sorted(straight, key=straight.get)[:2]
+    assert kept == sorted(f"best-step{s:05d}-val_loss{straight[s]:.4f}.ckpt" for s in ranked)
+    assert (_ckpt_dir(tmp_path / "b") / "last.ckpt").is_file()  # and the periodic last.ckpt as before
+    best = find_best_checkpoint(tmp_path / "b" / "logs")
+    assert (best.step, best.monitor, len(best.kept)) == (ranked[0], "val/loss", 2)
+    assert abs(best.score - straight[ranked[0]]) < 1e-6
+    assert load_checkpoint_file(best.path)["global_step"] == ranked[0]
+
+    # --ckpt_path best, end to end through the command line: validate, ask, export.
+    monkeypatch.chdir(tmp_path / "b")  # `best` is looked up under ./logs
+    capsys.readouterr()
+    main(["validate", *_args(tiny_model_dir, data, tmp_path / "b", "--ckpt_path", "best")[1:]])
+    said = f"amzft: best checkpoint: step {ranked[0]}, val/loss {straight[ranked[0]]:.4f} (lowest of the 2 kept in version_0)"
+    assert said in capsys.readouterr().out
+    main(["ask", "Item 3 book", "--ckpt_path", "best", "--max_new_tokens", "2"])
+    out = capsys.readouterr().out
+    assert said in out and "A:" in out
+    main(["export", "--ckpt_path", "best", "--out", str(tmp_path / "exported")])
+    assert said in capsys.readouterr().out and (tmp_path / "exported" / "adapter_model.safetensors").is_file()
+
+    # A run without a monitored checkpoint: one line saying how to get one.
+    lone = tmp_path / "lone" / "amzft" / "version_0" / "checkpoints"
+    lone.mkdir(parents=True)
+    (lone / "last.ckpt").write_bytes((_ckpt_dir(tmp_path / "b") / "last.ckpt").read_bytes())
+    for command in (["ask", "x"], ["export", "--out", str(tmp_path / "x")], ["evaluate"]):
+        err = one_line_error(capsys, *command, "--ckpt_path", "best", "--log_root", str(tmp_path / "lone"))
+        assert "kept no monitored best checkpoint" in err and "validation.every_n_steps" in err and "best.monitor" in err
+    err = one_line_error(capsys, *_args(tiny_model_dir, data, tmp_path / "lone", "--ckpt_path", "best"))
+    assert "fit --ckpt_path best is not supported" in err
+
+
+def test_early_stopping_on_val_rouge_l_stops_a_tiny_run(tiny_model_dir, write_jsonl, tmp_path, capsys):
+    data = write_jsonl(tiny_records(24))
+    # min_delta 10: ROUGE-L (0..1) can never improve that much, so patience 1 stops at the
+    # second validation (step 4) of a 40-step run.
+    cli = run_fit(_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "40", "--best.monitor", "val/rougeL",
+                        "--early_stopping.patience", "1", "--early_stopping.min_delta", "10"))
+    assert cli.trainer.global_step == 4
+    assert any(isinstance(c, EarlyStop) and c.monitor == "val/rougeL" and c.mode == "max" for c in cli.trainer.callbacks)
+    assert "amzft: early stopping after step 4: val/rougeL did not improve" in capsys.readouterr().out
+    assert load_checkpoint_file(_ckpt_dir(tmp_path) / "last.ckpt")["global_step"] == 4  # last.ckpt where it ended
+    rouge = {step: m["val/rougeL"] for step, m in _history(cli)}
+    assert sorted(rouge) == [2, 4] and all(0 <= v <= 1 for v in rouge.values())
+    best = find_best_checkpoint(tmp_path / "logs")
+    assert best.monitor == "val/rougeL" and best.score == max(rouge.values())
+    assert best.step == min(s for s in rouge if rouge[s] == best.score)  # ties: the earlier step
+    assert all("val_rougeL" in p.name for p in _ckpt_dir(tmp_path).glob("best-*.ckpt"))
+    acc = EventAccumulator(str(tmp_path / "logs" / "amzft" / "version_0"))
+    acc.Reload()
+    assert [round(e.value, 5) for e in acc.Scalars("val/rougeL")] == [round(rouge[s], 5) for s in sorted(rouge)]
+    # Off by default: no EarlyStopping callback at all.
+    plain = cli_main(_args(tiny_model_dir, data, tmp_path / "plain"), run=False)
+    assert not any(isinstance(c, EarlyStopping) for c in plain.trainer.callbacks)
+    assert any(isinstance(c, BestCheckpoint) and c.monitor == "val/loss" and c.mode == "min" for c in plain.trainer.callbacks)
+
+
+def _history(cli):
+    return next(c for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule)).history
+
+
+def test_bad_selection_options_are_one_line(tiny_model_dir, tiny_data, tmp_path, capsys):
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path)
+    err = one_line_error(capsys, *args, "--best.monitor", "val/rougeL", "--sample_answers.rouge_products", "0")
+    assert "needs sample_answers.rouge_products > 0" in err
+    err = one_line_error(capsys, *args, "--trainer.val_check_interval", "5")
+    assert "either validation.every_n_steps" in err
+    one_line_error(capsys, *args, "--best.monitor", "train/loss")
+    assert "validation.every_n_steps must be >= 0" in one_line_error(capsys, *args, "--validation.every_n_steps", "-1")
+
+
+def test_the_demo_says_which_step_is_best_and_why(tmp_path, monkeypatch):
+    best = BestChoice(tmp_path / "version_0" / "checkpoints" / "best.ckpt", 20, "val/loss", 3.2153, [(20, 3.2153)])
+    history = [(s, {"val/loss": v}) for s, v in [(10, 3.5), (20, 3.2153), (30, 3.3), (40, 3.9), (50, 4.2), (60, 4.6612)]]
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "find_best_checkpoint", lambda root: best)
+        path, why = commands._demo_pick(tmp_path / "last.ckpt", history, str(tmp_path))
+    assert path == best.path
+    assert why == "the best checkpoint: step 20 (lowest val/loss 3.2153 of the 6 validations; the last, step 60, had 4.6612)"
+    path, why = commands._demo_pick(tmp_path / "last.ckpt", [], str(tmp_path / "nothing"))
+    assert path.name == "last.ckpt" and "no validation kept a best one" in why
+
+
+def test_the_demo_trains_stops_resumes_and_picks_the_best(tiny_model_dir, write_jsonl, tmp_path):
+    data = write_jsonl(tiny_records(24))
+    extra = _args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "4")[3:]  # without "fit --config cpu.yaml"
+    last, _, history = commands._demo_train(str(REPO / "configs" / "cpu.yaml"), extra, str(tmp_path / "logs"))
+    assert [step for step, _ in history] == [2, 4]  # step 2 in the stopped run, 4 after the resume
+    chosen, why = commands._demo_pick(last, history, str(tmp_path / "logs"))
+    losses = {step: m["val/loss"] for step, m in history}
+    step = min(losses, key=losses.get)
+    assert chosen.name == f"best-step{step:05d}-val_loss{losses[step]:.4f}.ckpt"
+    assert why.startswith(f"the best checkpoint: step {step} (lowest val/loss {losses[step]:.4f} of the 2 validations; ")
