@@ -8,14 +8,11 @@ import math
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
-from amzft.callbacks import StopAtStep
-from amzft.cli import main
 from amzft.model import LoraCausalLM
 from conftest import fit_args, one_line_error, tiny_records
-from test_model import RecordSteps, run_fit
+from test_evaluate_export import exports_give_the_logits
+from test_model import RecordSteps, run_fit, straight_and_resumed
 
 IDS = torch.tensor([[128000, 791, 8415, 7731, 389, 279, 5634]])
 VARIANTS = {
@@ -76,12 +73,7 @@ def test_variants_resume_exactly_and_export(tiny_model_dir, write_jsonl, tmp_pat
     module's logits."""
     data = write_jsonl(tiny_records(12))
     common = ("--trainer.max_steps", "3", *VARIANTS["dora"], *VARIANTS["rslora"], *VARIANTS["neftune"])
-    straight = RecordSteps()
-    done = run_fit(fit_args(tiny_model_dir, data, tmp_path / "a", *common), straight)
-    run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common), RecordSteps(), StopAtStep(1))
-    resumed = RecordSteps()
-    again = run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed,
-                    resumed_from_last=True)
+    straight, done, resumed, again = straight_and_resumed(tiny_model_dir, data, tmp_path, 1, *common)
     assert resumed.losses == straight.losses[1:]
     a, b = _adapter(done), _adapter(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -94,16 +86,9 @@ def test_variants_resume_exactly_and_export(tiny_model_dir, write_jsonl, tmp_pat
         straight_module = done.model.eval()
         assert torch.equal(straight_module.model(input_ids=IDS).logits, expected)
 
-    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "adapter")])
-    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "merged"), "--merge", "true"])
+    exports_give_the_logits(ckpt, IDS, expected, tmp_path)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] and config["use_rslora"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert not any("lora" in n for n, _ in merged.named_parameters())
-    with torch.no_grad():
-        assert torch.allclose(peft_model(input_ids=IDS).logits, expected, atol=1e-5)
-        assert torch.allclose(merged(input_ids=IDS).logits, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -14,14 +14,13 @@ from transformers import AutoModelForCausalLM
 
 import amzft.backends
 from amzft.bootstrap import import_unsloth_if_wanted, wants_unsloth
-from amzft.callbacks import StopAtStep
 from amzft.cli import main
 from amzft.data.batching import Collator
 from amzft.export import export
 from amzft.model import LoraCausalLM
 from amzft.paths import shipped_sample
 from conftest import REPO, fit_args, one_line_error, tiny_records
-from test_model import RecordSteps, run_fit
+from test_model import straight_and_resumed
 
 
 def _nf4(tiny_model_dir) -> LoraCausalLM:
@@ -91,12 +90,7 @@ def test_without_the_workaround_the_bug_shows_on_this_cpu(tiny_model_dir, batch,
 def test_nf4_fit_resumes_exactly_and_exports(tiny_model_dir, write_jsonl, tmp_path):
     data = write_jsonl(tiny_records(20))
     common = ("--trainer.max_steps", "4", "--model.quantization", "nf4")
-    straight = RecordSteps()
-    run_fit(fit_args(tiny_model_dir, data, tmp_path / "a", *common), straight)
-    run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common), RecordSteps(), StopAtStep(2))
-    resumed = RecordSteps()
-    run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed,
-            resumed_from_last=True)
+    straight, _, resumed, _ = straight_and_resumed(tiny_model_dir, data, tmp_path, 2, *common)
     assert resumed.losses == straight.losses[2:]
     ckpt = next((tmp_path / "b").rglob("last.ckpt"))
     merged = export(str(ckpt), tmp_path / "merged", merge=True)

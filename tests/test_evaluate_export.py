@@ -71,14 +71,19 @@ def test_exported_adapter_and_merged_model_match_the_module(trained, tmp_path):
     adapter = {f"model.{k}": v for k, v in module.model.named_parameters() if v.requires_grad}
     torch.save({**torch.load(trained, weights_only=True), "state_dict": adapter}, trained)
 
-    main(["export", "--ckpt_path", str(trained), "--out", str(tmp_path / "adapter")])
-    main(["export", "--ckpt_path", str(trained), "--out", str(tmp_path / "merged"), "--merge", "true"])
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    exports_give_the_logits(trained, ids, expected, tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "adapter" / "amzft_prompt.json").read_text())["question"].startswith("What is")
-    base_dir = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+
+
+def exports_give_the_logits(ckpt, ids, expected, out):
+    """``export`` of ``ckpt`` as a PEFT adapter (on its base) and as a merged model (no LoRA
+    left) gives ``expected`` logits for ``ids`` (1e-5 and 1e-4)."""
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out / "adapter")])
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out / "merged"), "--merge", "true"])
+    base_dir = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-5)

@@ -42,6 +42,18 @@ def run_fit(args, *callbacks, resumed_from_last=False):
     return cli
 
 
+def straight_and_resumed(model_dir, data, tmp_path, stop_at: int, *extra):
+    """The same fit run straight (in tmp_path/a) and stopped after ``stop_at`` optimizer steps
+    then resumed with ``--ckpt_path last`` (in tmp_path/b). Returns both recorders and CLIs:
+    ``straight, straight_cli, resumed, resumed_cli``."""
+    straight, resumed = RecordSteps(), RecordSteps()
+    straight_cli = run_fit(fit_args(model_dir, data, tmp_path / "a", *extra), straight)
+    run_fit(fit_args(model_dir, data, tmp_path / "b", *extra), RecordSteps(), StopAtStep(stop_at))
+    resumed_cli = run_fit(fit_args(model_dir, data, tmp_path / "b", *extra, "--ckpt_path", "last"), resumed,
+                          resumed_from_last=True)
+    return straight, straight_cli, resumed, resumed_cli
+
+
 def test_trainable_share_and_lora_targets(tiny_model_dir):
     m = LoraCausalLM(name_or_path=str(tiny_model_dir))
     m.configure_model()

@@ -11,12 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from amzft.callbacks import StopAtStep
 from amzft.cli import main
 from amzft.export import DEQUANTIZED_NOTE, full_precision_module
 from amzft.model import LoraCausalLM
 from conftest import fit_args, one_line_error, tiny_records
-from test_model import RecordSteps, run_fit
+from test_model import straight_and_resumed
 
 IDS = torch.tensor([[128000, 791, 8415, 7731, 389, 279, 5634]])
 
@@ -74,11 +73,7 @@ def test_other_quantisation_methods_are_one_line(prequantized_dir, tmp_path, cap
 def test_prequantized_fit_resumes_exactly_evaluates_and_exports_dequantized(prequantized_dir, write_jsonl, tmp_path, capsys):
     data = write_jsonl(tiny_records(20))
     common = ("--trainer.max_steps", "3", "--data.test_fraction", "0.2")
-    straight = RecordSteps()
-    run_fit(fit_args(prequantized_dir, data, tmp_path / "a", *common), straight)
-    run_fit(fit_args(prequantized_dir, data, tmp_path / "b", *common), RecordSteps(), StopAtStep(1))
-    resumed = RecordSteps()
-    run_fit(fit_args(prequantized_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed, resumed_from_last=True)
+    straight, _, resumed, _ = straight_and_resumed(prequantized_dir, data, tmp_path, 1, *common)
     assert resumed.losses == straight.losses[1:]
     ckpt = next((tmp_path / "b").rglob("last.ckpt"))
 
