@@ -68,7 +68,17 @@ class ValidationSchedule(Callback):
         """Validation runs after the optimizer step ``trainer.global_step`` has just made."""
         step = trainer.global_step
         return (bool(self.every_n_steps) and step > 0 and step != self._validated_step
-                and (step % self.every_n_steps == 0 or step == trainer.max_steps))
+                and (step % self.every_n_steps == 0 or self._is_last_step(trainer)))
+
+    @staticmethod
+    def _is_last_step(trainer) -> bool:
+        """The run's last optimizer step: ``max_steps``, or the last batch of the last epoch (an
+        epoch-based run, ``max_steps`` -1, or one that ends by ``max_epochs`` first), so every
+        run is scored at its end."""
+        if trainer.max_steps is not None and 0 < trainer.max_steps == trainer.global_step:
+            return True
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def _should_validate(self, data_fetcher=None) -> bool:
         trainer = self._trainer
