@@ -28,7 +28,7 @@ from pathlib import Path
 
 from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder, encode_texts, join_example
-from amzft.data.lazy import LazyExamples
+from amzft.data.lazy import PROBE, LazyExamples, settled_encoder
 from amzft.data.prompt import PromptFormat
 from amzft.data.reader import check_data_file, iter_raw_lines, parse_line, read_records
 from amzft.data.split import SPLITS, assign_split
@@ -94,6 +94,7 @@ class PreparedData:
     settings: DataSettings | None = None
     _examples: dict = field(default_factory=dict)
     _splits: TokenisedSplits | None = None
+    _encoder: PromptEncoder | None = None
 
     @property
     def splits(self) -> TokenisedSplits:
@@ -103,9 +104,12 @@ class PreparedData:
 
     def examples(self, name: str) -> LazyExamples:
         """The split's ``LazyExamples`` (one per split, so its token counts accumulate)."""
+        if self._encoder is None:  # settled on a fixed sample: the first titles of each split
+            probe = [title for split in self.raw.values() for title in split[:PROBE]["title"]]
+            self._encoder = settled_encoder(self.tokenizer, self.settings.prompt, probe)
         if name not in self._examples:
             counts = self.directory / f"{name}.counts.npy"
-            self._examples[name] = LazyExamples(self.raw[name], self.tokenizer, self.settings, counts)
+            self._examples[name] = LazyExamples(self.raw[name], self.tokenizer, self.settings, self._encoder, counts)
         return self._examples[name]
 
 
@@ -225,12 +229,12 @@ def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
 
     def flush(chunk: list[tuple[int, str, str]]) -> None:
         cut, too_long = check(chunk)
-        rows = [(*record, c) for record, c in zip(chunk, cut) if c is not None]
+        rows = [(*record, c, _split_of(record[1], settings)) for record, c in zip(chunk, cut) if c is not None]
         for line in too_long:
             stats.skip("prompt_too_long", line)
-        _write_rows(writers, settings, rows)
+        _write_rows(writers, rows)
         stats.kept += len(rows)
-        stats.truncated += sum(r[-1] for r in rows)
+        stats.truncated += sum(r[3] for r in rows)  # (line, title, content, cut, split)
 
     chunk: list[tuple[int, str, str]] = []
     for record in read_records(settings.path, stats, settings.strict):
@@ -261,11 +265,15 @@ def _finish(settings: DataSettings, writers: dict, stats: PipelineStats) -> Pipe
     return stats
 
 
-def _write_rows(writers: dict, settings: DataSettings, rows: list[tuple]) -> None:
-    """Write kept (line, title, content, ...) records, each to its product's split."""
+def _split_of(title: str, settings: DataSettings) -> str:
+    return assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt)
+
+
+def _write_rows(writers: dict, rows: list[tuple]) -> None:
+    """Write kept (line, title, content, cut, split, ...) records, each to its product's split."""
     batches = {name: {"title": [], "content": [], "line": []} for name in SPLITS}
-    for line, title, content, *_ in rows:
-        batch = batches[assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt)]
+    for line, title, content, _, split, *_ in rows:
+        batch = batches[split]
         batch["title"].append(title)
         batch["content"].append(content)
         batch["line"].append(line)
@@ -281,13 +289,13 @@ _WORKER: dict = {}
 def _worker_init(settings: DataSettings, tokenizer) -> None:
     # Dedupe needs every record seen so far: the parent does it, in file order.
     filters = FilterSettings(**{**asdict(settings.filters), "dedupe": False})
-    _WORKER.update(keep=RecordFilter(filters), check=LengthCheck(settings, tokenizer), dedupe=settings.filters.dedupe)
+    _WORKER.update(keep=RecordFilter(filters), check=LengthCheck(settings, tokenizer), settings=settings)
 
 
 def _worker_chunk(lines: list[tuple[int, bytes]]):
-    """Parse, validate, clean, filter and length-check raw lines. Returns the skips as
-    (reason, line, message) in line order, the kept (line, title, content, cut, dedupe key)
-    records, and the lines whose prompt does not fit."""
+    """Parse, validate, clean, filter, length-check and split raw lines. Returns the skips as
+    (reason, line, message) in line order, the kept (line, title, content, cut, split, dedupe
+    key) records, and the lines whose prompt does not fit."""
     w = _WORKER
     skips, records = [], []
     for line, raw in lines:
@@ -301,7 +309,9 @@ def _worker_chunk(lines: list[tuple[int, bytes]]):
             continue
         records.append((line, title, content))
     cut, too_long = w["check"](records) if records else ([], [])
-    kept = [(line, title, content, c, dedupe_key(title, content) if w["dedupe"] else None)
+    settings = w["settings"]
+    kept = [(line, title, content, c, _split_of(title, settings),
+             dedupe_key(title, content) if settings.filters.dedupe else None)
             for (line, title, content), c in zip(records, cut) if c is not None]
     return skips, kept, too_long
 
@@ -335,7 +345,7 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
             rows.append(record)
         for line in too_long:  # already in line order
             stats.skip("prompt_too_long", line)
-        _write_rows(writers, settings, rows)
+        _write_rows(writers, rows)
         stats.kept += len(rows)
         stats.truncated += sum(r[3] for r in rows)
 

@@ -28,14 +28,14 @@ log = logging.getLogger(__name__)
 
 COUNT_CHUNK = 8192  # records tokenised per call when all counts are wanted
 REMEMBER = 8192  # recently tokenised examples kept (the sampler's window count, then the batch)
+PROBE = 64  # titles the prompt encoder's prefix check runs on (it depends on the template, not on titles)
 
 
 def settled_encoder(tokenizer, prompt_format, titles) -> PromptEncoder:
     """A PromptEncoder whose prefix-splitting check ran on ``titles``: a fixed sample, so the
     ids do not depend on which batch happens to be tokenised first."""
     encoder = PromptEncoder(tokenizer, prompt_format)
-    if titles:
-        encoder(list(titles[: PromptEncoder.PROBE]))
+    encoder(list(titles) or ["a"])
     return encoder
 
 
@@ -78,13 +78,11 @@ class LazyExamples:
     """A split's cleaned records (a ``datasets.Dataset`` with title / content columns), tokenised
     on demand into (input_ids, prompt_len)."""
 
-    def __init__(self, records, tokenizer, settings, counts_file: Path | None = None):
+    def __init__(self, records, tokenizer, settings, encoder: PromptEncoder, counts_file: Path | None = None):
         self.records = records.select_columns(["title", "content"])
-        self.tokenizer, self.max_length = tokenizer, settings.max_length
+        self.tokenizer, self.max_length, self.settings = tokenizer, settings.max_length, settings
+        self.encoder = encoder  # one per dataset (settled_encoder), shared by its splits
         n = len(self.records)
-        probe = self.records[: min(n, PromptEncoder.PROBE)]["title"] if n else []
-        self.encoder = settled_encoder(tokenizer, settings.prompt, probe)
-        self.settings = settings
         self.lengths = np.full(n, -1, dtype=np.int32)  # tokens per example, -1: not counted yet
         self.num_labels = np.full(n, -1, dtype=np.int32)
         self.counts_file = counts_file
