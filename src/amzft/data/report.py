@@ -32,11 +32,11 @@ def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, exa
         lines.append(f"    {reason:<22} {count:>9,}   first lines: {where}")
     names = ("train", "validation", "test")
     table = pa.concat_tables([prepared.raw[name].data.table for name in names])
-    examples = [prepared.examples(name) for name in names]
-    for split in examples:  # the report is about all examples: count the tokens of those not counted yet
+    counted = [prepared.examples(name) for name in names]
+    for split in counted:  # the report is about all examples: count the tokens of those not counted yet
         split.ensure_counts()
-    lengths = np.concatenate([e.lengths for e in examples])
-    labels = np.concatenate([e.num_labels for e in examples])
+    lengths = np.concatenate([e.lengths for e in counted])
+    labels = np.concatenate([e.num_labels for e in counted])
     lines.append("  lengths (kept examples):")
     lines.append(f"    title chars     {_percentiles(pc.utf8_length(table['title']).to_numpy())}")
     lines.append(f"    content chars   {_percentiles(pc.utf8_length(table['content']).to_numpy())}")
