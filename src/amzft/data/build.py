@@ -28,7 +28,7 @@ from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
 from amzft.paths import cache_root, staging_dir
 
-PIPELINE_VERSION = 1  # bump when the examples a given setting produces change
+PIPELINE_VERSION = 2  # bump when the examples a given setting produces change (2: HTML tags and control characters removed)
 CHUNK = 4096  # records tokenised per call: large enough to keep both cores busy
 
 log = logging.getLogger(__name__)
