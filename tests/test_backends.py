@@ -149,21 +149,29 @@ def test_evaluate_and_export_of_an_unsloth_run_import_unsloth_first(tmp_path):
         assert not wants_unsloth(["evaluate", "--ckpt_path", ckpt, "--model.backend", "hf"])
 
 
-def test_gpu_check_command_line_is_valid_on_cpu(tiny_model_dir, tmp_path):
-    """gpu/check.py cannot run here, but its amzft command line (base.yaml + overrides + the
-    measuring callback) can: the hf+nf4 run goes through on the tiny model on CPU."""
+def test_gpu_check_command_lines_are_valid_on_cpu(tiny_model_dir, tmp_path):
+    """gpu/check.py cannot run here, but its amzft command lines (a config + the run's options +
+    the measuring callback) can: hf+nf4 and configs/full.yaml's large-batch run go through on the
+    tiny model on CPU; the Liger and Unsloth runs stop at their one-line CUDA errors."""
     sys.path.insert(0, str(REPO / "gpu"))
     import check  # noqa: PLC0415 - gpu/ is put on sys.path just above
 
-    result = check.run_amzft("hf_nf4", tiny_model_dir, str(shipped_sample()), tmp_path, 3,
-                             ["--model.backend", "hf", "--model.quantization", "nf4", "--trainer.accelerator", "cpu",
-                              "--trainer.precision", "32-true"])
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+
+    def run(name: str, steps: int, *more: str) -> dict:
+        _, config, options = check.RUNS[name]
+        return check.run_amzft(name, tiny_model_dir, str(shipped_sample()), tmp_path, steps, [*options, *cpu, *more],
+                               config=config)
+
+    result = run("hf-plain", 3)
     assert "error" not in result, result.get("error")
     assert result["steps"] == 3 and result["tokens_per_s"] > 0
-    unsloth = check.run_amzft("unsloth", tiny_model_dir, str(shipped_sample()), tmp_path, 1,
-                              ["--model.backend", "unsloth", "--trainer.accelerator", "cpu"])
+    large = run("large-batch", 4, "--model.backend", "hf")  # 4 steps of 16 rows: past the sample's first epoch
+    assert "error" not in large, large.get("error")
+    assert large["steps"] == 4 and large["tokens"] > result["tokens"]
     if not torch.cuda.is_available():
-        assert "needs a CUDA GPU" in unsloth["error"]
+        assert "model.kernels=liger needs a CUDA GPU" in run("hf", 1)["error"]
+        assert "needs a CUDA GPU" in run("base.yaml", 1)["error"]
 
 
 def test_liger_kernels_on_cpu_are_one_line(tiny_model_dir, tiny_data, tmp_path, capsys):
