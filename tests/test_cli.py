@@ -1,15 +1,19 @@
 import json
+import math
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import amzft.commands as commands
 from amzft.cli import main
 from amzft.lightning_cli import cli_main
+from amzft.selection import ValidationSchedule
 from conftest import REPO, fit_args, one_line_error
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -32,8 +36,28 @@ def test_every_config_starts_with_its_command_and_parses(config):
     cli = cli_main(["--config", str(config)], run=False)
     assert cli.model.hparams.lora_r == 16 and cli.model.hparams.lora_alpha == 16
     assert cli.datamodule.settings.max_length == cli.model.hparams.max_length == 2048  # linked once
+    if config.name == "full.yaml":  # the large-batch run over the whole file (its own test below)
+        return
     assert cli.trainer.accumulate_grad_batches == 4 and cli.datamodule.batch_size == 2
     assert cli.trainer.max_steps == 60
+
+
+def test_full_yaml_is_base_yaml_scaled_to_the_whole_file():
+    """configs/full.yaml: the departures its header lists, and nothing else of base.yaml's recipe."""
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    full = yaml.safe_load((REPO / "configs" / "full.yaml").read_text())
+    same = ("backend", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "optimizer", "weight_decay", "loss_chunk_tokens")
+    assert {k: full["model"][k] for k in same} == {k: base["model"][k] for k in same}
+    assert full["seed_everything"] == base["seed_everything"] and full["trainer"]["precision"] == "bf16-mixed"
+    assert full["model"]["lr"] == pytest.approx(2e-4 * math.sqrt(16 / 8), rel=0.01)  # sqrt scaling from 8 examples/step
+    cli = cli_main(["--config", str(REPO / "configs" / "full.yaml")], run=False)
+    assert cli.datamodule.batch_size * cli.trainer.accumulate_grad_batches == 16
+    assert cli.trainer.max_steps == -1 and cli.trainer.max_epochs == 1 and cli.model.hparams.warmup_steps == 1000
+    periodic = [c for c in cli.trainer.checkpoint_callbacks if type(c) is ModelCheckpoint]
+    assert len(periodic) == 1 and periodic[0]._train_time_interval == timedelta(minutes=30)
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule))
+    assert schedule.every_n_steps == 2000
+    assert cli.datamodule.settings.val_fraction == cli.datamodule.settings.test_fraction == 0.001
 
 
 def test_base_yaml_is_the_seed_recipe():

@@ -44,7 +44,8 @@ def full_precision_module(ckpt_path: str) -> tuple[LoraCausalLM, PromptFormat, s
     (None otherwise)."""
     hparams = load_checkpoint_file(ckpt_path)["hyper_parameters"]
     saved_4bit = prequantized(str(hparams.get("name_or_path", "embedded"))) is not None
-    module, fmt = LoraCausalLM.from_checkpoint(ckpt_path, backend="hf", quantization="none", dequantize_base=saved_4bit)
+    module, fmt = LoraCausalLM.from_checkpoint(ckpt_path, backend="hf", quantization="none", dequantize_base=saved_4bit,
+                                               kernels="none")
     return module, fmt, DEQUANTIZED_NOTE if saved_4bit else None
 
 

@@ -77,6 +77,10 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         dequantize_base: a base folder saved in 4-bit (bitsandbytes) is dequantised to fp32
             before the adapters go on (merged exports do this); without it such a folder trains
             in 4-bit as saved, whatever ``quantization`` says.
+        kernels: ``liger``: Liger's Triton kernels for a Llama base (fused RoPE, RMSNorm, SwiGLU,
+            and its fused linear cross-entropy for the label-only loss instead of the chunked
+            head: ``loss_chunk_tokens`` is then unused). ``hf`` backend on CUDA only, with the
+            optional liger-kernel package (``pip install liger-kernel``); ``none``: transformers' own.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         use_rslora: bool = False,
         neftune_alpha: float = 0.0,
         dequantize_base: bool = False,
+        kernels: Literal["none", "liger"] = "none",
     ):
         super().__init__()
         problems = []
@@ -122,6 +127,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             problems.append(f"model.neftune_alpha must be >= 0 (0: off), found {neftune_alpha}")
         if use_dora and backend != "hf":
             problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
+        if kernels != "none" and backend != "hf":
+            problems.append(f"model.kernels={kernels} works with backend hf only (Unsloth brings its own Triton kernels)")
         if compile and backend != "hf":
             problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
         if backend == "unsloth" and quantization == "nf4":
@@ -142,6 +149,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             use_dora=use_dora,
             use_rslora=use_rslora,
             dequantize=dequantize_base,
+            kernels=kernels,
         )
         self.model = None
         self.tokenizer = None
@@ -162,9 +170,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             return
         settings = self.lora
         saved_4bit = self.hparams.backend == "hf" and not settings.dequantize and prequantized(settings.name_or_path)
-        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit:
+        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit or settings.kernels != "none":
             # 4-bit weights are packed on the device they load to: the trainer's (the rank's
-            # GPU under DDP), or the first GPU / CPU outside a trainer.
+            # GPU under DDP), or the first GPU / CPU outside a trainer; GPU kernels need a GPU there.
             device = self.trainer.strategy.root_device if self._trainer is not None else (
                 torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
             settings = replace(settings, device=str(device))
@@ -191,7 +199,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     # ------------------------------------------------------------------ loss
     def token_loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over the label (response) tokens, and their count."""
-        return token_loss_sum(self.model, batch, self._plain_head, self.hparams.loss_chunk_tokens)
+        return token_loss_sum(self.model, batch, self._plain_head, self.hparams.loss_chunk_tokens,
+                              fused=self.lora.kernels == "liger")
 
     def forward(self, batch: dict) -> torch.Tensor:
         loss_sum, n = self.token_loss_sum(batch)
