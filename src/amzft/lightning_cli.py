@@ -15,6 +15,8 @@
 * ``early_stopping.*``: Lightning's EarlyStopping on ``best.monitor``, when ``patience`` > 0.
 * SIGTERM / Ctrl-C: training finishes the accumulation window, writes ``last.ckpt`` and stops.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
+* ``trainer.precision: auto`` is resolved for this machine (``amzft.precision``) before the
+  trainer is built: the run's saved config.yaml records the precision used.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
 from amzft.model import LoraCausalLM
 from amzft.nonfinite import NonFiniteGuard
+from amzft.precision import AmzftTrainer, resolve
 from amzft.progress import ParameterSummary, StepProgressBar
 from amzft.selection import BestCheckpoint, EarlyStop, ValidationSchedule
 from amzft.throughput import ThroughputMeter
@@ -54,6 +57,7 @@ class AmzftCLI(LightningCLI):
         self._resume_version: int | None = None
         self._early_stop: dict | None = None
         self.ckpt_path = ckpt_path
+        kwargs.setdefault("trainer_class", AmzftTrainer)  # accepts trainer.precision: auto
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -111,6 +115,8 @@ class AmzftCLI(LightningCLI):
             # batches gain Unsloth nothing either (docs/gpu.md).
             raise ConfigError("data.layout=packed does not work with model.backend=unsloth (its attention would "
                               "cross example boundaries in packed rows); use data.layout=plain or grouped")
+        # Before the config is saved into the run's folder, which then records the precision used.
+        config.trainer.precision = resolve(config.trainer.get("precision"), config.trainer.get("accelerator") or "auto")
         accumulate = config.trainer.accumulate_grad_batches
         if accumulate is not None and accumulate < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, found {accumulate}")

@@ -8,11 +8,13 @@ in ``amzft.checkpoints``; the NaN/inf guard is a callback (``amzft.nonfinite``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_linear_schedule_with_warmup
 
 from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, prequantized, set_mode
@@ -21,6 +23,50 @@ from amzft.errors import ConfigError
 from amzft.generate import GenerationOptions, generate
 from amzft.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
 from amzft.neftune import NEFTune
+
+# Optimizer steps from which model.compile=auto compiles: below, the one-time compilation costs
+# more than its speed-up gives back. Provisional: break-even measured in docs/performance.md.
+COMPILE_BREAK_EVEN_STEPS = 150
+
+
+def decide_compile(max_steps: int | None, estimate: Callable[[], float], device: str,
+                   backend: str = "hf") -> tuple[bool, str]:
+    """model.compile=auto: (compile?, why). ``estimate()`` gives the planned optimizer steps of
+    an epoch-based run (max_steps -1), called only then."""
+    if backend != "hf":
+        return False, f"backend {backend} brings its own kernels"
+    if max_steps is not None and max_steps >= 0:
+        steps, what = max_steps, f"max_steps {max_steps}"
+    else:
+        steps = estimate()
+        what = f"~{steps:g} optimizer steps estimated from max_epochs"
+    if steps < COMPILE_BREAK_EVEN_STEPS:
+        return False, (f"{what} < {COMPILE_BREAK_EVEN_STEPS}, the steps after which its one-time "
+                       "compilation pays off")
+    blocker = compile_blocker(device)
+    if blocker:
+        return False, blocker
+    return True, f"{what} >= {COMPILE_BREAK_EVEN_STEPS}, the steps after which its one-time compilation pays off"
+
+
+def compile_blocker(device: str) -> str | None:
+    """Why torch.compile cannot train on ``device`` here (None: it can). Checked up front: an
+    explicit model.compile=true on such a machine fails at the first step instead."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python / platform"
+    if device == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler  # noqa: PLC0415 - inductor's own search
+
+            get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - whatever the reason, there is no compiler to use
+            return "no C++ compiler found for torch.compile's CPU code (inductor; set CXX)"
+        return None
+    if device == "cuda":
+        from torch.utils._triton import has_triton  # noqa: PLC0415
+
+        return None if has_triton() else "no Triton for torch.compile's GPU code"
+    return f"auto compiles on CPU and CUDA only, not {device}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +112,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             fusing the element-wise work around the matmuls (+4-9 % tokens/s measured on a
             2-core CPU after about a minute of compilation; docs/performance.md). Validation and
             generation run the layers eagerly. ``hf`` backend only (Unsloth has its own kernels).
+            ``auto``: compile when the fit is long enough to pay the compilation back
+            (``COMPILE_BREAK_EVEN_STEPS``) and torch.compile can run here; the decision and its
+            reason are logged.
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training or ``skip``s that optimizer
             step (``amzft.nonfinite.NonFiniteGuard``).
         use_dora: DoRA (peft's weight-decomposed LoRA: a trainable magnitude per output
@@ -103,7 +152,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         max_new_tokens: int = 256,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         quantization: Literal["none", "nf4"] = "none",
-        compile: bool = False,
+        compile: bool | Literal["auto"] = False,
         loss_chunk_tokens: int = 0,
         use_dora: bool = False,
         use_rslora: bool = False,
@@ -129,7 +178,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
         if kernels != "none" and backend != "hf":
             problems.append(f"model.kernels={kernels} works with backend hf only (Unsloth brings its own Triton kernels)")
-        if compile and backend != "hf":
+        if compile is True and backend != "hf":
             problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
         if backend == "unsloth" and quantization == "nf4":
             quantization = "none"  # unsloth quantises itself; "nf4" would mean the same thing
@@ -181,9 +230,21 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         self.trainable_share = trainable / total
         self._plain_head = self.model.get_base_model().config.model_type in PLAIN_HEAD_MODELS
-        if self.hparams.compile:
+        if self._should_compile():
             self._compile_layers()
         self._neftune = NEFTune.attach(self.model, self.hparams.neftune_alpha, self.lora.seed)
+
+    def _should_compile(self) -> bool:
+        setting = self.hparams.compile
+        if setting != "auto":
+            return bool(setting)
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return False  # compiled layers serve training only (evaluation and generation run eagerly)
+        chosen, reason = decide_compile(trainer.max_steps, lambda: trainer.estimated_stepping_batches,
+                                        trainer.strategy.root_device.type, self.hparams.backend)
+        rank_zero_info(f"model.compile auto -> {'on' if chosen else 'off'}: {reason}")
+        return chosen
 
     def _compile_layers(self) -> None:
         """Compile each decoder layer in place (``nn.Module.compile``: parameter names and
