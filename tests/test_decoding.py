@@ -153,11 +153,21 @@ def test_decoding_greedy_and_overrides_reach_every_command(record, tiny_model_di
     assert "--decoding takes default or greedy; found 'beam'" in one_line_error(capsys, "ask", "Mug", "--decoding", "beam")
 
 
-def test_exports_carry_the_decoding(tiny_model_dir, tiny_data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One step of fit on tiny_records(30) with train / validation / test splits: its last.ckpt."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "trn.json"
+    data.write_text("\n".join(json.dumps(r) for r in tiny_records(30)) + "\n")
+    main(fit_args(tiny_model_dir, data, root, "--trainer.max_steps", "1", "--data.val_fraction", "0.2",
+                  "--data.test_fraction", "0.2"))
+    return str(next((root / "logs").rglob("last.ckpt")))
+
+
+def test_exports_carry_the_decoding(trained, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: PLC0415 - heavy
 
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
-    ckpt = str(next((tmp_path / "logs").rglob("last.ckpt")))
+    ckpt = trained
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "peft")])
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "merged"), "--format", "merged"])
     assert "decoding: default (" in capsys.readouterr().out
@@ -198,10 +208,8 @@ def test_the_default_decoding_runs_on_a_tiny_model(tiny_model_dir):
     assert words == batched  # no sampling: reproducible
 
 
-def test_the_decoding_benchmark_runs(tiny_model_dir, tiny_data, tmp_path, capsys):
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1",
-                  "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
-    ckpt = str(next((tmp_path / "logs").rglob("last.ckpt")))
+def test_the_decoding_benchmark_runs(trained, tmp_path, capsys):
+    ckpt = trained
     spec = importlib.util.spec_from_file_location("decoding_benchmark", REPO / "benchmarks" / "decoding.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -12,8 +12,11 @@ from amzft.errors import ConfigError
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Decoding options. The dataclass's own defaults are raw greedy decoding (no penalty, no
-    n-gram ban); ``DEFAULT_DECODING`` is what the commands use. Sampling is seeded."""
+    """Decoding options (greedy unless ``do_sample``; sampling is seeded).
+
+    The dataclass's own defaults are raw greedy decoding (no penalty, no n-gram ban);
+    ``DEFAULT_DECODING`` is what the commands use.
+    """
 
     max_new_tokens: int = 128
     repetition_penalty: float = 1.0
