@@ -17,10 +17,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_linear_schedule_with_warmup
 
+from amzft import generate as generation
 from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, prequantized, set_mode
 from amzft.checkpoints import AdapterCheckpointing
+from amzft.decoding import DEFAULT_DECODING, GenerationOptions
 from amzft.errors import ConfigError
-from amzft.generate import GenerationOptions, generate
 from amzft.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
 from amzft.neftune import NEFTune
 
@@ -211,6 +212,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (NonFiniteGuard)
         self._eval_sums: dict[str, list[float]] = {}
         self._neftune: NEFTune | None = None
+        # predict's decoding: a choice at use time (the CLI's --decoding …), not a trained
+        # property, so not a hyperparameter stored in checkpoints.
+        self.decoding: GenerationOptions = DEFAULT_DECODING
 
 
     # ----------------------------------------------------------------- model
@@ -334,8 +338,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        options = GenerationOptions(max_new_tokens=self.hparams.max_new_tokens)
-        answers = generate(self, batch["prompt"], options, batch_size=len(batch["prompt"]))
+        options = replace(self.decoding, max_new_tokens=self.hparams.max_new_tokens)
+        answers = generation.generate(self, batch["prompt"], options, batch_size=len(batch["prompt"]))
         return [
             {"title": t, "reference": r, "answer": a.text, "stopped": a.stopped}
             for t, r, a in zip(batch["title"], batch["reference"], answers)
