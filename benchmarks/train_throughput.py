@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import tempfile
 import time
 
@@ -32,7 +33,9 @@ from amzft.sources import force_offline, resolve_model_dir
 
 def run_amzft(args, variant: str, root: str) -> dict:
     """``variant`` is a data.layout, optionally with ``+share`` (data.share_prefix, packed only)
-    and / or ``+compile`` (model.compile)."""
+    and / or ``+compile`` (model.compile); or ``cpu.yaml``: the shipped config's own layout,
+    shared preamble, row length, precision and compile choices (``auto`` resolved for this
+    machine), only the batch (2 x 4) and lr set to the HF run's."""
     from amzft.lightning_cli import cli_main  # noqa: PLC0415 - after force_offline (module doc)
     from amzft.throughput import ThroughputMeter  # noqa: PLC0415
 
@@ -40,6 +43,7 @@ def run_amzft(args, variant: str, root: str) -> dict:
     unknown = set(flags) - {"share", "compile"}
     if unknown:
         raise SystemExit(f"--layouts: unknown option(s) {sorted(unknown)} in {variant!r} (use +share, +compile)")
+    shipped = layout == "cpu.yaml"
     argv = [
         "--config", "configs/cpu.yaml",
         "--model.name_or_path", args.model,
@@ -49,12 +53,15 @@ def run_amzft(args, variant: str, root: str) -> dict:
         "--trainer.enable_model_summary", "false",
         "--trainer.check_val_every_n_epoch", "1000",
         "--data.val_fraction", "0.05", "--data.test_fraction", "0.05",
-        "--data.layout", layout,
         "--data.max_length", str(args.max_length),
-        "--model.compile", str("compile" in flags).lower(),
-        "--data.share_prefix", str("share" in flags).lower(),
-        "--model.lr", "2e-4",  # the HF run's (cpu.yaml's 1e-3 does not change the speed, only the fairness)
+        # the HF run's batch and lr (cpu.yaml's own do not change the speed, only the fairness)
+        "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.lr", "2e-4",
+        "--model.warmup_steps", "5",
+        "--sample_answers.rouge_products", "0",
     ]
+    if not shipped:
+        argv += ["--data.layout", layout, "--data.pack_length", "null", "--trainer.precision", "32-true",
+                 "--model.compile", str("compile" in flags).lower(), "--data.share_prefix", str("share" in flags).lower()]
     if args.data:
         argv += ["--data.path", args.data]
     cli = cli_main(argv, run=False)
@@ -129,15 +136,34 @@ def run_hf_trainer(args, root: str) -> dict:
             "seconds": elapsed, "steps": counts["steps"] - 1, "first_step": counts["first_step"]}
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The flags that decide CPU training speed (docs/performance.md, The machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "flags unknown"
+    wanted = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+    return ", ".join(f for f in wanted if f in flags) or "no avx2"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="trn.json-style file (default: the bundled sample)")
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--layouts", default="plain,grouped,packed,grouped+compile",
+    parser.add_argument("--layouts", default="plain,cpu.yaml",
                         help="data.layout values; '+share' adds data.share_prefix=true (packed), "
-                        "'+compile' model.compile=true, e.g. packed+share+compile")
+                        "'+compile' model.compile=true, e.g. packed+share+compile; cpu.yaml: the shipped config as it is")
     args = parser.parse_args()
 
     force_offline()
@@ -149,7 +175,8 @@ def main() -> None:
         for layout in args.layouts.split(","):
             results[f"amzft {layout}"] = run_amzft(args, layout, os.path.join(root, layout))
     base = results["HF Trainer + PEFT"]["tokens_per_s"]
-    print(f"\n{args.steps} optimizer steps each (timed from the end of step 1), batch 2 x accumulate 4, fp32, "
+    print(f"\nCPU: {cpu_name()} ({cpu_flags()}), {time.strftime('%Y-%m-%d')}")
+    print(f"{args.steps} optimizer steps each (timed from the end of step 1), batch 2 x accumulate 4, fp32, "
           f"data: {args.data or 'bundled sample'}, model: {args.model}")
     print(f"{'run':<26}{'real tokens/s':>15}{'padding eff.':>14}{'vs HF Trainer':>15}{'first step s':>14}")
     for name, r in results.items():
