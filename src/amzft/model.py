@@ -26,7 +26,9 @@ from amzft.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
 from amzft.neftune import NEFTune
 
 # Optimizer steps from which model.compile=auto compiles: below, the one-time compilation costs
-# more than its speed-up gives back. Provisional: break-even measured in docs/performance.md.
+# more than its speed-up gives back. 150 is the middle of the break-even measured on a 2-core
+# Xeon (20-65 s of compilation for +4-9 % tokens/s: 100-200 steps; docs/performance.md,
+# "Layouts and model.compile"); other CPUs are not measured yet.
 COMPILE_BREAK_EVEN_STEPS = 150
 
 
@@ -78,6 +80,32 @@ class WindowSummary:
     grad_norm: float
     label_tokens: int
     batches: list[int]  # batch indices, for error messages
+
+
+def option_problems(*, lr, lora_r, lora_alpha, lora_dropout, warmup_steps, weight_decay, max_new_tokens,
+                    loss_chunk_tokens, neftune_alpha, use_dora, kernels, compile, backend) -> list[str]:
+    """What is wrong with LoraCausalLM's options, each as one line (all of them at once, so a
+    user fixes a config in one go)."""
+    problems = []
+    if not (lr > 0 and math.isfinite(lr)):
+        problems.append(f"model.lr must be a positive number, found {lr}")
+    if lora_r < 1 or lora_alpha <= 0:
+        problems.append(f"model.lora_r must be >= 1 and lora_alpha > 0, found {lora_r}, {lora_alpha}")
+    if not 0 <= lora_dropout < 1:
+        problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
+    if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
+        problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
+    if loss_chunk_tokens < 0:
+        problems.append(f"model.loss_chunk_tokens must be >= 0 (0: no chunking), found {loss_chunk_tokens}")
+    if not (neftune_alpha >= 0 and math.isfinite(neftune_alpha)):
+        problems.append(f"model.neftune_alpha must be >= 0 (0: off), found {neftune_alpha}")
+    if use_dora and backend != "hf":
+        problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
+    if kernels != "none" and backend != "hf":
+        problems.append(f"model.kernels={kernels} works with backend hf only (Unsloth brings its own Triton kernels)")
+    if compile is True and backend != "hf":
+        problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
+    return problems
 
 
 class LoraCausalLM(AdapterCheckpointing, LightningModule):
@@ -162,25 +190,10 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         kernels: Literal["none", "liger"] = "none",
     ):
         super().__init__()
-        problems = []
-        if not (lr > 0 and math.isfinite(lr)):
-            problems.append(f"model.lr must be a positive number, found {lr}")
-        if lora_r < 1 or lora_alpha <= 0:
-            problems.append(f"model.lora_r must be >= 1 and lora_alpha > 0, found {lora_r}, {lora_alpha}")
-        if not 0 <= lora_dropout < 1:
-            problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
-        if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
-            problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
-        if loss_chunk_tokens < 0:
-            problems.append(f"model.loss_chunk_tokens must be >= 0 (0: no chunking), found {loss_chunk_tokens}")
-        if not (neftune_alpha >= 0 and math.isfinite(neftune_alpha)):
-            problems.append(f"model.neftune_alpha must be >= 0 (0: off), found {neftune_alpha}")
-        if use_dora and backend != "hf":
-            problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
-        if kernels != "none" and backend != "hf":
-            problems.append(f"model.kernels={kernels} works with backend hf only (Unsloth brings its own Triton kernels)")
-        if compile is True and backend != "hf":
-            problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
+        problems = option_problems(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                   warmup_steps=warmup_steps, weight_decay=weight_decay, max_new_tokens=max_new_tokens,
+                                   loss_chunk_tokens=loss_chunk_tokens, neftune_alpha=neftune_alpha, use_dora=use_dora,
+                                   kernels=kernels, compile=compile, backend=backend)
         if backend == "unsloth" and quantization == "nf4":
             quantization = "none"  # unsloth quantises itself; "nf4" would mean the same thing
         if problems:
