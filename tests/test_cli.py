@@ -102,7 +102,7 @@ def test_print_config(capsys):
         cli_main(["fit", "--config", str(REPO / "configs" / "cpu.yaml"), "--print_config"])
     assert done.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["name_or_path"] == "embedded" and printed["data"]["batch_size"] == 2
+    assert printed["model"]["name_or_path"] == "embedded" and printed["data"]["batch_size"] == 1 and printed["data"]["layout"] == "packed"
 
 
 @pytest.mark.parametrize(
