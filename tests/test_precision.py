@@ -120,19 +120,28 @@ def logged(caplog) -> str:
     return text
 
 
+def shipped_precision_args(*args) -> list[str]:
+    """fit_args without conftest's `--trainer.precision 32-true` pin: these tests run
+    configs/cpu.yaml's own `precision: auto`."""
+    args = list(fit_args(*args))
+    at = args.index("--trainer.precision")
+    del args[at:at + 2]
+    return args
+
+
 def run_config(tmp_path) -> dict:
     return yaml.safe_load(next((tmp_path / "logs").rglob("config.yaml")).read_text())
 
 
 def test_fit_resolves_auto_logs_why_records_it_and_resumes(tiny_model_dir, tiny_data, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(precision, "read_cpuinfo", lambda: AVX2)  # the same answer on any test machine
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1", "--trainer.precision", "auto"))
+    main(shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
     assert "precision auto -> 32-true: CPU 'AMD EPYC' has no AMX (avx2 only)" in logged(caplog)
     assert run_config(tmp_path)["trainer"]["precision"] == "32-true"  # what the run used, not "auto"
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last"))
+    main(shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last"))
     assert "precision auto -> 32-true" in logged(caplog)
     assert run_config(tmp_path)["trainer"]["precision"] == "32-true"
-    validate = fit_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last", "--data.val_fraction", "0.3")
+    validate = shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last", "--data.val_fraction", "0.3")
     validate[0] = "validate"
     main(validate)
     assert "precision auto -> 32-true" in logged(caplog)
@@ -142,5 +151,5 @@ def test_an_explicit_precision_wins_in_the_cli(tiny_model_dir, tiny_data, tmp_pa
     monkeypatch.setattr(precision, "read_cpuinfo", lambda: SAPPHIRE)  # auto would pick bf16-mixed
     cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.precision", "32-true"), run=False)
     assert cli.trainer.precision == "32-true" and "precision auto" not in logged(caplog)
-    cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path), run=False)  # configs/cpu.yaml: auto
+    cli = cli_main(shipped_precision_args(tiny_model_dir, tiny_data, tmp_path), run=False)  # cpu.yaml: auto
     assert cli.trainer.precision == "bf16-mixed" and "has AMX" in logged(caplog)
