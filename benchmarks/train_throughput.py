@@ -73,7 +73,10 @@ def run_amzft(args, variant: str, root: str) -> dict:
             "seconds": s["seconds"], "steps": s["steps_timed"], "first_step": s["first_step_s"]}
 
 
-def run_hf_trainer(args, root: str) -> dict:
+def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
+    """HF Trainer + PEFT as a user writes it. ``bf16``: the seed notebook's own ``bf16=True``,
+    stopped after ``--seed-bf16-seconds`` (bf16 autocast is 13-30x slower than fp32 on CPUs
+    without AMX) and timed per micro-batch, so a slow CPU still gives a figure."""
     import torch  # noqa: PLC0415 - after force_offline (module doc), as the four below
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from transformers import (  # noqa: PLC0415
@@ -100,10 +103,13 @@ def run_hf_trainer(args, root: str) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     counts = {"real": 0, "padded": 0, "start": None, "steps": 0, "fit_start": None}
+    micro_tokens: list[int] = []  # real tokens of each micro-batch, in training order
+    micro_ends: list[float] = []  # when each micro-batch's forward + backward (+ step) ended
     collator = DataCollatorForSeq2Seq(data.tokenizer, padding=True, label_pad_token_id=-100)
 
     def counting_collator(features):
         batch = collator(features)
+        micro_tokens.append(int(batch["attention_mask"].sum()))
         if counts["start"] is not None:
             counts["real"] += int(batch["attention_mask"].sum())
             counts["padded"] += batch["input_ids"].numel()
@@ -113,21 +119,37 @@ def run_hf_trainer(args, root: str) -> dict:
         def on_train_begin(self, targs, state, control, **kwargs):
             counts["fit_start"] = time.perf_counter()
 
+        def on_substep_end(self, targs, state, control, **kwargs):
+            self.micro_batch_ended(control)
+
         def on_step_end(self, targs, state, control, **kwargs):
             if state.global_step == 1:
                 counts["start"] = time.perf_counter()
                 counts["first_step"] = counts["start"] - counts["fit_start"]
             counts["steps"] = state.global_step
+            self.micro_batch_ended(control)
+
+        def micro_batch_ended(self, control):
+            micro_ends.append(time.perf_counter())
+            if bf16 and micro_ends[-1] - counts["fit_start"] > args.seed_bf16_seconds and len(micro_ends) >= 2:
+                control.should_training_stop = True
 
     training_args = TrainingArguments(
         output_dir=root, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=args.steps,
         learning_rate=2e-4, warmup_steps=5, lr_scheduler_type="linear", optim="adamw_8bit", weight_decay=0.01,
         seed=3407, use_cpu=True, report_to=[], logging_steps=1000, save_strategy="no", dataloader_num_workers=0,
-        disable_tqdm=True, remove_unused_columns=False,
+        disable_tqdm=True, remove_unused_columns=False, bf16=bf16,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=counting_collator,
                       callbacks=[Clock()])
     trainer.train()
+    if bf16:
+        # Micro-batches after the first (warm-up), as the fp32 runs' steps after the first.
+        timed = len(micro_ends) - 1
+        elapsed = micro_ends[-1] - micro_ends[0]
+        return {"tokens_per_s": sum(micro_tokens[1:len(micro_ends)]) / elapsed,
+                "padding_efficiency": float("nan"), "seconds": elapsed, "steps": timed / 4,
+                "first_step": micro_ends[0] - counts["fit_start"], "micro_batches": timed}
     elapsed = time.perf_counter() - counts["start"]
     # The collator runs one batch ahead of the step that uses it: the last counted batch is the
     # first of a step never run when max_steps ends. Close enough over 7 steps of 8 batches; the
@@ -161,6 +183,9 @@ def main() -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--seed-bf16-seconds", type=float, default=180,
+                        help="also run HF Trainer with the seed's bf16=True for about this long "
+                        "(timed per micro-batch; 0: skip)")
     parser.add_argument("--layouts", default="plain,cpu.yaml",
                         help="data.layout values; '+share' adds data.share_prefix=true (packed), "
                         "'+compile' model.compile=true, e.g. packed+share+compile; cpu.yaml: the shipped config as it is")
@@ -174,6 +199,8 @@ def main() -> None:
         results["HF Trainer + PEFT"] = run_hf_trainer(args, os.path.join(root, "hf"))
         for layout in args.layouts.split(","):
             results[f"amzft {layout}"] = run_amzft(args, layout, os.path.join(root, layout))
+        if args.seed_bf16_seconds > 0:
+            results["HF Trainer, bf16=True"] = run_hf_trainer(args, os.path.join(root, "hf-bf16"), bf16=True)
     base = results["HF Trainer + PEFT"]["tokens_per_s"]
     print(f"\nCPU: {cpu_name()} ({cpu_flags()}), {time.strftime('%Y-%m-%d')}")
     print(f"{args.steps} optimizer steps each (timed from the end of step 1), batch 2 x accumulate 4, fp32, "
@@ -184,6 +211,11 @@ def main() -> None:
               f"{r['tokens_per_s'] / base:>14.2f}x{r['first_step']:>14.1f}")
     print("(first step: from the start of training to the end of optimizer step 1, compilation included; "
           "not in tokens/s)")
+    if "HF Trainer, bf16=True" in results:
+        r = results["HF Trainer, bf16=True"]
+        print(f"HF Trainer, bf16=True: the seed's own arguments, stopped after --seed-bf16-seconds "
+              f"{args.seed_bf16_seconds:g}: {r['micro_batches']} micro-batches timed after the first "
+              f"(first micro-batch {r['first_step']:.1f} s); its first-step column is that first micro-batch")
 
 
 if __name__ == "__main__":
