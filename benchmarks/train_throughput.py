@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import tempfile
 import time
 
@@ -32,7 +33,9 @@ from amzft.sources import force_offline, resolve_model_dir
 
 def run_amzft(args, variant: str, root: str) -> dict:
     """``variant`` is a data.layout, optionally with ``+share`` (data.share_prefix, packed only)
-    and / or ``+compile`` (model.compile)."""
+    and / or ``+compile`` (model.compile); or ``cpu.yaml``: the shipped config's own layout,
+    shared preamble, row length, precision and compile choices (``auto`` resolved for this
+    machine), only the batch (2 x 4) and lr set to the HF run's."""
     from amzft.lightning_cli import cli_main  # noqa: PLC0415 - after force_offline (module doc)
     from amzft.throughput import ThroughputMeter  # noqa: PLC0415
 
@@ -40,6 +43,7 @@ def run_amzft(args, variant: str, root: str) -> dict:
     unknown = set(flags) - {"share", "compile"}
     if unknown:
         raise SystemExit(f"--layouts: unknown option(s) {sorted(unknown)} in {variant!r} (use +share, +compile)")
+    shipped = layout == "cpu.yaml"
     argv = [
         "--config", "configs/cpu.yaml",
         "--model.name_or_path", args.model,
@@ -49,12 +53,15 @@ def run_amzft(args, variant: str, root: str) -> dict:
         "--trainer.enable_model_summary", "false",
         "--trainer.check_val_every_n_epoch", "1000",
         "--data.val_fraction", "0.05", "--data.test_fraction", "0.05",
-        "--data.layout", layout,
         "--data.max_length", str(args.max_length),
-        "--model.compile", str("compile" in flags).lower(),
-        "--data.share_prefix", str("share" in flags).lower(),
-        "--model.lr", "2e-4",  # the HF run's (cpu.yaml's 1e-3 does not change the speed, only the fairness)
+        # the HF run's batch and lr (cpu.yaml's own do not change the speed, only the fairness)
+        "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.lr", "2e-4",
+        "--model.warmup_steps", "5",
+        "--sample_answers.rouge_products", "0",
     ]
+    if not shipped:
+        argv += ["--data.layout", layout, "--data.pack_length", "null", "--trainer.precision", "32-true",
+                 "--model.compile", str("compile" in flags).lower(), "--data.share_prefix", str("share" in flags).lower()]
     if args.data:
         argv += ["--data.path", args.data]
     cli = cli_main(argv, run=False)
@@ -66,7 +73,10 @@ def run_amzft(args, variant: str, root: str) -> dict:
             "seconds": s["seconds"], "steps": s["steps_timed"], "first_step": s["first_step_s"]}
 
 
-def run_hf_trainer(args, root: str) -> dict:
+def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
+    """HF Trainer + PEFT as a user writes it. ``bf16``: the seed notebook's own ``bf16=True``,
+    stopped after ``--seed-bf16-seconds`` (bf16 autocast is 13-30x slower than fp32 on CPUs
+    without AMX) and timed per micro-batch, so a slow CPU still gives a figure."""
     import torch  # noqa: PLC0415 - after force_offline (module doc), as the four below
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from transformers import (  # noqa: PLC0415
@@ -93,10 +103,13 @@ def run_hf_trainer(args, root: str) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     counts = {"real": 0, "padded": 0, "start": None, "steps": 0, "fit_start": None}
+    micro_tokens: list[int] = []  # real tokens of each micro-batch, in training order
+    micro_ends: list[float] = []  # when each micro-batch's forward + backward (+ step) ended
     collator = DataCollatorForSeq2Seq(data.tokenizer, padding=True, label_pad_token_id=-100)
 
     def counting_collator(features):
         batch = collator(features)
+        micro_tokens.append(int(batch["attention_mask"].sum()))
         if counts["start"] is not None:
             counts["real"] += int(batch["attention_mask"].sum())
             counts["padded"] += batch["input_ids"].numel()
@@ -106,21 +119,37 @@ def run_hf_trainer(args, root: str) -> dict:
         def on_train_begin(self, targs, state, control, **kwargs):
             counts["fit_start"] = time.perf_counter()
 
+        def on_substep_end(self, targs, state, control, **kwargs):
+            self.micro_batch_ended(control)
+
         def on_step_end(self, targs, state, control, **kwargs):
             if state.global_step == 1:
                 counts["start"] = time.perf_counter()
                 counts["first_step"] = counts["start"] - counts["fit_start"]
             counts["steps"] = state.global_step
+            self.micro_batch_ended(control)
+
+        def micro_batch_ended(self, control):
+            micro_ends.append(time.perf_counter())
+            if bf16 and micro_ends[-1] - counts["fit_start"] > args.seed_bf16_seconds and len(micro_ends) >= 2:
+                control.should_training_stop = True
 
     training_args = TrainingArguments(
         output_dir=root, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=args.steps,
         learning_rate=2e-4, warmup_steps=5, lr_scheduler_type="linear", optim="adamw_8bit", weight_decay=0.01,
         seed=3407, use_cpu=True, report_to=[], logging_steps=1000, save_strategy="no", dataloader_num_workers=0,
-        disable_tqdm=True, remove_unused_columns=False,
+        disable_tqdm=True, remove_unused_columns=False, bf16=bf16,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=counting_collator,
                       callbacks=[Clock()])
     trainer.train()
+    if bf16:
+        # Micro-batches after the first (warm-up), as the fp32 runs' steps after the first.
+        timed = len(micro_ends) - 1
+        elapsed = micro_ends[-1] - micro_ends[0]
+        return {"tokens_per_s": sum(micro_tokens[1:len(micro_ends)]) / elapsed,
+                "padding_efficiency": float("nan"), "seconds": elapsed, "steps": timed / 4,
+                "first_step": micro_ends[0] - counts["fit_start"], "micro_batches": timed}
     elapsed = time.perf_counter() - counts["start"]
     # The collator runs one batch ahead of the step that uses it: the last counted batch is the
     # first of a step never run when max_steps ends. Close enough over 7 steps of 8 batches; the
@@ -129,15 +158,37 @@ def run_hf_trainer(args, root: str) -> dict:
             "seconds": elapsed, "steps": counts["steps"] - 1, "first_step": counts["first_step"]}
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The flags that decide CPU training speed (docs/performance.md, The machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "flags unknown"
+    wanted = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+    return ", ".join(f for f in wanted if f in flags) or "no avx2"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="trn.json-style file (default: the bundled sample)")
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--layouts", default="plain,grouped,packed,grouped+compile",
+    parser.add_argument("--seed-bf16-seconds", type=float, default=180,
+                        help="also run HF Trainer with the seed's bf16=True for about this long "
+                        "(timed per micro-batch; 0: skip)")
+    parser.add_argument("--layouts", default="plain,cpu.yaml",
                         help="data.layout values; '+share' adds data.share_prefix=true (packed), "
-                        "'+compile' model.compile=true, e.g. packed+share+compile")
+                        "'+compile' model.compile=true, e.g. packed+share+compile; cpu.yaml: the shipped config as it is")
     args = parser.parse_args()
 
     force_offline()
@@ -148,8 +199,11 @@ def main() -> None:
         results["HF Trainer + PEFT"] = run_hf_trainer(args, os.path.join(root, "hf"))
         for layout in args.layouts.split(","):
             results[f"amzft {layout}"] = run_amzft(args, layout, os.path.join(root, layout))
+        if args.seed_bf16_seconds > 0:
+            results["HF Trainer, bf16=True"] = run_hf_trainer(args, os.path.join(root, "hf-bf16"), bf16=True)
     base = results["HF Trainer + PEFT"]["tokens_per_s"]
-    print(f"\n{args.steps} optimizer steps each (timed from the end of step 1), batch 2 x accumulate 4, fp32, "
+    print(f"\nCPU: {cpu_name()} ({cpu_flags()}), {time.strftime('%Y-%m-%d')}")
+    print(f"{args.steps} optimizer steps each (timed from the end of step 1), batch 2 x accumulate 4, fp32, "
           f"data: {args.data or 'bundled sample'}, model: {args.model}")
     print(f"{'run':<26}{'real tokens/s':>15}{'padding eff.':>14}{'vs HF Trainer':>15}{'first step s':>14}")
     for name, r in results.items():
@@ -157,6 +211,11 @@ def main() -> None:
               f"{r['tokens_per_s'] / base:>14.2f}x{r['first_step']:>14.1f}")
     print("(first step: from the start of training to the end of optimizer step 1, compilation included; "
           "not in tokens/s)")
+    if "HF Trainer, bf16=True" in results:
+        r = results["HF Trainer, bf16=True"]
+        print(f"HF Trainer, bf16=True: the seed's own arguments, stopped after --seed-bf16-seconds "
+              f"{args.seed_bf16_seconds:g}: {r['micro_batches']} micro-batches timed after the first "
+              f"(first micro-batch {r['first_step']:.1f} s); its first-step column is that first micro-batch")
 
 
 if __name__ == "__main__":

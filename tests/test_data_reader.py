@@ -1,7 +1,10 @@
+import codecs
 import gzip
+import json
 
 import pytest
 
+from amzft.data import reader
 from amzft.data.reader import read_records
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
@@ -52,6 +55,9 @@ def test_file_problems_are_errors(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DataError, match="file is empty"):
         _read(empty)
+    empty.write_bytes(codecs.BOM_UTF8)  # what an editor saves for an empty UTF-8 file with a BOM
+    with pytest.raises(DataError, match="file is empty"):
+        _read(empty)
 
 
 def test_gzip_and_blank_lines(tmp_path):
@@ -71,3 +77,60 @@ def test_truncated_gzip_is_counted_or_strict_error(tmp_path):
     assert 0 < len(records) < 2000 and stats.skipped["truncated_file"] == 1
     with pytest.raises(DataError, match="truncated or corrupt"):
         _read(path, strict=True)
+
+
+def _records(path):
+    records, stats = _read(path)
+    return [tuple(r) for r in records], stats.to_dict()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_byte_order_mark_is_not_a_lost_record(tmp_path, gz):
+    """utf-8-sig semantics: the BOM some Windows tools write is dropped from line 1 only."""
+    body = b"".join(json.dumps(r).encode() + b"\n" for r in [GOOD, {"title": "Cup", "content": "A cup."}])
+    plain, bom = tmp_path / "plain.json", tmp_path / "bom.json"
+    for path, data in ((plain, body), (bom, codecs.BOM_UTF8 + body)):
+        path.write_bytes(gzip.compress(data) if gz else data)
+    assert _records(bom) == _records(plain) and len(_records(bom)[0]) == 2
+    assert _records(bom)[1]["skipped"] == {}
+
+
+ARRAY = [GOOD, {"title": "Cup", "content": "A cup."}, {"title": "Tea"}, {"title": "Pot", "content": "A pot."}]
+
+
+@pytest.mark.parametrize("layout", ["one_line", "pretty", "pretty_bom_gzip"])
+def test_a_json_array_file_is_read_like_json_lines(tmp_path, write_jsonl, layout):
+    """Elements are numbered 1, 2, ... where JSON Lines has line numbers; bad ones are the
+    same counted skips."""
+    text = json.dumps(ARRAY, indent=None if layout == "one_line" else 2).encode()
+    path = tmp_path / "array.json"
+    path.write_bytes(gzip.compress(codecs.BOM_UTF8 + text) if layout.endswith("gzip") else b"\n" + text + b"\n")
+    records, stats = _read(path)
+    assert [(r.line, r.title) for r in records] == [(1, "Mug"), (2, "Cup"), (4, "Pot")]
+    assert stats.records_read == 4 and stats.skipped_lines == {"missing_field": [3]}
+    assert _records(path)[0] == [(n, *r[1:]) for n, r in zip([1, 2, 4], _records(write_jsonl(ARRAY))[0])]
+    with pytest.raises(DataError, match=r"array.json:3: missing field 'content'"):
+        _read(path, strict=True)
+
+
+def test_a_first_line_that_is_an_array_is_still_json_lines(write_jsonl):
+    records, stats = _read(write_jsonl([b'["title", "content"]', GOOD]))
+    assert [r.line for r in records] == [2] and stats.skipped_lines == {"not_an_object": [1]}
+
+
+def test_a_broken_or_too_large_json_array_is_one_line_error(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"title": "Mug", "content": "A mug."},\n  {"title": \n')
+    with pytest.raises(DataError, match=r"broken.json:4: starts with '\[' but is not a valid JSON array") as err:
+        _read(broken)
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(reader, "ARRAY_LIMIT", 2**20)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([GOOD] * 20_000, indent=2))  # 2.6 MB
+    with pytest.raises(DataError) as err:
+        _read(big)
+    assert str(err.value) == (f"{big}: holds one JSON array larger than 1 MiB; amzft reads JSON Lines (one object per line): "
+                              f"convert it with  jq -c '.[]' {big} > {tmp_path / 'big.jsonl'}")
+    big.write_bytes(gzip.compress(big.read_bytes()))
+    with pytest.raises(DataError, match=r"convert it with  gzip -dc .*big.json \| jq -c '\.\[\]' > .*big.jsonl$"):
+        _read(big)

@@ -132,11 +132,14 @@ def gguf_model(directory):
 
 
 def greedy(model, tokenizer, fmt, titles, n=12):
+    """Raw greedy tokens: explicit, since the merged export's generation_config.json carries
+    amzft's default decoding (penalty, n-gram ban) and a GGUF read by transformers does not."""
     answers = []
     for title in titles:
         ids = torch.tensor([PromptEncoder(tokenizer, fmt)([title])[0]])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                             repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
         answers.append(out[0, ids.shape[1]:].tolist())
     return answers
 

@@ -7,7 +7,11 @@ files it still runs, with Unsloth's "import me first" warning.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from amzft.callbacks import StopAtStep  # noqa: E402
 from amzft.cli import main  # noqa: E402
-from conftest import fit_args, tiny_records  # noqa: E402
+from conftest import REPO, fit_args, tiny_records  # noqa: E402
 from test_model import RecordSteps, run_fit  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -43,6 +47,29 @@ def gpu_llama_dir(tmp_path_factory, llama_tokenizer):
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
     llama_tokenizer.save_pretrained(directory)
     return directory
+
+
+def test_liger_kernels_give_the_plain_loss_and_lora_gradients(gpu_llama_dir, tmp_path):
+    """model.kernels=liger (RoPE, RMSNorm, SwiGLU kernels and the fused linear cross-entropy of
+    the label-only loss) against transformers' own path: same loss and LoRA gradients on one
+    batch, to fp32 rounding in fp32 and to bf16 rounding under bf16 autocast. In a fresh
+    process (tests/liger_vs_plain.py): Unsloth, imported by this file, patches Llama too."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed (pip install liger-kernel; gpu/wheelhouse.py has it)")
+    out = tmp_path / "liger.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "liger_vs_plain.py"), str(gpu_llama_dir), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(out, weights_only=False)
+    for bf16, loss_rtol, grad_rtol in ((False, 1e-4, 1e-3), (True, 1e-2, 5e-2)):
+        plain, liger = results[("none", bf16)], results[("liger", bf16)]
+        assert liger["loss"] == pytest.approx(plain["loss"], rel=loss_rtol), bf16
+        assert plain["grads"].keys() == liger["grads"].keys() and all("lora_" in k for k in plain["grads"])
+        assert any("lora_A" in k for k in plain["grads"]) and any("lora_B" in k for k in plain["grads"])
+        for key, expected in plain["grads"].items():
+            error = (liger["grads"][key] - expected).norm() / expected.norm().clamp_min(1e-12)
+            assert expected.norm() > 0 and error < grad_rtol, (key, bf16, float(error))
 
 
 def _adapter(ckpt) -> dict[str, torch.Tensor]:

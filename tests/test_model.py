@@ -11,14 +11,15 @@ from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
 
+import amzft.model as model_module
 from amzft.callbacks import StopAtStep
-from amzft.checkpoints import load_checkpoint_file
+from amzft.checkpoints import init_kwargs, load_checkpoint_file
 from amzft.data.batching import Collator
 from amzft.errors import ConfigError
 from amzft.generate import GenerationOptions, generate
 from amzft.lightning_cli import cli_main
 from amzft.loss import head_loss_sum
-from amzft.model import LoraCausalLM
+from amzft.model import COMPILE_BREAK_EVEN_STEPS, LoraCausalLM, decide_compile
 from conftest import fit_args, tiny_records
 
 
@@ -167,7 +168,8 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resume(sig, tiny_model_dir, tiny_data, tmp_path):
-    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000",
+    # compile off: cpu.yaml's compile auto would compile a 100000-step run before its first step
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000", "--model.compile", "false",
                     "--trainer.accumulate_grad_batches", "3", "--checkpoint.every_n_train_steps", "2")
     proc = subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -231,6 +233,57 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
 def test_compile_is_for_the_hf_backend_only():
     with pytest.raises(ConfigError, match="model.compile works with backend hf only"):
         LoraCausalLM(backend="unsloth", compile=True)
+    LoraCausalLM(backend="unsloth", compile="auto")  # auto decides "off" for it (below)
+
+
+def never():
+    raise AssertionError("max_steps is set: no estimate")
+
+
+def test_compile_auto_decision():
+    below, above = COMPILE_BREAK_EVEN_STEPS - 1, COMPILE_BREAK_EVEN_STEPS
+    assert decide_compile(below, never, "cpu") == (False, f"max_steps {below} < {above}, the steps after which "
+                                                          "its one-time compilation pays off")
+    chosen, why = decide_compile(above, never, "cpu")
+    assert chosen and why.startswith(f"max_steps {above} >= {above}")
+    # An epoch-based run (max_steps -1): the steps estimated from max_epochs x batches.
+    assert decide_compile(-1, lambda: 40.0, "cpu")[0] is False
+    chosen, why = decide_compile(-1, lambda: float(above * 3), "cpu")
+    assert chosen and f"~{above * 3} optimizer steps estimated from max_epochs" in why
+    assert decide_compile(-1, lambda: math.inf, "cpu")[0] is True  # max_epochs -1: as long as it takes
+    assert decide_compile(10_000, never, "cpu", backend="unsloth") == (False, "backend unsloth brings its own kernels")
+    assert decide_compile(10_000, never, "mps") == (False, "auto compiles on CPU and CUDA only, not mps")
+
+
+def test_compile_auto_stays_off_where_torch_compile_cannot_run(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no g++")
+
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
+    chosen, why = decide_compile(10_000, never, "cpu")
+    assert not chosen and "no C++ compiler" in why
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    assert decide_compile(10_000, never, "cpu")[1] == "torch.compile does not support this Python / platform"
+
+
+def test_compile_auto_in_a_fit(tiny_model_dir, tiny_data, tmp_path, caplog, monkeypatch):
+    """configs/cpu.yaml says compile: auto. A short fit stays eager and says why; past the
+    break-even the layers are compiled (the compilation itself is test_compiled_layers_…'s);
+    checkpoints of old runs (compile true / false) still build a module."""
+    cli = run_fit(fit_args(tiny_model_dir, tiny_data, tmp_path / "short", "--trainer.max_steps", "2"))
+    assert cli.model.hparams.compile == "auto"
+    assert cli.model.model.get_base_model().get_decoder().layers[0]._compiled_call_impl is None
+    assert "model.compile auto -> off: max_steps 2 < " in caplog.text
+    compiled = []
+    monkeypatch.setattr(model_module, "COMPILE_BREAK_EVEN_STEPS", 2)
+    monkeypatch.setattr(LoraCausalLM, "_compile_layers", lambda self: compiled.append(self))
+    run_fit(fit_args(tiny_model_dir, tiny_data, tmp_path / "long", "--trainer.max_steps", "2"))
+    assert len(compiled) == 1 and "model.compile auto -> on: max_steps 2 >= 2" in caplog.text
+
+    saved = load_checkpoint_file(cli.trainer.checkpoint_callback.last_model_path)["hyper_parameters"]
+    for old in (True, False):
+        module = LoraCausalLM(**{**init_kwargs(LoraCausalLM, saved), "compile": old})
+        assert module.hparams.compile is old
 
 
 def test_chunked_head_loss_equals_one_pass(tiny_model_dir, llama_tokenizer):

@@ -116,6 +116,47 @@ def test_a_huge_record_is_truncated_not_fatal(write_jsonl, llama_tokenizer, tmp_
     assert len(train) == 11 and max(lengths) == 64
 
 
+def _rows(prepared):
+    return {name: [(r["line"], r["input_ids"], r["title"], r["content"]) for r in data] for name, data in prepared.splits.items()}
+
+
+def test_bom_and_json_array_files_build_the_same_examples(write_jsonl, llama_tokenizer, tmp_path):
+    """Files a user may have: the JSON Lines file with a byte-order mark, and the same records
+    as one pretty-printed JSON array (element n numbered n, so the rows match line for line),
+    through the serial and the parallel build; markup-only descriptions and control characters
+    are cleaned the same way in each."""
+    records = [*tiny_records(20), {"title": "Mug\x00Blue", "content": "A\x07 mug."}, {"title": "T", "content": "<p>&nbsp;</p>"},
+               {"title": "\x01\x02", "content": "Untitled."}, {"title": "Mug\x00Blue", "content": "A mug."}, {"title": "Half"}]
+    jsonl = write_jsonl(records)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + jsonl.read_bytes())
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps(records, indent=2))
+    settings = DataSettings(path=str(jsonl), val_fraction=0.2, test_fraction=0.2)
+    want = prepare(settings, llama_tokenizer, tmp_path / "want", num_proc=1)
+    assert want.stats.skipped == {"empty_content": 1, "empty_title": 1, "duplicate": 1, "missing_field": 1}
+    assert ("Mug Blue", "A mug.") in [(r["title"], r["content"]) for split in want.splits.values() for r in split]
+    for path in (bom, array):
+        for num_proc in (1, 2):
+            got = prepare(DataSettings(path=str(path), val_fraction=0.2, test_fraction=0.2), llama_tokenizer,
+                          tmp_path / f"{path.stem}{num_proc}", num_proc=num_proc)
+            assert _rows(got) == _rows(want) and got.stats.to_dict() == want.stats.to_dict(), (path, num_proc)
+
+
+def test_data_command_reads_an_array_and_says_how_to_convert_a_large_one(tmp_path, capsys, monkeypatch):
+    from amzft.data import reader  # noqa: PLC0415 - only this test changes its limit
+
+    array = tmp_path / "records.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(tiny_records(30), indent=2).encode())
+    args = ["data", "--data.tokenizer", "llama3.2", "--data.path", str(array), "--data.cache_dir", str(tmp_path / "c")]
+    main([*args, "--examples", "1"])
+    out = capsys.readouterr().out
+    assert "records read: 30" in out and "kept:         30" in out and "skipped: 0" in out
+    monkeypatch.setattr(reader, "ARRAY_LIMIT", 1000)
+    line = one_line_error(capsys, *args, "--data.cache_dir", str(tmp_path / "c2"))
+    assert "amzft reads JSON Lines (one object per line)" in line and f"jq -c '.[]' {array} > {tmp_path / 'records.jsonl'}" in line
+
+
 # --------------------------------------------------------------------------- disk
 def test_unwritable_log_dir_fails_before_training(tiny_model_dir, tiny_data, tmp_path, capsys):
     blocker = tmp_path / "a_file"

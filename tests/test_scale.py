@@ -199,14 +199,33 @@ def test_shared_prefix_packing_gives_each_example_its_own_loss_and_gradients(tin
 def test_share_prefix_needs_packed_rows():
     with pytest.raises(ConfigError, match="data.share_prefix needs data.layout=packed"):
         AmazonTitlesDataModule(layout="grouped", share_prefix=True)
+    with pytest.raises(ConfigError, match="data.pack_length needs data.layout=packed"):
+        AmazonTitlesDataModule(layout="plain", pack_length=512)
 
 
-@pytest.mark.parametrize("layout", ["grouped", "packed", "packed+share"])
+def test_pack_length_sets_the_row_capacity(write_jsonl, tiny_model_dir):
+    """Rows hold at most pack_length tokens (max_length still only truncates), so a small data
+    set gets several optimizer steps per epoch."""
+    lengths = {}
+    for pack_length in (None, 200):
+        dm = AmazonTitlesDataModule(write_jsonl(tiny_records(40)), tokenizer=str(tiny_model_dir), layout="packed",
+                                    max_length=1024, batch_size=1, pack_length=pack_length)
+        dm.setup("fit")
+        batches = dm.train_dataloader().batch_sampler.batches(0)
+        data = dm.split("train")
+        sizes = [sum(len(data[int(i)]["input_ids"]) for i in b) for b in batches]
+        lengths[pack_length] = (len(batches), max(sizes))
+    assert lengths[200][1] <= 200 < lengths[None][1] and lengths[200][0] > lengths[None][0], lengths
+
+
+@pytest.mark.parametrize("layout", ["grouped", "packed", "packed+share", "packed+share+rows"])
 def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, write_jsonl, tmp_path):
     data = write_jsonl(tiny_records(40))
     layout, _, share = layout.partition("+")
     common = ("--trainer.max_steps", "6", "--data.layout", layout, "--data.max_length", "160", "--data.mega_batch", "4",
               "--data.share_prefix", str(bool(share)).lower())
+    if share.endswith("rows"):  # rows shorter than max_length (data.pack_length): the shipped CPU config's layout
+        common += ("--data.pack_length", "120")
     straight = RecordSteps()
     a = run_fit(fit_args(tiny_model_dir, data, tmp_path / "a", *common), straight)
     first = RecordSteps()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from amzft.generate import generate_answers
+from amzft.generate import GREEDY, generate_answers
 from amzft.lightning_cli import cli_main
 from amzft.model import LoraCausalLM
 from amzft.sources import load_tokenizer
@@ -34,8 +34,9 @@ def test_embedded_fit_resume_and_ask(tmp_path):
     last = cli.trainer.checkpoint_callback.last_model_path
     module, fmt = LoraCausalLM.from_checkpoint(last)
     titles = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
-    tuned = generate_answers(module, titles, fmt, max_new_tokens=120)
-    base = generate_answers(module, titles, fmt, max_new_tokens=120, use_adapter=False)
+    # Raw greedy, the decoding this test was written for.
+    tuned = generate_answers(module, titles, fmt, max_new_tokens=120, options=GREEDY)
+    base = generate_answers(module, titles, fmt, max_new_tokens=120, use_adapter=False, options=GREEDY)
     assert all(tuned) and all(base)
     # The instruct model ends its answers with <|im_end|>: greedy generation stops well before the cap.
     lengths = [len(module.tokenizer(b, add_special_tokens=False)["input_ids"]) for b in base]

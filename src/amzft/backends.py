@@ -10,7 +10,9 @@ never branches on the backend elsewhere (``set_mode`` is the one other backend-s
   ``quantization`` says; ``dequantize`` (exports) turns it into a full-precision base.
 * ``unsloth``: Unsloth's 4-bit loader and fused kernels, CUDA only, as in the seed notebook.
 
-peft (seconds to import) and bitsandbytes are imported by the builder that needs them, since
+``kernels: liger`` (``hf`` only, CUDA only) swaps Liger's Triton kernels into a Llama base.
+
+peft (seconds to import), bitsandbytes and liger-kernel are imported by the code that needs them, since
 ``fit --help`` imports this module; unsloth only ever on CUDA, after amzft.bootstrap has
 imported it ahead of transformers.
 """
@@ -48,9 +50,11 @@ class LoraSettings:
     use_dora: bool = False  # peft's DoRA: weight-decomposed LoRA (a trainable magnitude per output)
     use_rslora: bool = False  # peft's rank-stabilised scale alpha / sqrt(r) instead of alpha / r
     dequantize: bool = False  # a pre-quantised base is dequantised to fp32 (merged / GGUF exports)
+    kernels: str = "none"  # "liger": Liger's Triton kernels (RoPE, RMSNorm, SwiGLU) on a Llama base, CUDA only
 
 
 QUANTIZATIONS = ("none", "nf4")
+KERNELS = ("none", "liger")
 
 
 def disable_avx512bf16_repacking(model) -> int:
@@ -106,6 +110,36 @@ def dequantize_base(model) -> None:
     model._weight_conversions = kept
 
 
+def check_kernels(settings: LoraSettings, model_type: str) -> None:
+    """A one-line error, before any weights load, when ``model.kernels`` cannot run here: Liger's
+    kernels are Triton GPU kernels, liger-kernel is an optional package (the ``gpu`` extra), and
+    amzft wires them for Llama only (``apply_liger_kernel_to_llama``)."""
+    if settings.kernels not in KERNELS:
+        raise ConfigError(f"model.kernels must be one of {KERNELS}, found {settings.kernels!r}")
+    if settings.kernels == "none":
+        return
+    why = ("no CUDA device here" if not settings.device.startswith("cuda")
+           else "the liger-kernel package is not installed" if importlib.util.find_spec("liger_kernel") is None
+           else None)
+    if why:
+        raise ConfigError(f"model.kernels=liger needs a CUDA GPU and the liger-kernel package ({why}): pip install "
+                          "liger-kernel (or 'amzft[gpu]') on a CUDA machine, or use model.kernels=none")
+    if model_type != "llama":
+        raise ConfigError(f"model.kernels=liger is wired for Llama models, this one is {model_type!r}: use model.kernels=none")
+
+
+def apply_kernels(model, settings: LoraSettings) -> None:
+    """Swap Liger's fused RoPE, RMSNorm and SwiGLU kernels into a loaded Llama base, before the
+    adapters go on (the patched MLP forward still calls its projections, LoRA-wrapped later).
+    Liger's cross-entropy patches stay off: they replace ``LlamaForCausalLM.forward``, which
+    amzft's loss never calls; ``amzft.loss`` calls Liger's fused linear cross-entropy itself."""
+    if settings.kernels == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: PLC0415 - optional, CUDA only
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
+
+
 def _load_kwargs(settings: LoraSettings, config, directory) -> tuple[dict, bool, bool]:
     """``from_pretrained`` arguments, whether the base will be 4-bit, and whether it was saved so."""
     if settings.quantization not in QUANTIZATIONS:
@@ -144,6 +178,7 @@ def build_hf(settings: LoraSettings):
         raise ModelError(f"cannot read the model config in {directory}: {exc}") from exc
     if settings.dequantize and settings.quantization == "nf4":
         raise ConfigError("a dequantised base cannot also be quantised: use model.quantization=none with dequantize")
+    check_kernels(settings, config.model_type)
     load, quantized, saved_4bit = _load_kwargs(settings, config, directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, trust_remote_code=False, **load)
@@ -151,6 +186,7 @@ def build_hf(settings: LoraSettings):
         raise ModelError(f"cannot load a causal LM ({config.model_type}) from {directory}: {exc}") from exc
     if saved_4bit and settings.dequantize:
         dequantize_base(model)
+    apply_kernels(model, settings)
     if quantized:
         from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - start-up time (module doc)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from lightning.pytorch import Callback
 
 from amzft.checkpoints import check_writable, save_last_now
+from amzft.decoding import DEFAULT_DECODING, GenerationOptions
 from amzft.errors import ConfigError
 from amzft.generate import generate_answers
 from amzft.scoring import overlap_scores
@@ -33,7 +34,8 @@ class StopAtStep(Callback):
 
 
 class PredictionsWriter(Callback):
-    """``predict`` results as JSON Lines (title, reference, answer) in the run's log folder."""
+    """``predict`` results as JSON Lines (title, reference, answer) in the run's log folder (the
+    answers come from ``LoraCausalLM.predict_step``, decoded with the module's ``decoding``)."""
 
     def on_predict_epoch_end(self, trainer, pl_module):
         rows = [row for batch in trainer.predict_loop.predictions for row in batch]
@@ -48,7 +50,9 @@ class PredictionsWriter(Callback):
 
 
 class SampleAnswers(Callback):
-    """Greedy answers (no RNG, so runs stay exact) for a fixed, seeded sample of validation products:
+    """Answers decoded as every command decodes them (``options``: ``DEFAULT_DECODING`` unless
+    the CLI's ``--decoding`` … say otherwise; greedy, no RNG, so runs stay exact) for a fixed,
+    seeded sample of validation products:
 
     * every ``every_n_steps`` optimizer steps, the first ``products`` go to TensorBoard as text
       (``samples/answers``), to watch the answers change along the loss curve;
@@ -79,6 +83,7 @@ class SampleAnswers(Callback):
         self.every_n_steps, self.products, self.max_new_tokens = every_n_steps, products, max_new_tokens
         self.rouge_products, self.seed = rouge_products, seed
         self._done_step = -1
+        self.options: GenerationOptions = DEFAULT_DECODING  # the CLI sets its --decoding here
         self._text_pending: int | None = None  # a step whose text waits for that step's validation
         self.last_seconds: float | None = None  # the last val/rougeL generation + scoring, for the record
 
@@ -114,7 +119,8 @@ class SampleAnswers(Callback):
             return
         split, rows = self._rows(trainer, self.products)
         if rows is not None:
-            answers = generate_answers(pl_module, list(rows["title"]), trainer.datamodule.settings.prompt, self.max_new_tokens)
+            answers = generate_answers(pl_module, list(rows["title"]), trainer.datamodule.settings.prompt, self.max_new_tokens,
+                                       options=self.options)
             self._write_text(trainer, step, split, rows, answers)
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -127,7 +133,7 @@ class SampleAnswers(Callback):
             if rows is not None:
                 titles, references = list(rows["title"]), list(rows["content"])
                 answers = generate_answers(pl_module, titles, trainer.datamodule.settings.prompt, self.max_new_tokens,
-                                           batch_size=8)
+                                           batch_size=8, options=self.options)
                 score = overlap_scores(answers, references)["rougeL"]
                 self.last_seconds = time.perf_counter() - started
                 if self._text_pending == trainer.global_step and trainer.loggers:

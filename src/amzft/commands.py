@@ -10,12 +10,21 @@ from __future__ import annotations
 import json
 import textwrap
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from amzft.data.prompt import prompt_format_from
+from amzft.decoding import (
+    DECODING_KEYS,
+    DEFAULT_DECODING,
+    GenerationOptions,
+    add_decoding_arguments,
+    decoding_from,
+    describe,
+)
 from amzft.errors import ConfigError
 
 # Top-level keys of a training config that a command may not use: accepted, then ignored,
@@ -26,10 +35,15 @@ _TRAINING_KEYS = (
 )
 
 
-def _parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = ()):
+def _parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = (), decoding: bool = True):
     # exit_on_error=False: amzft.cli prints parse errors as one line instead of the usage dump.
     parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/*.yaml)")
+    if decoding:  # the same options as every command that answers (amzft.decoding)
+        add_decoding_arguments(parser)
+    else:
+        for key in DECODING_KEYS:
+            parser.add_argument(f"--{key}", type=Any, default=None, help="(read by the commands that answer; ignored here)")
     if with_data:
         from amzft.data.module import AmazonTitlesDataModule
 
@@ -54,7 +68,8 @@ def _datamodule(cfg):
 
 def data_command(argv: list[str]) -> None:
     """Build (or reopen) the cleaned dataset, count every example's tokens and print the data-quality report."""
-    parser = _parser("amzft data", "Data-quality report: records read, kept, skipped by reason, lengths, examples.")
+    parser = _parser("amzft data", "Data-quality report: records read, kept, skipped by reason, lengths, examples.",
+                     decoding=False)
     parser.add_argument("--model", type=Any, default=None, help="(its name_or_path picks the tokenizer)")
     parser.add_argument("--examples", type=int, default=3, help="cleaned examples to show")
     cfg = parser.parse_args(argv)
@@ -86,6 +101,7 @@ def ask_command(argv: list[str]) -> None:
     parser.add_argument("--data", type=Any, default=None, help="(its prompt options are used)")
     parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
     cfg = parser.parse_args(argv)
+    options = decoding_from(cfg)
     from amzft.checkpoints import resolve_ckpt_path
     from amzft.generate import generate_answers
     from amzft.model import LoraCausalLM
@@ -94,8 +110,9 @@ def ask_command(argv: list[str]) -> None:
         module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root))
     else:
         module, fmt = _base_module(dict(cfg.model or {})), prompt_format_from(dict(cfg.data or {}))
-    tuned = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=bool(cfg.ckpt_path))
-    base = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=False) if cfg.compare and cfg.ckpt_path else None
+    tuned = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=bool(cfg.ckpt_path), options=options)
+    base = (generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=False, options=options)
+            if cfg.compare and cfg.ckpt_path else None)
     for i, title in enumerate(cfg.titles):
         print(f"Q: {fmt.question.replace('{title}', title)}")
         if base is not None:
@@ -123,21 +140,28 @@ def demo_command(argv: list[str]) -> None:
     parser.add_argument("--model", type=Any, default=None)
     parser.add_argument("--data", type=Any, default=None)
     cfg = parser.parse_args(argv)
+    options = decoding_from(cfg, max_new_tokens=cfg.max_new_tokens)
     config = cfg.config[0].absolute if cfg.config else _default_cpu_config()
-    extra = ["--trainer.default_root_dir", cfg.log_root]
+    extra = ["--trainer.default_root_dir", cfg.log_root, *_decoding_args(cfg)]  # val/rougeL decodes as the answers
     if cfg.steps:
         extra += ["--trainer.max_steps", str(cfg.steps)]
     started = time.perf_counter()
     last, datamodule, history = _demo_train(str(config), extra, cfg.log_root)
     train_minutes = (time.perf_counter() - started) / 60
     chosen, why = _demo_pick(last, history, cfg.log_root)
-    print(f"\n== 3/3 base vs fine-tuned answers (greedy) from {why} ==")
-    _demo_answers(chosen, datamodule, cfg.max_new_tokens)
+    also_last = " and from the last checkpoint" if chosen != last else ""
+    print(f"\n== 3/3 base vs fine-tuned answers (decoding: {describe(options)}) from {why}{also_last} ==")
+    _demo_answers(chosen, datamodule, options, last if chosen != last else None)
     print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min (training {train_minutes:.1f} min). "
           f"checkpoint: {chosen} ({chosen.stat().st_size / 2**20:.1f} MiB); last: {last}")
     print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
     which = "best" if chosen != last else "last"
     print(f'ask it yourself: python -m amzft ask "Girls Ballet Tutu Neon Pink" --ckpt_path {which} --compare true')
+
+
+def _decoding_args(cfg) -> list[str]:
+    """The parsed decoding options as command-line arguments (for the demo's ``fit``)."""
+    return [arg for key in DECODING_KEYS if cfg.get(key) is not None for arg in (f"--{key}", str(cfg.get(key)))]
 
 
 def _demo_pick(last: Path, history: list[tuple[int, dict[str, float]]], log_root: str) -> tuple[Path, str]:
@@ -183,8 +207,12 @@ def _demo_train(config: str, extra: list[str], log_root: str):
     return Path(second.trainer.checkpoint_callback.last_model_path), second.datamodule, history
 
 
-def _demo_answers(checkpoint: Path, datamodule, max_new_tokens: int) -> None:
-    """Base and fine-tuned answers for the seed's questions and one seen / one held-out product."""
+def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = None) -> None:
+    """Base and fine-tuned answers for the seed's questions and one seen / one held-out product;
+    with ``last``, that checkpoint's answers too. The best checkpoint by validation (held-out
+    products) can come before the products trained on are recalled: on the bundled sample,
+    measured, the best by val/loss recalled far less than the last (docs/performance.md), so the
+    demo shows both rather than hide either."""
     from amzft.generate import generate_answers
     from amzft.model import LoraCausalLM
 
@@ -197,9 +225,14 @@ def _demo_answers(checkpoint: Path, datamodule, max_new_tokens: int) -> None:
             row = rows[0]
             titles.append(row["title"])
             references[row["title"]] = (split, row["content"])
-    base = generate_answers(module, titles, fmt, max_new_tokens, use_adapter=False)
-    tuned = generate_answers(module, titles, fmt, max_new_tokens, use_adapter=True)
-    for title, b, t in zip(titles, base, tuned):
+    base = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=False, options=options)
+    tuned = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
+    at_last = [None] * len(titles)
+    if last is not None:
+        del module  # one model in memory at a time
+        final, _ = LoraCausalLM.from_checkpoint(last)
+        at_last = generate_answers(final, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
+    for title, b, t, f in zip(titles, base, tuned, at_last):
         split, reference = references.get(title, ("not in the data", None))
         print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")
         if reference:
@@ -207,8 +240,17 @@ def _demo_answers(checkpoint: Path, datamodule, max_new_tokens: int) -> None:
             print(_wrap(reference))
         print("  base model:")
         print(_wrap(b))
-        print("  fine-tuned:")
+        print("  fine-tuned:" if f is None else f"  fine-tuned, best ({_step_of(checkpoint)}):")
         print(_wrap(t))
+        if f is not None:
+            print(f"  fine-tuned, last ({_step_of(last)}):")
+            print(_wrap(f))
+
+
+def _step_of(checkpoint: Path) -> str:
+    from amzft.checkpoints import load_checkpoint_file
+
+    return f"step {load_checkpoint_file(checkpoint).get('global_step', '?')}"
 
 
 def _default_cpu_config():
@@ -220,8 +262,6 @@ def _default_cpu_config():
 
 def evaluate_command(argv: list[str]) -> None:
     """Score base (and fine-tuned) answers on seen and held-out products."""
-    from amzft.generate import GenerationOptions
-
     parser = _parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split. With a "
                      "checkpoint, --data.path of another file scores its products as seen / unseen by that checkpoint.",
                      own=("ckpt_path",))
@@ -234,8 +274,13 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--out", default=None,
                         help="report folder (default: the checkpoint's run folder; its eval_<file> subfolder for another --data.path)")
     parser.add_argument("--log_root", default="logs")
-    parser.add_class_arguments(GenerationOptions, "gen")
+    # The rest of the decoding options; the penalty and n-gram ban are --repetition_penalty /
+    # --no_repeat_ngram_size, as in every command.
+    skip = {"repetition_penalty", "no_repeat_ngram_size"}
+    parser.add_class_arguments(GenerationOptions, "gen", skip=skip)
+    parser.set_defaults({f"gen.{k}": v for k, v in asdict(DEFAULT_DECODING).items() if k not in skip})
     cfg = parser.parse_args(argv)
+    options = decoding_from(cfg, **dict(cfg.gen))
     from amzft.checkpoints import datamodule_from_checkpoint, resolve_ckpt_path
     from amzft.evaluation import render_table, run_evaluation, write_report
     from amzft.model import LoraCausalLM
@@ -243,7 +288,6 @@ def evaluate_command(argv: list[str]) -> None:
     for split in cfg.splits:
         if split not in ("train", "validation", "test"):
             raise ConfigError(f"--splits takes train, validation, test; found {split!r}")
-    options = GenerationOptions(**dict(cfg.gen))
     if cfg.ckpt_path:
         ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root)
         module, fmt = LoraCausalLM.from_checkpoint(ckpt)
@@ -266,25 +310,18 @@ def evaluate_command(argv: list[str]) -> None:
 
 def _other_file(cfg, ckpt: str, dm):
     """``--data.path`` of a file other than the one the checkpoint was trained on: its data
-    module (the checkpoint's filters, prompt and tokenizer; every product in one split, no
-    read limit), and the checkpoint's training titles. None when no other file was named."""
-    from amzft.checkpoints import datamodule_from_checkpoint
-    from amzft.data.reader import check_data_file
+    module and its seen / unseen products (``evaluation.other_file``); None otherwise."""
+    from amzft.evaluation import other_file
 
-    path = (cfg.get("data") or {}).get("path")
-    if not path or check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve():
-        return None
-    other, _ = datamodule_from_checkpoint(ckpt, path=str(path), val_fraction=0.0, test_fraction=0.0, limit=None)
-    return other, dm.split("train")["title"]
+    return other_file(ckpt, dm, (cfg.get("data") or {}).get("path"))
 
 
 def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, other) -> None:
-    from amzft.evaluation import render_table, run_evaluation, split_by_seen, write_report
+    from amzft.evaluation import render_table, run_evaluation, write_report
 
-    datamodule, trained_titles = other
+    datamodule, datasets = other
     if not cfg.out:  # beside the run's own report, not over it
         out = out / f"eval_{Path(datamodule.settings.path).name.split('.')[0]}"
-    datasets = split_by_seen(datamodule.split("train"), trained_titles)
     report = run_evaluation(module, datamodule, fmt, ["seen", "unseen"], cfg.samples, options, with_adapter=True,
                             checkpoint=ckpt, seed=cfg.seed, batch_size=cfg.batch_size, datasets=datasets)
     report["file"] = {"path": datamodule.settings.path, **{name: len(rows) for name, rows in datasets.items()}}
@@ -308,16 +345,22 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--model", type=Any, default=None)
     parser.add_argument("--data", type=Any, default=None)
     cfg = parser.parse_args(argv)
+    options = decoding_from(cfg)
     from amzft.checkpoints import resolve_ckpt_path
     from amzft.export import export
 
     if not cfg.ckpt_path:
         raise ConfigError("export needs --ckpt_path: a base-only run has no adapter to export")
-    out = export(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge, cfg.format, cfg.gguf_type)
+    out = export(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root), cfg.out, cfg.merge, cfg.format, cfg.gguf_type, options)
     fmt = cfg.format or ("merged" if cfg.merge else "peft")
     kind = {"peft": "PEFT adapter", "merged": "merged model", "gguf": f"GGUF ({cfg.gguf_type}) + Ollama Modelfile"}[fmt]
     print(f"{kind} written to {out}")
-    if fmt == "gguf":
+    if fmt != "gguf":
+        print(f"decoding: {describe(options)}, in generation_config.json")
+    else:
+        print(f"decoding: {describe(options)}; the Modelfile sets repeat_penalty {options.repetition_penalty:g}"
+              + (f" but not no_repeat_ngram_size {options.no_repeat_ngram_size}: llama.cpp / Ollama have no n-gram ban"
+                 if options.no_repeat_ngram_size else ""))
         print(f"run it: cd {out} && ollama create amzft -f Modelfile && ollama run amzft "
               '"What is the description of product Girls Ballet Tutu?"')
     if (out / "amzft_base.json").is_file():  # a base folder saved in 4-bit: say what the weights are

@@ -10,14 +10,18 @@ from pathlib import Path
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from amzft import generate as generation
+from amzft.checkpoints import datamodule_from_checkpoint
+from amzft.data.reader import check_data_file
 from amzft.data.split import product_key
-from amzft.generate import Answer, GenerationOptions, generate
+from amzft.decoding import GenerationOptions, describe
+from amzft.generate import Answer
 from amzft.scoring import failure_views, overlap_scores
 
 SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (validation)", "test": "held-out products",
                  "seen": "products of the checkpoint's training split", "unseen": "products it was not trained on"}
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf")
-VIEWS = ("empty", "title_only", "never_stopped", "looping", "facts_recalled", "facts_invented", "mean_new_tokens")
+VIEWS = ("empty", "title_only", "never_stopped", "looping", "collapsed", "facts_recalled", "facts_invented", "mean_new_tokens")
 
 
 def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
@@ -27,13 +31,14 @@ def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
     return {"title": list(rows["title"]), "content": list(rows["content"])}
 
 
-def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_adapter: bool, batch_size: int) -> dict:
+def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_adapter: bool, batch_size: int,
+                   with_base: bool = True) -> dict:
     prompts = [fmt.render(t) for t in rows["title"]]
-    models = {"base": False, "fine-tuned": True} if with_adapter else {"base": False}
+    models = ({"base": False} if with_base or not with_adapter else {}) | ({"fine-tuned": True} if with_adapter else {})
     result = {"n": len(prompts), "models": {}, "examples": []}
     answers: dict[str, list[Answer]] = {}
     for name, adapter in models.items():
-        answers[name] = generate(module, prompts, options, use_adapter=adapter, batch_size=batch_size)
+        answers[name] = generation.generate(module, prompts, options, use_adapter=adapter, batch_size=batch_size)
         texts = [a.text for a in answers[name]]
         result["models"][name] = overlap_scores(texts, rows["content"]) | failure_views(
             answers[name], rows["title"], rows["content"]
@@ -45,7 +50,7 @@ def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_ada
 
 def render_markdown(report: dict, examples_per_split: int = 6) -> str:
     lines = ["# amzft evaluation", "", f"checkpoint: `{report['checkpoint']}`  ",
-             f"generation: `{json.dumps(report['generation'])}`", ""]
+             f"decoding: {report['decoding']}  ", f"generation: `{json.dumps(report['generation'])}`", ""]
     for split, result in report["splits"].items():
         lines += [f"## {split}: {SPLIT_MEANING.get(split, split)} ({result['n']} products)", ""]
         models = list(result["models"])
@@ -61,13 +66,17 @@ def render_markdown(report: dict, examples_per_split: int = 6) -> str:
     return "\n".join(lines)
 
 
+# The printed table's columns: report key -> heading.
+TABLE = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rougeL", "bleu": "bleu", "chrf": "chrf", "empty": "empty",
+         "looping": "loop", "never_stopped": "nostop", "collapsed": "collap", "facts_invented": "invent"}
+
+
 def render_table(report: dict) -> str:
-    columns = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "empty", "loop", "nostop")
-    header = f"{'split':<10} {'model':<11} " + " ".join(f"{k:>7}" for k in columns)
-    lines = [header]
+    header = f"{'split':<10} {'model':<11} " + " ".join(f"{k:>7}" for k in TABLE.values())
+    lines = [f"decoding: {report['decoding']}", header]
     for split, result in report["splits"].items():
         for model, m in result["models"].items():
-            values = [m[k] for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "empty", "looping", "never_stopped")]
+            values = [m[k] for k in TABLE]
             lines.append(f"{split:<10} {model:<11} " + " ".join(f"{v:7.3f}" for v in values))
     return "\n".join(lines)
 
@@ -95,13 +104,25 @@ def split_by_seen(dataset, trained_titles) -> dict:
     return {"seen": dataset.select(np.flatnonzero(seen)), "unseen": dataset.select(np.flatnonzero(~seen))}
 
 
+def other_file(ckpt: str, dm, path) -> tuple | None:
+    """``path``, a file other than the one the checkpoint was trained on: its data module (the
+    checkpoint's filters, prompt and tokenizer; every product in one split, no read limit) and
+    its products as ``seen`` / ``unseen`` by the checkpoint (``split_by_seen``). None when
+    ``path`` is empty or the checkpoint's own file."""
+    if not path or check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve():
+        return None
+    other, _ = datamodule_from_checkpoint(ckpt, path=str(path), val_fraction=0.0, test_fraction=0.0, limit=None)
+    return other, split_by_seen(other.split("train"), dm.split("train")["title"])
+
+
 def run_evaluation(module, datamodule, fmt, splits, samples, options: GenerationOptions, with_adapter: bool,
-                   checkpoint: str | None, seed: int = 3407, batch_size: int = 8, datasets: dict | None = None) -> dict:
+                   checkpoint: str | None, seed: int = 3407, batch_size: int = 8, datasets: dict | None = None,
+                   with_base: bool = True) -> dict:
     """Scores per split: ``datamodule.split(name)``, or ``datasets[name]`` when given (another
-    file's seen / unseen products)."""
-    report = {"checkpoint": checkpoint, "generation": asdict(options), "splits": {}}
+    file's seen / unseen products). ``decoding`` says in words which decoding produced them."""
+    report = {"checkpoint": checkpoint, "decoding": describe(options), "generation": asdict(options), "splits": {}}
     for split in splits:
         rows = sample_rows(datasets[split] if datasets is not None else datamodule.split(split), samples, seed)
         if rows["title"]:
-            report["splits"][split] = evaluate_split(module, fmt, rows, options, with_adapter, batch_size)
+            report["splits"][split] = evaluate_split(module, fmt, rows, options, with_adapter, batch_size, with_base)
     return report

@@ -7,6 +7,11 @@
 * ``gguf``: the merged model as one llama.cpp GGUF file (f16 or q8_0) and an Ollama
   ``Modelfile`` (amzft.gguf_export).
 
+Every export decodes as amzft does (``amzft.decoding``, ``DEFAULT_DECODING`` unless
+``--decoding`` says otherwise): ``generation_config.json`` (peft, merged) holds the
+transformers settings, so ``model.generate(ids)`` needs no arguments; the Modelfile holds the
+repetition penalty (llama.cpp and Ollama have no ``no_repeat_ngram_size``).
+
 Every export carries the prompt the model was trained on, needed to ask it: as the
 tokenizer's chat template (``apply_chat_template`` on the question gives exactly the training
 prompt's ids) and as ``amzft_prompt.json``. A base folder saved in 4-bit (bitsandbytes, e.g. the
@@ -17,6 +22,7 @@ weights are the 4-bit base's, dequantised, not the original full-precision model
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import asdict
@@ -25,6 +31,7 @@ from pathlib import Path
 from amzft.backends import prequantized
 from amzft.checkpoints import load_checkpoint_file
 from amzft.data.prompt import PromptFormat, chat_template_for
+from amzft.decoding import DEFAULT_DECODING, GenerationOptions, generation_config
 from amzft.errors import ConfigError
 from amzft.gguf_export import GGUF_TYPES, check_supported, export_gguf
 from amzft.model import LoraCausalLM
@@ -44,11 +51,20 @@ def full_precision_module(ckpt_path: str) -> tuple[LoraCausalLM, PromptFormat, s
     (None otherwise)."""
     hparams = load_checkpoint_file(ckpt_path)["hyper_parameters"]
     saved_4bit = prequantized(str(hparams.get("name_or_path", "embedded"))) is not None
-    module, fmt = LoraCausalLM.from_checkpoint(ckpt_path, backend="hf", quantization="none", dequantize_base=saved_4bit)
+    module, fmt = LoraCausalLM.from_checkpoint(ckpt_path, backend="hf", quantization="none", dequantize_base=saved_4bit,
+                                               kernels="none")
     return module, fmt, DEQUANTIZED_NOTE if saved_4bit else None
 
 
-def export(ckpt_path: str, out: str | Path, merge: bool = False, fmt: str | None = None, gguf_type: str = "f16") -> Path:
+def _generation_config(module, options: GenerationOptions):
+    """The base model's generation config with amzft's decoding on top (its EOS and pad ids)."""
+    config = copy.deepcopy(module.model.get_base_model().generation_config)
+    config.update(**generation_config(options, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id))
+    return config
+
+
+def export(ckpt_path: str, out: str | Path, merge: bool = False, fmt: str | None = None, gguf_type: str = "f16",
+           options: GenerationOptions = DEFAULT_DECODING) -> Path:
     fmt = fmt or ("merged" if merge else "peft")
     if fmt not in FORMATS:
         raise ConfigError(f"--format takes {', '.join(FORMATS)}; found {fmt!r}")
@@ -68,11 +84,15 @@ def export(ckpt_path: str, out: str | Path, merge: bool = False, fmt: str | None
         if fmt == "peft":
             module.model.save_pretrained(tmp, safe_serialization=True)
             module.tokenizer.save_pretrained(tmp)
+            _generation_config(module, options).save_pretrained(tmp)
         elif fmt == "merged":
-            module.model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            decoding = _generation_config(module, options)
+            merged = module.model.merge_and_unload()
+            merged.generation_config = decoding
+            merged.save_pretrained(tmp, safe_serialization=True)
             module.tokenizer.save_pretrained(tmp)
         else:
-            export_gguf(module.model.merge_and_unload(), module.tokenizer, prompt, tmp, gguf_type)
+            export_gguf(module.model.merge_and_unload(), module.tokenizer, prompt, tmp, gguf_type, options)
         (tmp / "amzft_prompt.json").write_text(json.dumps(asdict(prompt), indent=1))
         if note and fmt != "peft":  # an adapter holds no base weights: nothing was dequantised in it
             base = {"base": module.hparams.name_or_path, "dequantized_from": "bitsandbytes 4-bit", "note": note}

@@ -1,37 +1,18 @@
-"""Answers from a trained (or base) model: batched, left-padded, each row stopping at its own EOS."""
+"""Answers from a trained (or base) model: batched, left-padded, each row stopping at its own EOS,
+decoded with ``amzft.decoding``'s options (``DEFAULT_DECODING`` unless told otherwise)."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from amzft.backends import set_mode
 from amzft.data.prompt import PromptFormat
+from amzft.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions
 
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Decoding options. Greedy by default (reproducible); sampling is seeded."""
-
-    max_new_tokens: int = 128
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 3407
-
-    def generate_kwargs(self) -> dict:
-        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
-        if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        if self.no_repeat_ngram_size > 0:
-            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
+__all__ = ["DEFAULT_DECODING", "GREEDY", "Answer", "GenerationOptions", "generate", "generate_answers"]
 
 
 @dataclass
@@ -48,10 +29,12 @@ def generate_answers(
     max_new_tokens: int = 128,
     use_adapter: bool = True,
     batch_size: int = 8,
+    options: GenerationOptions | None = None,
 ) -> list[str]:
-    """Greedy answers to the question about each title, in the model's training prompt format."""
+    """Answers to the question about each title, in the model's training prompt format, with
+    ``options`` (default: ``DEFAULT_DECODING``) capped at ``max_new_tokens``."""
     prompts = [prompt_format.render(t) for t in titles]
-    options = GenerationOptions(max_new_tokens=max_new_tokens)
+    options = replace(options or DEFAULT_DECODING, max_new_tokens=max_new_tokens)
     return [a.text for a in generate(module, prompts, options, use_adapter, batch_size)]
 
 
@@ -66,9 +49,9 @@ def generate(
     """Batched generation with left padding; each row stops at its own EOS.
 
     ``use_adapter=False`` switches the LoRA adapter off (peft's disable_adapter), so base and
-    fine-tuned answers come from one loaded model.
+    fine-tuned answers come from one loaded model. ``options`` default to ``DEFAULT_DECODING``.
     """
-    options = options or GenerationOptions()
+    options = options or DEFAULT_DECODING
     tokenizer, model = module.tokenizer, module.model
     backend = getattr(module, "hparams", {}).get("backend", "hf")
     eos = tokenizer.eos_token_id

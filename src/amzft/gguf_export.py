@@ -24,6 +24,7 @@ import gguf
 import torch
 
 from amzft.data.prompt import PromptFormat, adds_bos
+from amzft.decoding import DEFAULT_DECODING, GenerationOptions
 from amzft.errors import ConfigError, ModelError
 
 SUPPORTED_MODEL_TYPES = ("llama",)  # config.model_type: SmolLM2 and Llama-3.x are "llama"
@@ -238,25 +239,34 @@ def write_gguf(model, tokenizer, prompt_format: PromptFormat, path: Path, gguf_t
     return path
 
 
-def modelfile(gguf_name: str, prompt_format: PromptFormat, eos_token: str, max_new_tokens: int = 128) -> str:
-    """An Ollama Modelfile: the GGUF beside it, the training prompt, greedy decoding, stop at EOS."""
+def modelfile(gguf_name: str, prompt_format: PromptFormat, eos_token: str, options: GenerationOptions = DEFAULT_DECODING) -> str:
+    """An Ollama Modelfile: the GGUF beside it, the training prompt, amzft's decoding (greedy,
+    its repetition penalty), stop at EOS."""
     template = prompt_format.ollama_template()
     if '"""' in template:
         raise ConfigError('the prompt template contains """, which an Ollama Modelfile cannot quote')
-    return "\n".join([
+    lines = [
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
         f"PARAMETER stop {json.dumps(eos_token)}",
         "PARAMETER temperature 0",
-        f"PARAMETER num_predict {max_new_tokens}",
-        "",
-    ])
+        f"PARAMETER num_predict {options.max_new_tokens}",
+        # Written even at 1.0: Ollama's own default is 1.1. Over the whole context (-1), as
+        # transformers applies it, not llama.cpp's default last 64 tokens.
+        f"PARAMETER repeat_penalty {options.repetition_penalty:g}",
+        "PARAMETER repeat_last_n -1",
+    ]
+    if options.no_repeat_ngram_size:
+        lines.append(f"# no_repeat_ngram_size {options.no_repeat_ngram_size} (amzft's decoding) is not applied here: "
+                     "llama.cpp and Ollama have no n-gram ban")
+    return "\n".join([*lines, ""])
 
 
-def export_gguf(model, tokenizer, prompt_format: PromptFormat, out_dir: Path, gguf_type: str) -> Path:
-    """``amzft-<type>.gguf`` and ``Modelfile`` in ``out_dir``; returns the GGUF's path."""
+def export_gguf(model, tokenizer, prompt_format: PromptFormat, out_dir: Path, gguf_type: str,
+                options: GenerationOptions = DEFAULT_DECODING) -> Path:
+    """``amzft-<type>.gguf`` and ``Modelfile`` (decoding with ``options``) in ``out_dir``; returns the GGUF's path."""
     gguf_name = f"amzft-{gguf_type}.gguf"
     path = write_gguf(model, tokenizer, prompt_format, out_dir / gguf_name, gguf_type)
-    (out_dir / "Modelfile").write_text(modelfile(gguf_name, prompt_format, tokenizer.eos_token))
+    (out_dir / "Modelfile").write_text(modelfile(gguf_name, prompt_format, tokenizer.eos_token, options))
     return path
 

@@ -15,6 +15,11 @@
 * ``early_stopping.*``: Lightning's EarlyStopping on ``best.monitor``, when ``patience`` > 0.
 * SIGTERM / Ctrl-C: training finishes the accumulation window, writes ``last.ckpt`` and stops.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
+* ``trainer.precision: auto`` is resolved for this machine (``amzft.precision``) before the
+  trainer is built: the run's saved config.yaml records the precision used.
+* ``--decoding`` / ``--repetition_penalty`` / ``--no_repeat_ngram_size`` (top-level keys, as in
+  ``ask`` / ``evaluate`` / ``demo`` / ``export``): how ``predict`` and ``sample_answers``
+  (``val/rougeL``) decode, ``amzft.decoding.DEFAULT_DECODING`` unless said otherwise.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from amzft.checkpoints import (
     run_version,
 )
 from amzft.data.module import AmazonTitlesDataModule
+from amzft.decoding import add_decoding_arguments, decoding_from
 from amzft.errors import ConfigError
 from amzft.model import LoraCausalLM
 from amzft.nonfinite import NonFiniteGuard
+from amzft.precision import AmzftTrainer, resolve
 from amzft.progress import ParameterSummary, StepProgressBar
 from amzft.selection import BestCheckpoint, EarlyStop, ValidationSchedule
 from amzft.throughput import ThroughputMeter
@@ -53,7 +60,9 @@ class AmzftCLI(LightningCLI):
     def __init__(self, *args, ckpt_path: str | None = None, **kwargs):
         self._resume_version: int | None = None
         self._early_stop: dict | None = None
+        self._decoding = None
         self.ckpt_path = ckpt_path
+        kwargs.setdefault("trainer_class", AmzftTrainer)  # accepts trainer.precision: auto
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -63,6 +72,7 @@ class AmzftCLI(LightningCLI):
         parser.add_lightning_class_args(SampleAnswers, "sample_answers")
         parser.add_lightning_class_args(ValidationSchedule, "validation")
         parser.add_lightning_class_args(BestCheckpoint, "best")
+        add_decoding_arguments(parser)
         # Plain options, not a callback group: the callback exists only when enabled.
         parser.add_argument("--early_stopping.patience", type=int, default=0,
                             help="stop after this many validations without improvement of best.monitor; 0: off")
@@ -111,10 +121,21 @@ class AmzftCLI(LightningCLI):
             # batches gain Unsloth nothing either (docs/gpu.md).
             raise ConfigError("data.layout=packed does not work with model.backend=unsloth (its attention would "
                               "cross example boundaries in packed rows); use data.layout=plain or grouped")
+        # Before the config is saved into the run's folder, which then records the precision used.
+        config.trainer.precision = resolve(config.trainer.get("precision"), config.trainer.get("accelerator") or "auto")
         accumulate = config.trainer.accumulate_grad_batches
         if accumulate is not None and accumulate < 1:
             raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, found {accumulate}")
         self._early_stop = _selection_settings(config)
+        self._decoding = decoding_from(config)  # a bad value fails here, before the model loads
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # predict's answers and val/rougeL decode as ask / evaluate / demo do (amzft.decoding).
+        self.model.decoding = self._decoding or self.model.decoding
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SampleAnswers):
+                callback.options = self._decoding or callback.options
 
     def _instantiate_trainer(self, config, callbacks):
         root = config.get("default_root_dir") or "logs"

@@ -34,12 +34,27 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def fused_head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``head_loss_sum`` by Liger's fused linear cross-entropy (``model.kernels: liger``, CUDA):
+    the same label-only rows, but the head's matmul and the loss run in one chunked Triton pass
+    that computes the gradient during the forward, so the fp32 logits are never held and
+    nothing is recomputed in backward (``loss_chunk_tokens`` does not apply: Liger sizes its
+    chunks itself). The head is frozen (LoRA), so only the hidden states get a gradient."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: PLC0415 - optional, CUDA only
+
+    return liger_fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction="sum")
+
+
+def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
+                  fused: bool = False) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets`` (one row per label token).
 
     With ``chunk`` > 0 and more rows than that, rows go through the head ``chunk`` at a time,
     each chunk checkpointed: its logits are freed after the forward and recomputed in backward,
-    so only one chunk's vocabulary-sized tensors exist at any time."""
+    so only one chunk's vocabulary-sized tensors exist at any time. ``fused``: Liger's kernel
+    instead (``fused_head_loss_sum``)."""
+    if fused:
+        return fused_head_loss_sum(head, hidden, targets)
     if chunk <= 0 or hidden.shape[0] <= chunk:
         return _head_loss(head, hidden, targets)
     return sum(
@@ -65,18 +80,20 @@ def model_inputs(batch: dict, attention: str) -> dict:
     return inputs
 
 
-def token_loss_sum(peft_model, batch: dict, plain_head: bool, chunk: int = 0) -> tuple[torch.Tensor, int]:
+def token_loss_sum(peft_model, batch: dict, plain_head: bool, chunk: int = 0, fused: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over the label (response) tokens, and their count.
 
     ``plain_head``: run the decoder, then the LM head on label positions only (in chunks of
-    ``chunk`` tokens when > 0); otherwise the model's own forward and full logits."""
+    ``chunk`` tokens when > 0, or fused by Liger with ``fused``); otherwise the model's own
+    forward and full logits."""
     base = peft_model.get_base_model()
     inputs = model_inputs(batch, base.config._attn_implementation)
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     if plain_head:
         hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        return head_loss_sum(base.get_output_embeddings(), hidden[:, :-1][mask], labels[mask], chunk), int(mask.sum())
+        head = base.get_output_embeddings()
+        return head_loss_sum(head, hidden[:, :-1][mask], labels[mask], chunk, fused), int(mask.sum())
     logits = peft_model(**inputs, use_cache=False).logits[:, :-1][mask]
     return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
 

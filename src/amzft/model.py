@@ -8,19 +8,68 @@ in ``amzft.checkpoints``; the NaN/inf guard is a callback (``amzft.nonfinite``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_linear_schedule_with_warmup
 
+from amzft import generate as generation
 from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, prequantized, set_mode
 from amzft.checkpoints import AdapterCheckpointing
+from amzft.decoding import DEFAULT_DECODING, GenerationOptions
 from amzft.errors import ConfigError
-from amzft.generate import GenerationOptions, generate
 from amzft.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
 from amzft.neftune import NEFTune
+
+# Optimizer steps from which model.compile=auto compiles: below, the one-time compilation costs
+# more than its speed-up gives back. 150 is the middle of the break-even measured on a 2-core
+# Xeon (20-65 s of compilation for +4-9 % tokens/s: 100-200 steps; docs/performance.md,
+# "Layouts and model.compile"); other CPUs are not measured yet.
+COMPILE_BREAK_EVEN_STEPS = 150
+
+
+def decide_compile(max_steps: int | None, estimate: Callable[[], float], device: str,
+                   backend: str = "hf") -> tuple[bool, str]:
+    """model.compile=auto: (compile?, why). ``estimate()`` gives the planned optimizer steps of
+    an epoch-based run (max_steps -1), called only then."""
+    if backend != "hf":
+        return False, f"backend {backend} brings its own kernels"
+    if max_steps is not None and max_steps >= 0:
+        steps, what = max_steps, f"max_steps {max_steps}"
+    else:
+        steps = estimate()
+        what = f"~{steps:g} optimizer steps estimated from max_epochs"
+    if steps < COMPILE_BREAK_EVEN_STEPS:
+        return False, (f"{what} < {COMPILE_BREAK_EVEN_STEPS}, the steps after which its one-time "
+                       "compilation pays off")
+    blocker = compile_blocker(device)
+    if blocker:
+        return False, blocker
+    return True, f"{what} >= {COMPILE_BREAK_EVEN_STEPS}, the steps after which its one-time compilation pays off"
+
+
+def compile_blocker(device: str) -> str | None:
+    """Why torch.compile cannot train on ``device`` here (None: it can). Checked up front: an
+    explicit model.compile=true on such a machine fails at the first step instead."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python / platform"
+    if device == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler  # noqa: PLC0415 - inductor's own search
+
+            get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - whatever the reason, there is no compiler to use
+            return "no C++ compiler found for torch.compile's CPU code (inductor; set CXX)"
+        return None
+    if device == "cuda":
+        from torch.utils._triton import has_triton  # noqa: PLC0415
+
+        return None if has_triton() else "no Triton for torch.compile's GPU code"
+    return f"auto compiles on CPU and CUDA only, not {device}"
 
 
 @dataclass(frozen=True)
@@ -31,6 +80,32 @@ class WindowSummary:
     grad_norm: float
     label_tokens: int
     batches: list[int]  # batch indices, for error messages
+
+
+def option_problems(*, lr, lora_r, lora_alpha, lora_dropout, warmup_steps, weight_decay, max_new_tokens,
+                    loss_chunk_tokens, neftune_alpha, use_dora, kernels, compile, backend) -> list[str]:
+    """What is wrong with LoraCausalLM's options, each as one line (all of them at once, so a
+    user fixes a config in one go)."""
+    problems = []
+    if not (lr > 0 and math.isfinite(lr)):
+        problems.append(f"model.lr must be a positive number, found {lr}")
+    if lora_r < 1 or lora_alpha <= 0:
+        problems.append(f"model.lora_r must be >= 1 and lora_alpha > 0, found {lora_r}, {lora_alpha}")
+    if not 0 <= lora_dropout < 1:
+        problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
+    if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
+        problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
+    if loss_chunk_tokens < 0:
+        problems.append(f"model.loss_chunk_tokens must be >= 0 (0: no chunking), found {loss_chunk_tokens}")
+    if not (neftune_alpha >= 0 and math.isfinite(neftune_alpha)):
+        problems.append(f"model.neftune_alpha must be >= 0 (0: off), found {neftune_alpha}")
+    if use_dora and backend != "hf":
+        problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
+    if kernels != "none" and backend != "hf":
+        problems.append(f"model.kernels={kernels} works with backend hf only (Unsloth brings its own Triton kernels)")
+    if compile is True and backend != "hf":
+        problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
+    return problems
 
 
 class LoraCausalLM(AdapterCheckpointing, LightningModule):
@@ -66,6 +141,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             fusing the element-wise work around the matmuls (+4-9 % tokens/s measured on a
             2-core CPU after about a minute of compilation; docs/performance.md). Validation and
             generation run the layers eagerly. ``hf`` backend only (Unsloth has its own kernels).
+            ``auto``: compile when the fit is long enough to pay the compilation back
+            (``COMPILE_BREAK_EVEN_STEPS``) and torch.compile can run here; the decision and its
+            reason are logged.
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training or ``skip``s that optimizer
             step (``amzft.nonfinite.NonFiniteGuard``).
         use_dora: DoRA (peft's weight-decomposed LoRA: a trainable magnitude per output
@@ -77,6 +155,10 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         dequantize_base: a base folder saved in 4-bit (bitsandbytes) is dequantised to fp32
             before the adapters go on (merged exports do this); without it such a folder trains
             in 4-bit as saved, whatever ``quantization`` says.
+        kernels: ``liger``: Liger's Triton kernels for a Llama base (fused RoPE, RMSNorm, SwiGLU,
+            and its fused linear cross-entropy for the label-only loss instead of the chunked
+            head: ``loss_chunk_tokens`` is then unused). ``hf`` backend on CUDA only, with the
+            optional liger-kernel package (``pip install liger-kernel``); ``none``: transformers' own.
     """
 
     def __init__(
@@ -99,31 +181,19 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         max_new_tokens: int = 256,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         quantization: Literal["none", "nf4"] = "none",
-        compile: bool = False,
+        compile: bool | Literal["auto"] = False,
         loss_chunk_tokens: int = 0,
         use_dora: bool = False,
         use_rslora: bool = False,
         neftune_alpha: float = 0.0,
         dequantize_base: bool = False,
+        kernels: Literal["none", "liger"] = "none",
     ):
         super().__init__()
-        problems = []
-        if not (lr > 0 and math.isfinite(lr)):
-            problems.append(f"model.lr must be a positive number, found {lr}")
-        if lora_r < 1 or lora_alpha <= 0:
-            problems.append(f"model.lora_r must be >= 1 and lora_alpha > 0, found {lora_r}, {lora_alpha}")
-        if not 0 <= lora_dropout < 1:
-            problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
-        if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
-            problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
-        if loss_chunk_tokens < 0:
-            problems.append(f"model.loss_chunk_tokens must be >= 0 (0: no chunking), found {loss_chunk_tokens}")
-        if not (neftune_alpha >= 0 and math.isfinite(neftune_alpha)):
-            problems.append(f"model.neftune_alpha must be >= 0 (0: off), found {neftune_alpha}")
-        if use_dora and backend != "hf":
-            problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
-        if compile and backend != "hf":
-            problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
+        problems = option_problems(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                   warmup_steps=warmup_steps, weight_decay=weight_decay, max_new_tokens=max_new_tokens,
+                                   loss_chunk_tokens=loss_chunk_tokens, neftune_alpha=neftune_alpha, use_dora=use_dora,
+                                   kernels=kernels, compile=compile, backend=backend)
         if backend == "unsloth" and quantization == "nf4":
             quantization = "none"  # unsloth quantises itself; "nf4" would mean the same thing
         if problems:
@@ -142,6 +212,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             use_dora=use_dora,
             use_rslora=use_rslora,
             dequantize=dequantize_base,
+            kernels=kernels,
         )
         self.model = None
         self.tokenizer = None
@@ -154,6 +225,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (NonFiniteGuard)
         self._eval_sums: dict[str, list[float]] = {}
         self._neftune: NEFTune | None = None
+        # predict's decoding: a choice at use time (the CLI's --decoding …), not a trained
+        # property, so not a hyperparameter stored in checkpoints.
+        self.decoding: GenerationOptions = DEFAULT_DECODING
 
 
     # ----------------------------------------------------------------- model
@@ -162,9 +236,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             return
         settings = self.lora
         saved_4bit = self.hparams.backend == "hf" and not settings.dequantize and prequantized(settings.name_or_path)
-        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit:
+        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit or settings.kernels != "none":
             # 4-bit weights are packed on the device they load to: the trainer's (the rank's
-            # GPU under DDP), or the first GPU / CPU outside a trainer.
+            # GPU under DDP), or the first GPU / CPU outside a trainer; GPU kernels need a GPU there.
             device = self.trainer.strategy.root_device if self._trainer is not None else (
                 torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
             settings = replace(settings, device=str(device))
@@ -173,9 +247,21 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         self.trainable_share = trainable / total
         self._plain_head = self.model.get_base_model().config.model_type in PLAIN_HEAD_MODELS
-        if self.hparams.compile:
+        if self._should_compile():
             self._compile_layers()
         self._neftune = NEFTune.attach(self.model, self.hparams.neftune_alpha, self.lora.seed)
+
+    def _should_compile(self) -> bool:
+        setting = self.hparams.compile
+        if setting != "auto":
+            return bool(setting)
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return False  # compiled layers serve training only (evaluation and generation run eagerly)
+        chosen, reason = decide_compile(trainer.max_steps, lambda: trainer.estimated_stepping_batches,
+                                        trainer.strategy.root_device.type, self.hparams.backend)
+        rank_zero_info(f"model.compile auto -> {'on' if chosen else 'off'}: {reason}")
+        return chosen
 
     def _compile_layers(self) -> None:
         """Compile each decoder layer in place (``nn.Module.compile``: parameter names and
@@ -191,7 +277,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     # ------------------------------------------------------------------ loss
     def token_loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over the label (response) tokens, and their count."""
-        return token_loss_sum(self.model, batch, self._plain_head, self.hparams.loss_chunk_tokens)
+        return token_loss_sum(self.model, batch, self._plain_head, self.hparams.loss_chunk_tokens,
+                              fused=self.lora.kernels == "liger")
 
     def forward(self, batch: dict) -> torch.Tensor:
         loss_sum, n = self.token_loss_sum(batch)
@@ -264,8 +351,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        options = GenerationOptions(max_new_tokens=self.hparams.max_new_tokens)
-        answers = generate(self, batch["prompt"], options, batch_size=len(batch["prompt"]))
+        options = replace(self.decoding, max_new_tokens=self.hparams.max_new_tokens)
+        answers = generation.generate(self, batch["prompt"], options, batch_size=len(batch["prompt"]))
         return [
             {"title": t, "reference": r, "answer": a.text, "stopped": a.stopped}
             for t, r, a in zip(batch["title"], batch["reference"], answers)

@@ -2,8 +2,10 @@
 
 Overlap: ROUGE-1/2/L F1, corpus BLEU (sacreBLEU's 13a tokenisation) and chrF, all from
 torchmetrics. Failure views say *how* answers go wrong, which overlap scores hide: empty,
-title only, never stopped (hit max_new_tokens), looping (repeated sentence or 4-gram), and how
-many of the reference's numbers and capitalised names the answer reproduces versus invents.
+title only, never stopped (hit max_new_tokens), looping (repeated sentence or 4-gram), collapsed
+(the answer shares its first sentence or a word 8-gram with another product's answer: the
+model says the same thing whatever the product), and how many of the reference's numbers and
+capitalised names the answer reproduces versus invents.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections import Counter
 
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 from torchmetrics.text.rouge import ROUGEScore
+
+from amzft.data.split import product_key
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
@@ -43,6 +47,27 @@ def is_looping(text: str, n: int = 4, repeats: int = 3) -> bool:
     words = _WORD.findall(text.lower())
     grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return bool(grams) and max(grams.values()) >= repeats
+
+
+def collapsed_share(texts: list[str], products: list[str] | None = None, min_words: int = 4, n: int = 8) -> float:
+    """Share of answers that share their first sentence (lower-cased, whitespace collapsed, at
+    least ``min_words`` words, so a bare "The." does not count) or any word ``n``-gram with the
+    answer of another product (``products``: one key per answer, default: every answer is its
+    own product; answers of one product may agree). Mode collapse: the same text whatever the
+    question, which per-answer views (looping, invented) do not see."""
+    products = products if products is not None else [str(i) for i in range(len(texts))]
+    keys: list[set] = []
+    owners: dict = {}  # a first sentence or n-gram -> the products whose answers hold it
+    for text, product in zip(texts, products):
+        first = " ".join(_SENTENCE_END.split(text.strip(), maxsplit=1)[0].lower().split())
+        words = _WORD.findall(text.lower())
+        own = {("sentence", first)} if len(first.split()) >= min_words else set()
+        own |= {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+        keys.append(own)
+        for key in own:
+            owners.setdefault(key, set()).add(product)
+    collapsed = sum(any(len(owners[key]) > 1 for key in own) for own in keys)
+    return collapsed / len(texts) if texts else 0.0
 
 
 def is_title_only(answer: str, title: str) -> bool:
@@ -76,6 +101,7 @@ def failure_views(answers, titles: list[str], references: list[str]) -> dict[str
         "title_only": sum(is_title_only(a.text, t) for a, t in zip(answers, titles)) / n,
         "never_stopped": sum(not a.stopped for a in answers) / n,
         "looping": sum(is_looping(a.text) for a in answers) / n,
+        "collapsed": collapsed_share([a.text for a in answers], [product_key(t) for t in titles]),
         "facts_recalled": recalled / ref_facts if ref_facts else 0.0,  # reference numbers/names reproduced
         "facts_invented": invented / ans_facts if ans_facts else 0.0,  # answer numbers/names not in the reference
         "mean_new_tokens": sum(a.new_tokens for a in answers) / n,

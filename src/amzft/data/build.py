@@ -28,7 +28,7 @@ from pathlib import Path
 
 from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder, encode_texts, join_example
-from amzft.data.lazy import PROBE, LazyExamples, settled_encoder
+from amzft.data.lazy import PROBE, LazyExamples, default_num_proc, settled_encoder
 from amzft.data.prompt import PromptFormat
 from amzft.data.reader import check_data_file, iter_raw_lines, parse_line, read_records
 from amzft.data.split import SPLITS, assign_split
@@ -36,7 +36,9 @@ from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
 from amzft.paths import cache_root, staging_dir
 
-PIPELINE_VERSION = 2  # bump when the examples a given setting produces change (2: text cache)
+# bump when the examples a given setting produces change (2: HTML tags and control characters
+# removed; 3: the cache holds cleaned text, tokenised on demand)
+PIPELINE_VERSION = 3
 CHUNK = 4096  # records per worker task / per exact-length check
 # Tokens a prompt + response can have beyond their UTF-8 bytes: special tokens (BOS, EOS), a
 # SentencePiece word-start marker per separately tokenised piece. Generous on purpose.
@@ -148,13 +150,6 @@ def _load(directory: Path, settings: DataSettings, tokenizer) -> PreparedData:
     stats = PipelineStats.from_dict(json.loads((directory / "stats.json").read_text()))
     splits = {name: Dataset.from_file(str(directory / f"{name}.arrow")) for name in SPLITS}
     return PreparedData(splits, stats, directory, True, tokenizer, settings)
-
-
-def default_num_proc() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def prepare(

@@ -4,7 +4,9 @@ What the real AmazonTitles-1.3MM records hold (checked on the real trn.json): ev
 character is an HTML entity (``&#8217;``, ``&#xE7;``, ``&quot;``), in titles too; Amazon's
 "--This text refers to … edition." boilerplate, often with its spaces missing
 (``thePaperbackedition``); double spaces; contents that say nothing ("VHS Tape", "Book by",
-"Text: English, French (translation)", the title again); duplicates.
+"Text: English, French (translation)", the title again); duplicates. What files from other
+sources hold: HTML markup (``<br/>``, ``<p>&nbsp;</p>``, also entity-escaped as ``&lt;br&gt;``)
+and control characters (NUL, BEL, ...) that would otherwise go into prompts and targets.
 """
 
 from __future__ import annotations
@@ -27,16 +29,45 @@ _JUNK_EXACT = {
     "vhs tape", "vhs", "dvd", "audio cd", "cd", "book by", "by", "paperback", "hardcover",
     "n/a", "na", "none", "no description", "description", "unknown",
 }
+# The tags of HTML text formatting, named (not any "<...>"), so that "<5 kg and >2 kg" stays.
+# Replaced by a space: "Line one<br>line two" is two words.
+_TAG = re.compile(
+    r"<!--.*?-->|</?(?:a|b|big|blockquote|br|center|code|dd|div|dl|dt|em|font|h[1-6]|hr|i|img|li|ol|p|pre|"
+    r"s|small|span|strike|strong|sub|sup|table|tbody|td|th|thead|tr|tt|u|ul)(?:\s[^<>]*)?/?>",
+    re.IGNORECASE | re.DOTALL,
+)
+# Control characters. C1 ones (U+0080-U+009F) in scraped text are Windows-1252 bytes read as
+# Latin-1 ("don\x92t"): they become that character, as html.unescape does for "&#146;". The
+# others (C0, DEL, the 5 C1 codes cp1252 leaves undefined) become a space, not nothing: a NUL
+# between two words is a separator in the files it comes from ("Mug\x00Blue"), and the whitespace
+# collapse removes the space wherever it was not one. Tab and newline are whitespace anyway.
+def _control_table() -> dict[int, str]:
+    table = {c: " " for c in [*range(0x00, 0x20), 0x7F] if chr(c) not in "\t\n"}
+    for c in range(0x80, 0xA0):
+        try:
+            table[c] = bytes([c]).decode("cp1252")
+        except UnicodeDecodeError:
+            table[c] = " "
+    return table
+
+
+_CONTROLS = _control_table()
 _LANGUAGE_ONLY = re.compile(
     r"^(?:Text:\s*[A-Za-z ,]+(?:\s*\(translation\))?\s*)?(?:Original Language:\s*[A-Za-z ,]+)?$"
 )
 
 
 def clean_text(text: str, strip_boilerplate: bool = True) -> str:
-    """Unescape HTML entities, drop Amazon boilerplate, collapse whitespace."""
-    # The substring pre-checks skip the slow calls for the many texts that need none.
+    """Unescape HTML entities, drop HTML tags, control characters and Amazon boilerplate,
+    collapse whitespace (``&nbsp;`` is whitespace too)."""
+    # The pre-checks skip the slow calls for the many texts that need none (isprintable is
+    # False for any control character, and for non-ASCII spaces, which are rare).
     if "&" in text:
-        text = html.unescape(text)
+        text = html.unescape(text)  # first: tags arrive entity-escaped too ("&lt;br&gt;")
+    if "<" in text:
+        text = _TAG.sub(" ", text)
+    if not text.isprintable():
+        text = text.translate(_CONTROLS)
     if strip_boilerplate and "efers to" in text:
         text = _BOILERPLATE.sub(" ", text)
     return " ".join(text.split())  # collapse all whitespace runs; faster than a regex
@@ -67,12 +98,13 @@ class RecordFilter:
     def __call__(self, title: str, content: str) -> tuple[str, str, str | None]:
         s = self.settings
         title = clean_text(title, s.strip_boilerplate)
-        raw_had_content = bool(content.strip())
-        content = clean_text(content, s.strip_boilerplate)
+        raw, content = content, clean_text(content, s.strip_boilerplate)
         if not title:
             return title, content, "empty_title"
         if not content:
-            return title, content, "boilerplate_only" if raw_had_content else "empty_content"
+            # Only the boilerplate's removal counts as boilerplate_only: markup and whitespace
+            # ("<p>&nbsp;</p>") are an empty description.
+            return title, content, "boilerplate_only" if s.strip_boilerplate and clean_text(raw, False) else "empty_content"
         if s.drop_title_only and content.casefold() == title.casefold():
             return title, content, "content_equals_title"
         if s.drop_junk and (content.casefold().rstrip(".") in _JUNK_EXACT or _LANGUAGE_ONLY.match(content)):

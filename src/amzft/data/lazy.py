@@ -16,6 +16,7 @@ batches and exact resume do not depend on timing.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -29,6 +30,30 @@ log = logging.getLogger(__name__)
 COUNT_CHUNK = 8192  # records tokenised per call when all counts are wanted
 REMEMBER = 8192  # recently tokenised examples kept (the sampler's window count, then the batch)
 PROBE = 64  # titles the prompt encoder's prefix check runs on (it depends on the template, not on titles)
+PARALLEL_FROM = 4 * COUNT_CHUNK  # fewer examples than this are counted in this process (no fork)
+
+
+def default_num_proc() -> int:
+    """One process per core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_COUNTING = None  # the LazyExamples a counting worker counts (inherited through fork)
+
+
+def _count_init(examples) -> None:
+    global _COUNTING
+    _COUNTING = examples
+
+
+def _count_chunk(part: list[int]) -> tuple[list[int], list[int], list[int]]:
+    rows = _COUNTING.records[part]
+    examples = encode_records(rows["title"], rows["content"], _COUNTING.tokenizer, _COUNTING.encoder,
+                              _COUNTING.max_length)
+    return part, [len(e.input_ids) for e in examples], [len(e.input_ids) - e.prompt_len for e in examples]
 
 
 def settled_encoder(tokenizer, prompt_format, titles) -> PromptEncoder:
@@ -125,21 +150,41 @@ class LazyExamples:
         if len(todo):
             self.encode(np.unique(todo))
 
-    def ensure_counts(self) -> None:
-        """Count every example (grouped / packed batches, evaluation, the report need them all),
-        then keep the counts beside the cache for the next run."""
+    def ensure_counts(self, num_proc: int | None = None) -> None:
+        """Count every example (grouped / packed batches, evaluation, the report need them all)
+        with ``num_proc`` processes (None: one per core), then keep the counts beside the cache
+        for the next run. Counts are a pure function of each record: the same for any
+        ``num_proc``."""
         todo = np.flatnonzero(self.lengths < 0)
         if not len(todo):
             return
-        log.info("counting the tokens of %d examples", len(todo))
-        for start in range(0, len(todo), COUNT_CHUNK):
-            part = todo[start : start + COUNT_CHUNK].tolist()
-            rows = self.records[part]
-            examples = encode_records(rows["title"], rows["content"], self.tokenizer, self.encoder, self.max_length)
-            for i, example in zip(part, examples):
-                self.lengths[i] = len(example.input_ids)
-                self.num_labels[i] = len(example.input_ids) - example.prompt_len
+        procs = default_num_proc() if num_proc is None else max(1, num_proc)
+        log.info("counting the tokens of %d examples (%d process%s)", len(todo), procs, "es" * (procs > 1))
+        parts = [todo[start : start + COUNT_CHUNK].tolist() for start in range(0, len(todo), COUNT_CHUNK)]
+        for part, lengths, num_labels in self._count_parts(parts, procs if len(todo) >= PARALLEL_FROM else 1):
+            self.lengths[part], self.num_labels[part] = lengths, num_labels
         self._save_counts()
+
+    def _count_parts(self, parts: list[list[int]], procs: int):
+        if procs == 1 or "fork" not in mp.get_all_start_methods():
+            _count_init(self)
+            try:
+                yield from map(_count_chunk, parts)
+            finally:
+                _count_init(None)
+            return
+        # fork: workers inherit the tokenizer and the memory-mapped records at once (spawn would
+        # re-import torch and pickle the tokenizer); they run only the Rust tokenizer, no torch.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes, not Rust threads; no fork warning
+        try:
+            with mp.get_context("fork").Pool(procs, initializer=_count_init, initargs=(self,)) as pool:
+                yield from pool.imap_unordered(_count_chunk, parts)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
 
     def _save_counts(self) -> None:
         if self.counts_file is None:

@@ -22,10 +22,10 @@ from amzft.sources import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def counted(examples):
+def counted(examples, num_proc: int | None = None):
     """(label counts, token lengths) of every example of ``examples`` as numpy arrays, tokenising
     those not counted yet (and keeping the counts beside the cache for the next run)."""
-    examples.ensure_counts()
+    examples.ensure_counts(num_proc)
     return examples.num_labels, examples.lengths
 
 
@@ -93,14 +93,18 @@ class AmazonTitlesDataModule(LightningDataModule):
             each example's loss and gradients exactly its own. Fewer tokens to process (the
             preamble is ~20 % of an example on the real records); needs the model's ``sdpa``
             or ``eager`` attention (transformers' default), so ``backend: hf`` only.
+        pack_length: with ``packed``, tokens per row (null: max_length). Smaller rows mean
+            fewer examples per optimizer step (finer steps on a small data set) without
+            truncating long examples: one longer than a row gets a row of its own.
         mega_batch: batches per length-grouping / packing chunk (bigger: tighter, less random).
         val_max_examples: validate on at most this many validation examples (a fixed, seeded
             sample), so validation of a huge file stays short; null: the whole split.
         shuffle: shuffle training batches.
         num_workers: DataLoader worker processes (0 is fastest here: a batch's examples are
             tokenised in well under a millisecond each).
-        num_proc: processes that parse, clean and filter when the cache is built (null: one
-            per available core; 1: in the main process). Tokenising happens on demand.
+        num_proc: processes that parse, clean and filter when the cache is built, and that
+            count every example's tokens when grouped / packed batches first need them (null:
+            one per available core; 1: in the main process). Plain batches tokenise on demand.
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPU).
         cache_dir: where the cleaned datasets go (default: ~/.cache/amzft/datasets).
         predict_split: the split whose products ``predict`` answers (``test``: held-out products).
@@ -131,6 +135,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         shuffle: bool = True,
         layout: Literal["plain", "grouped", "packed"] = "plain",
         share_prefix: bool = False,
+        pack_length: int | None = None,
         mega_batch: int = 64,
         val_max_examples: int | None = 2000,
         num_workers: int = 0,
@@ -158,6 +163,8 @@ class AmazonTitlesDataModule(LightningDataModule):
             problems.append(f"data.limit must be >= 1 or null, found {limit}")
         if share_prefix and layout != "packed":
             problems.append(f"data.share_prefix needs data.layout=packed (rows of several examples), found {layout!r}")
+        if pack_length is not None and (layout != "packed" or pack_length < 8):
+            problems.append(f"data.pack_length needs data.layout=packed and >= 8 tokens, found {pack_length} with {layout!r}")
         if problems:
             raise ConfigError("; ".join(problems))
         self.save_hyperparameters()
@@ -176,7 +183,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
         self.layout, self.mega_batch, self.val_max_examples = layout, mega_batch, val_max_examples
-        self.share_prefix = share_prefix
+        self.share_prefix, self.pack_length = share_prefix, pack_length
         self.num_proc = num_proc
         self.pad_to_multiple_of, self.cache_dir = pad_to_multiple_of, cache_dir
         self.predict_split, self.predict_limit = predict_split, predict_limit
@@ -238,7 +245,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         # plain batches need no lengths: examples are tokenised as batches ask for them, and
         # training starts at once. grouped / packed order the epoch by length: count them all.
-        num_labels, lengths = (data.label_counts(), None) if self.layout == "plain" else counted(data)
+        num_labels, lengths = (data.label_counts(), None) if self.layout == "plain" else counted(data, self.num_proc)
         sampler = ResumableBatchSampler(
             num_labels,
             self.batch_size,
@@ -247,7 +254,7 @@ class AmazonTitlesDataModule(LightningDataModule):
             self.shuffle,
             lengths=lengths,
             layout=self.layout,
-            max_length=self.settings.max_length,
+            max_length=self.pack_length or self.settings.max_length,
             mega_batch=self.mega_batch,
             # The sampler shards itself across DDP ranks (Lightning's DistributedSampler
             # injection is off: it cannot wrap a batch sampler that knows accumulation windows).

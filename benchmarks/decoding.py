@@ -1,0 +1,119 @@
+"""Decoding settings compared on one checkpoint: evaluate's scores and failure views per setting.
+
+    python benchmarks/decoding.py --ckpt_path best --data ../data/trn.json --samples 24 \
+        --grid "1.0:0,1.1:0,1.15:4,1.2:3,1.3:0,1.0:4"
+
+Each grid entry is ``repetition_penalty:no_repeat_ngram_size`` on greedy decoding. The model is
+loaded once; every setting scores the same seeded sample of products with
+``amzft.evaluation.run_evaluation`` (what ``python -m amzft evaluate`` runs): the checkpoint's
+seen (train) and held-out (test) products, or, with ``--data`` another file, its products the
+checkpoint was trained on (seen) and the others (unseen). Prints one table (setting, split,
+ROUGE-L, looping, never stopped, collapsed, names/numbers invented) with the CPU and the date;
+``--out`` writes the rows as JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from amzft.checkpoints import datamodule_from_checkpoint, resolve_ckpt_path
+from amzft.decoding import DEFAULT_DECODING, resolve_decoding
+from amzft.evaluation import other_file, run_evaluation
+from amzft.model import LoraCausalLM
+from amzft.quiet import quiet_libraries
+
+COLUMNS = {"rougeL": "ROUGE-L", "looping": "looping", "never_stopped": "no-stop", "collapsed": "collapsed",
+           "facts_invented": "invented"}
+
+
+def parse_grid(text: str) -> list[tuple[float, int]]:
+    """``"1.0:0,1.15:4"`` -> [(1.0, 0), (1.15, 4)]."""
+    grid = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        penalty, _, ngram = item.partition(":")
+        try:
+            grid.append((float(penalty), int(ngram or 0)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"grid entry {item!r} is not repetition_penalty:no_repeat_ngram_size") from None
+    if not grid:
+        raise argparse.ArgumentTypeError("the grid is empty")
+    return grid
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint, or last / best (under --log_root)")
+    parser.add_argument("--data", default=None, help="a trn.json: its products, seen / unseen by the checkpoint "
+                        "(default: the checkpoint's own file, train / test)")
+    parser.add_argument("--samples", type=int, default=24, help="products per split (a seeded sample)")
+    parser.add_argument("--grid", type=parse_grid, default=parse_grid("1.0:0,1.1:0,1.15:4,1.2:3,1.3:0,1.0:4"))
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_DECODING.max_new_tokens)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=3407)
+    parser.add_argument("--base", action="store_true", help="score the base model too (doubles the time)")
+    parser.add_argument("--log_root", default="logs")
+    parser.add_argument("--out", default=None, help="also write the rows here as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = _arguments(argv)
+    quiet_libraries()
+    ckpt = resolve_ckpt_path(args.ckpt_path, args.log_root)
+    module, fmt = LoraCausalLM.from_checkpoint(ckpt)  # once, for every setting
+    dm, step = datamodule_from_checkpoint(ckpt)
+    other = other_file(ckpt, dm, args.data)
+    datamodule, datasets = other if other is not None else (dm, None)
+    splits = ["seen", "unseen"] if other is not None else ["train", "test"]
+    rows = []
+    for penalty, ngram in args.grid:
+        options = resolve_decoding("greedy", penalty, ngram, max_new_tokens=args.max_new_tokens)
+        default = replace(options, max_new_tokens=DEFAULT_DECODING.max_new_tokens) == DEFAULT_DECODING
+        setting = f"{penalty:g}:{ngram}" + (" (default)" if default else "")
+        started = time.perf_counter()
+        report = run_evaluation(module, datamodule, fmt, splits, args.samples, options, with_adapter=True,
+                                checkpoint=ckpt, seed=args.seed, batch_size=args.batch_size, datasets=datasets,
+                                with_base=args.base)
+        seconds = time.perf_counter() - started
+        for split, result in report["splits"].items():
+            for model, metrics in result["models"].items():
+                rows.append({"setting": setting, "split": split, "model": model, "n": result["n"], "seconds": seconds,
+                             **{key: metrics[key] for key in COLUMNS}})
+    print(render(rows, ckpt, step, args, datamodule.settings.path))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def render(rows: list[dict], ckpt: str, step: int, args, data_path) -> str:
+    lines = [f"checkpoint: {ckpt} (step {step}); data: {data_path or 'the bundled sample'}; "
+             f"{args.samples} products per split; greedy, max_new_tokens {args.max_new_tokens}",
+             f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; date: {datetime.date.today()}",
+             f"{'setting':<16} {'split':<7} {'model':<11} {'n':>3} " + " ".join(f"{h:>9}" for h in COLUMNS.values())
+             + f" {'seconds':>8}"]
+    for row in rows:
+        lines.append(f"{row['setting']:<16} {row['split']:<7} {row['model']:<11} {row['n']:>3} "
+                     + " ".join(f"{row[key]:9.3f}" for key in COLUMNS) + f" {row['seconds']:8.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""trainer.precision: auto (amzft.precision): the rule on fake /proc/cpuinfo texts, the probe
+and its cap, and the CLI resolving it (logged, recorded in the run's config.yaml, resumable)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+import amzft.precision as precision
+from amzft.cli import main
+from amzft.errors import ConfigError
+from amzft.lightning_cli import cli_main
+from amzft.precision import ProbeResult, for_cpu, for_cuda, probe, resolve
+from conftest import fit_args
+
+
+def cpuinfo(name: str, *flags: str) -> str:
+    # Two logical CPUs, as /proc/cpuinfo lists them: the first one's lines count.
+    one = f"processor\t: 0\nvendor_id\t: X\nmodel name\t: {name}\nflags\t\t: fpu sse2 {' '.join(flags)}\n\n"
+    return one + one.replace(": 0", ": 1", 1)
+
+
+AVX2 = cpuinfo("AMD EPYC", "avx", "avx2", "fma")
+XEON_BF16 = cpuinfo("Intel Xeon Platinum 8370C", "avx2", "avx512f", "avx512_bf16")
+SAPPHIRE = cpuinfo("Intel Xeon Platinum 8480+", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n"
+
+
+def no_probe():
+    raise AssertionError("the flags decide: no probe")
+
+
+def fake_probe(bf16_s: float | None):
+    calls = []
+
+    def run():
+        calls.append(1)
+        return ProbeResult(5, 1.0, bf16_s)
+
+    return run, calls
+
+
+@pytest.mark.parametrize("text, expected, words", [
+    (SAPPHIRE, "bf16-mixed", "has AMX (amx_bf16)"),
+    (XEON_BF16, "32-true", "AVX512-BF16 but no AMX; bf16 autocast measured ~1.7x slower"),
+    (AVX2, "32-true", "CPU 'AMD EPYC' has no AMX (avx2 only); bf16 autocast measured ~30x slower than fp32"),
+], ids=["amx", "avx512_bf16", "avx2"])
+def test_cpu_rule_reads_the_flags(text, expected, words):
+    choice = for_cpu(text, no_probe)
+    assert choice.precision == expected and words in choice.reason
+
+
+@pytest.mark.parametrize("text", [None, ARM], ids=["unreadable", "no-x86-flags"])
+@pytest.mark.parametrize("bf16_s, expected", [(0.5, "bf16-mixed"), (None, "32-true"), (1.2, "32-true")])
+def test_without_flags_the_probe_decides(text, bf16_s, expected):
+    run, calls = fake_probe(bf16_s)
+    choice = for_cpu(text, run)
+    assert calls == [1] and choice.precision == expected
+    assert "its flags cannot be read; probe (5 forward+backward steps" in choice.reason and "fp32 1.00 s" in choice.reason
+
+
+def test_the_probe_can_be_forced_where_flags_are_readable():
+    run, calls = fake_probe(None)
+    choice = for_cpu(SAPPHIRE, run, force_probe=True)
+    assert calls == [1] and choice.precision == "32-true" and "AMZFT_PRECISION_PROBE set" in choice.reason
+
+
+def test_cuda_rule():
+    assert for_cuda(True, "NVIDIA H200").precision == "bf16-mixed"
+    fp16 = for_cuda(False, "Tesla T4")
+    assert fp16.precision == "16-mixed" and "no native bf16" in fp16.reason
+
+
+@pytest.mark.parametrize("value", ["bf16-mixed", "32-true", "16-mixed", 32, None])
+def test_an_explicit_precision_wins(value, monkeypatch):
+    monkeypatch.setattr(precision, "choose", lambda accelerator: pytest.fail("auto only"))
+    assert resolve(value, "cpu") == value
+
+
+def test_auto_on_an_unknown_accelerator_asks_for_an_explicit_value():
+    with pytest.raises(ConfigError, match="set trainer.precision explicitly"):
+        resolve("auto", "tpu")
+
+
+def test_probe_stops_a_slow_bf16_at_the_cap():
+    """A bf16 step 30x slower than fp32 is cut off at 1.5x fp32's time, not run to the end."""
+
+    def step_of(dtype):
+        return lambda: time.sleep(0.3 if dtype is not None else 0.01)
+
+    start = time.perf_counter()
+    result = probe(step_factory=step_of, fp32_seconds=0.1)
+    took = time.perf_counter() - start
+    assert result.bf16_s is None and not result.bf16_faster and result.steps >= 3
+    assert took < result.fp32_s + 0.6  # fp32, then one bf16 step past the cap: not steps x 0.3 s
+    assert "stopped past 1.5x fp32" in result.figures()
+
+
+def test_probe_keeps_a_faster_bf16_and_its_figures():
+    def step_of(dtype):
+        return lambda: time.sleep(0.002 if dtype is not None else 0.01)
+
+    result = probe(step_factory=step_of, fp32_seconds=0.05)
+    assert result.bf16_faster and result.bf16_s < result.fp32_s and "bf16 autocast" in result.figures()
+
+
+def test_the_real_probe_runs_in_about_a_second():
+    start = time.perf_counter()
+    result = probe()
+    assert result.steps >= 3 and result.fp32_s > 0
+    assert time.perf_counter() - start < 10  # fp32 0.3 s + bf16 capped at 1.5x that (+ one step)
+
+
+def logged(caplog) -> str:
+    """Lightning's INFO lines since the last call."""
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
+def shipped_precision_args(*args) -> list[str]:
+    """fit_args without conftest's `--trainer.precision 32-true` pin: these tests run
+    configs/cpu.yaml's own `precision: auto`."""
+    args = list(fit_args(*args))
+    at = args.index("--trainer.precision")
+    del args[at:at + 2]
+    return args
+
+
+def run_config(tmp_path) -> dict:
+    return yaml.safe_load(next((tmp_path / "logs").rglob("config.yaml")).read_text())
+
+
+def test_fit_resolves_auto_logs_why_records_it_and_resumes(tiny_model_dir, tiny_data, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: AVX2)  # the same answer on any test machine
+    main(shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
+    assert "precision auto -> 32-true: CPU 'AMD EPYC' has no AMX (avx2 only)" in logged(caplog)
+    assert run_config(tmp_path)["trainer"]["precision"] == "32-true"  # what the run used, not "auto"
+    main(shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last"))
+    assert "precision auto -> 32-true" in logged(caplog)
+    assert run_config(tmp_path)["trainer"]["precision"] == "32-true"
+    validate = shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last", "--data.val_fraction", "0.3")
+    validate[0] = "validate"
+    main(validate)
+    assert "precision auto -> 32-true" in logged(caplog)
+
+
+def test_an_explicit_precision_wins_in_the_cli(tiny_model_dir, tiny_data, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: SAPPHIRE)  # auto would pick bf16-mixed
+    cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.precision", "32-true"), run=False)
+    assert cli.trainer.precision == "32-true" and "precision auto" not in logged(caplog)
+    cli = cli_main(shipped_precision_args(tiny_model_dir, tiny_data, tmp_path), run=False)  # cpu.yaml: auto
+    assert cli.trainer.precision == "bf16-mixed" and "has AMX" in logged(caplog)
