@@ -143,6 +143,10 @@ def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=counting_collator,
                       callbacks=[Clock()])
     trainer.train()
+    return _hf_result(counts, micro_tokens, micro_ends, bf16)
+
+
+def _hf_result(counts: dict, micro_tokens: list[int], micro_ends: list[float], bf16: bool) -> dict:
     if bf16:
         # Micro-batches after the first (warm-up), as the fp32 runs' steps after the first.
         timed = len(micro_ends) - 1
