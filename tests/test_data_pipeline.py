@@ -158,3 +158,36 @@ def test_prompt_encoder_matches_whole_prompt_tokenisation(tokenizer_name):
     odd = PromptFormat(template="Say {instruction}{input}:")
     enc2 = PromptEncoder(tok, odd)
     assert enc2(titles) == encode_texts(tok, [odd.render(t) for t in titles], True)
+
+
+def test_plain_batches_tokenise_only_their_window_and_match_counting_all(write_jsonl, llama_tokenizer, cache_dir):
+    path = write_jsonl(_records(60))
+    data = prepare(DataSettings(path=str(path), val_fraction=0, test_fraction=0), llama_tokenizer, cache_dir)
+    examples = data.examples("train")
+    lazy = ResumableBatchSampler(examples.label_counts(), batch_size=2, accumulate=3, seed=5)
+    first = next(iter(lazy))
+    assert (examples.lengths >= 0).sum() == 6  # the first window's 3 batches of 2, nothing more
+    examples.ensure_counts()
+    eager = ResumableBatchSampler(examples.num_labels, batch_size=2, accumulate=3, seed=5)
+    assert [(list(b), b.window_label_tokens) for b in lazy] == [(list(b), b.window_label_tokens) for b in eager.batches(0)]
+    assert first.window_label_tokens == eager.batches(0)[0].window_label_tokens
+    row = data.splits["train"][int(first[0])]  # rows read from the split come tokenised the same way
+    assert row["input_ids"] == examples.encode([first[0]])[0].input_ids
+    reopened = prepare(DataSettings(path=str(path), val_fraction=0, test_fraction=0), llama_tokenizer, cache_dir)
+    assert (reopened.examples("train").num_labels == examples.num_labels).all()  # counts kept beside the cache
+
+
+def test_counting_in_worker_processes_matches_one_process(write_jsonl, llama_tokenizer, cache_dir, monkeypatch):
+    from amzft.data import lazy  # noqa: PLC0415 - its chunk sizes are shrunk for this test
+
+    monkeypatch.setattr(lazy, "COUNT_CHUNK", 7)
+    monkeypatch.setattr(lazy, "PARALLEL_FROM", 0)
+    path = write_jsonl(_records(60))
+    settings = DataSettings(path=str(path), val_fraction=0, test_fraction=0)
+    one = prepare(settings, llama_tokenizer, cache_dir / "one").examples("train")
+    one.ensure_counts(num_proc=1)
+    two = prepare(settings, llama_tokenizer, cache_dir / "two").examples("train")
+    two.ensure_counts(num_proc=2)  # 9 chunks over 2 forked workers, results in any order
+    assert (one.lengths > 0).all() and (one.num_labels > 0).all()
+    assert (two.lengths == one.lengths).all() and (two.num_labels == one.num_labels).all()
+    assert one.encode([5])[0].input_ids == two.encode([5])[0].input_ids

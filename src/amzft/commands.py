@@ -67,7 +67,7 @@ def _datamodule(cfg):
 
 
 def data_command(argv: list[str]) -> None:
-    """Build (or reopen) the tokenised dataset and print the data-quality report."""
+    """Build (or reopen) the cleaned dataset, count every example's tokens and print the data-quality report."""
     parser = _parser("amzft data", "Data-quality report: records read, kept, skipped by reason, lengths, examples.",
                      decoding=False)
     parser.add_argument("--model", type=Any, default=None, help="(its name_or_path picks the tokenizer)")

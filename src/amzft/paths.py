@@ -1,4 +1,4 @@
-"""Where amzft keeps files it derives (tokenised datasets, the materialised embedded model)."""
+"""Where amzft keeps files it derives (cleaned datasets, the materialised embedded model)."""
 
 from __future__ import annotations
 

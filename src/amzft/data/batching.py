@@ -27,6 +27,14 @@ class WindowBatch(list):
 
     window_label_tokens: int | None = None
     rows: list[int] | None = None
+    window: list | None = None  # the batches of its accumulation window (all ranks')
+
+
+def _counts(values):
+    """A ready numpy array, or a lazy one (data.lazy: counted when indexed) kept as it is."""
+    if values is None or getattr(values, "lazy", False):
+        return values
+    return np.asarray(values, dtype=np.int64)
 
 
 class ResumableBatchSampler:
@@ -80,8 +88,9 @@ class ResumableBatchSampler:
             raise ValueError(f"layout {layout!r} needs the example lengths")
         if layout == "packed" and not max_length:
             raise ValueError("layout 'packed' needs max_length")
-        self.num_labels = np.asarray(num_labels, dtype=np.int64)
-        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+        # Either may be lazy (tokenised when indexed): then window totals are counted as their
+        # batches are yielded, so training starts without counting the whole epoch.
+        self.num_labels, self.lengths = _counts(num_labels), _counts(lengths)
         self.batch_size, self.accumulate = batch_size, max(1, accumulate)
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.layout, self.max_length, self.mega_batch = layout, max_length, max(1, mega_batch)
@@ -156,12 +165,22 @@ class ResumableBatchSampler:
         span = self.accumulate * world
         for start in range(0, len(batches), span):
             window = batches[start : start + span]
-            total = int(sum(self.num_labels[b].sum() for b in window))
             for b in window:
-                b.window_label_tokens = total
+                b.window = window
+        if not getattr(self.num_labels, "lazy", False):
+            for start in range(0, len(batches), span):
+                self._count_window(batches[start])
         mine = batches[self.rank :: world]
         self._cache = (epoch, mine)
         return mine
+
+    def _count_window(self, batch: WindowBatch) -> WindowBatch:
+        """Give every batch of ``batch``'s window the window's label-token total."""
+        if batch.window_label_tokens is None:
+            total = int(sum(self.num_labels[b].sum() for b in batch.window))
+            for b in batch.window:
+                b.window_label_tokens = total
+        return batch
 
     def __iter__(self) -> Iterator[WindowBatch]:
         if self.epoch_source is not None:
@@ -171,7 +190,8 @@ class ResumableBatchSampler:
             resume_epoch, done = self._resume
             self._resume = None  # applies once
             skip = done if resume_epoch == self.epoch else 0
-        yield from self.batches(self.epoch)[skip:]
+        for batch in self.batches(self.epoch)[skip:]:
+            yield self._count_window(batch)
 
     def state_dict(self) -> dict:
         done = int(self.progress()) if self.progress is not None else 0
@@ -205,24 +225,24 @@ def pack_first_fit(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> l
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Rows of the Arrow cache as examples; fetches a whole batch in one Arrow read."""
+    """A split's examples (data.lazy.LazyExamples: tokenised on demand); fetches a whole batch
+    in one read."""
 
-    COLUMNS = ["input_ids", "prompt_len"]
-
-    def __init__(self, arrow_dataset):
-        self.data = arrow_dataset.select_columns(self.COLUMNS)
+    def __init__(self, examples):
+        self.examples = examples
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
-        return self.data[int(index)]
+        example = self.examples.encode([index])[0]
+        return {"input_ids": example.input_ids, "prompt_len": example.prompt_len}
 
     def __getitems__(self, indices: list[int]) -> dict:
-        rows = self.data[list(map(int, indices))]
+        examples = self.examples.encode(indices)
         return {
-            "input_ids": rows["input_ids"],
-            "prompt_len": rows["prompt_len"],
+            "input_ids": [e.input_ids for e in examples],
+            "prompt_len": [e.prompt_len for e in examples],
             "window_label_tokens": getattr(indices, "window_label_tokens", None),
             "rows": getattr(indices, "rows", None),
         }

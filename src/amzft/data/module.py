@@ -1,4 +1,5 @@
-"""The LightningDataModule: settings in, memory-mapped tokenised splits and loaders out."""
+"""The LightningDataModule: settings in, memory-mapped cleaned splits (tokenised on demand) and
+loaders out."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import logging
 from typing import Literal
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from lightning.pytorch import LightningDataModule
 
@@ -22,14 +22,11 @@ from amzft.sources import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def label_counts(data):
-    """The ``num_labels`` column as a numpy array, straight from Arrow (no Python list)."""
-    return data.data.column("num_labels").to_numpy()
-
-
-def example_lengths(data):
-    """Token length of every example, computed in Arrow (no Python list of lists)."""
-    return pc.list_value_length(data.data.column("input_ids")).to_numpy()
+def counted(examples, num_proc: int | None = None):
+    """(label counts, token lengths) of every example of ``examples`` as numpy arrays, tokenising
+    those not counted yet (and keeping the counts beside the cache for the next run)."""
+    examples.ensure_counts(num_proc)
+    return examples.num_labels, examples.lengths
 
 
 class _EvalShard:
@@ -103,11 +100,13 @@ class AmazonTitlesDataModule(LightningDataModule):
         val_max_examples: validate on at most this many validation examples (a fixed, seeded
             sample), so validation of a huge file stays short; null: the whole split.
         shuffle: shuffle training batches.
-        num_workers: DataLoader worker processes (0 is fastest here: data is pre-tokenised).
-        num_proc: processes that parse, clean and tokenise when the cache is built (null: one
-            per available core; 1: a single process with a tokenizer thread).
+        num_workers: DataLoader worker processes (0 is fastest here: a batch's examples are
+            tokenised in well under a millisecond each).
+        num_proc: processes that parse, clean and filter when the cache is built, and that
+            count every example's tokens when grouped / packed batches first need them (null:
+            one per available core; 1: in the main process). Plain batches tokenise on demand.
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPU).
-        cache_dir: where tokenised datasets go (default: ~/.cache/amzft/datasets).
+        cache_dir: where the cleaned datasets go (default: ~/.cache/amzft/datasets).
         predict_split: the split whose products ``predict`` answers (``test``: held-out products).
         predict_limit: answer at most this many products in ``predict``.
     """
@@ -234,18 +233,26 @@ class AmazonTitlesDataModule(LightningDataModule):
         # The value Lightning itself passes to samplers' set_epoch at each epoch start.
         return self.trainer.fit_loop.epoch_progress.current.processed
 
+    def examples(self, name: str):
+        """The split's examples, tokenised on demand (data.lazy.LazyExamples)."""
+        self.setup()
+        return self.prepared.examples(name)
+
     def train_dataloader(self):
-        data = self.split("train")
+        data = self.examples("train")
         if len(data) == 0:
             raise ConfigError(f"{self.settings.path}: the train split is empty (lower data.val_fraction / test_fraction)")
         trainer = getattr(self, "trainer", None)
+        # plain batches need no lengths: examples are tokenised as batches ask for them, and
+        # training starts at once. grouped / packed order the epoch by length: count them all.
+        num_labels, lengths = (data.label_counts(), None) if self.layout == "plain" else counted(data, self.num_proc)
         sampler = ResumableBatchSampler(
-            label_counts(data),
+            num_labels,
             self.batch_size,
             self._accumulate(),
             self.seed,
             self.shuffle,
-            lengths=None if self.layout == "plain" else example_lengths(data),
+            lengths=lengths,
             layout=self.layout,
             max_length=self.pack_length or self.settings.max_length,
             mega_batch=self.mega_batch,
@@ -266,22 +273,21 @@ class AmazonTitlesDataModule(LightningDataModule):
         )
 
     def _eval_loader(self, name: str, max_examples: int | None = None):
-        data = self.split(name)
+        data = self.examples(name)
         if len(data) == 0:
             return []  # Lightning skips an empty loader list: no validation on this split
         if max_examples is not None and len(data) > max_examples:
             keep = np.random.default_rng(self.seed).choice(len(data), max_examples, replace=False)
-            # flatten: label_counts / example_lengths read the Arrow table, which a bare
-            # select() leaves whole (it only adds an index mapping)
-            data = data.select(np.sort(keep)).flatten_indices(keep_in_memory=True)
+            data = data.subset(np.sort(keep))
+        num_labels, lengths = counted(data)
         trainer = getattr(self, "trainer", None)
         # Under DDP each rank scores a disjoint share (round-robin batches); the module sums
         # loss and token counts across ranks.
         sampler = ResumableBatchSampler(
-            label_counts(data),
+            num_labels,
             self.eval_batch_size,
             shuffle=False,
-            lengths=example_lengths(data),
+            lengths=lengths,
             layout="grouped",  # eval order does not matter: group by length, pad less
             mega_batch=10**9,
         )

@@ -30,14 +30,19 @@ def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, exa
     for reason, count in s.skipped.most_common():
         where = ", ".join(map(str, s.skipped_lines.get(reason, [])))
         lines.append(f"    {reason:<22} {count:>9,}   first lines: {where}")
-    tables = [prepared.splits[name].data.table for name in ("train", "validation", "test")]
-    table = pa.concat_tables(tables)
+    names = ("train", "validation", "test")
+    table = pa.concat_tables([prepared.raw[name].data.table for name in names])
+    counted = [prepared.examples(name) for name in names]
+    for split in counted:  # the report is about all examples: count the tokens of those not counted yet
+        split.ensure_counts()
+    lengths = np.concatenate([e.lengths for e in counted])
+    labels = np.concatenate([e.num_labels for e in counted])
     lines.append("  lengths (kept examples):")
     lines.append(f"    title chars     {_percentiles(pc.utf8_length(table['title']).to_numpy())}")
     lines.append(f"    content chars   {_percentiles(pc.utf8_length(table['content']).to_numpy())}")
-    lines.append(f"    prompt tokens   {_percentiles(table['prompt_len'].to_numpy())}")
-    lines.append(f"    response tokens {_percentiles(table['num_labels'].to_numpy())}")
-    lines.append(f"    total tokens    {_percentiles(pc.list_value_length(table['input_ids']).to_numpy())}")
+    lines.append(f"    prompt tokens   {_percentiles(lengths - labels)}")
+    lines.append(f"    response tokens {_percentiles(labels)}")
+    lines.append(f"    total tokens    {_percentiles(lengths)}")
     train = prepared.splits["train"]
     picks = np.linspace(0, len(train) - 1, num=min(examples, len(train))).astype(int) if len(train) else []
     for n, i in enumerate(picks, 1):

@@ -1,0 +1,223 @@
+"""Tokenisation on demand: a split's cleaned records become examples when a batch asks for them.
+
+The cache holds cleaned text (title, description, line), not token ids, so building it is one
+read-clean-filter pass and training starts without tokenising the whole file (~180 s for the
+2.2 M-record trn.json on 2 cores). ``LazyExamples`` tokenises the records a batch needs (a few
+hundred microseconds each with a fast tokenizer) and remembers every example's token and label
+counts, which the batch sampler asks for (label totals per accumulation window; lengths for
+grouped / packed batches). ``ensure_counts`` tokenises all the records whose counts are still
+unknown and keeps them beside the cache, so the next run (or layout) that needs all of them
+reads them in milliseconds.
+
+Examples are a pure function of (record, tokenizer, settings): the same whoever asks first, so
+batches and exact resume do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from amzft.data.encode import Encoded, PromptEncoder, encode_texts, join_example
+
+log = logging.getLogger(__name__)
+
+COUNT_CHUNK = 8192  # records tokenised per call when all counts are wanted
+REMEMBER = 8192  # recently tokenised examples kept (the sampler's window count, then the batch)
+PROBE = 64  # titles the prompt encoder's prefix check runs on (it depends on the template, not on titles)
+PARALLEL_FROM = 4 * COUNT_CHUNK  # fewer examples than this are counted in this process (no fork)
+
+
+def default_num_proc() -> int:
+    """One process per core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_COUNTING = None  # the LazyExamples a counting worker counts (inherited through fork)
+
+
+def _count_init(examples) -> None:
+    global _COUNTING
+    _COUNTING = examples
+
+
+def _count_chunk(part: list[int]) -> tuple[list[int], list[int], list[int]]:
+    rows = _COUNTING.records[part]
+    examples = encode_records(rows["title"], rows["content"], _COUNTING.tokenizer, _COUNTING.encoder,
+                              _COUNTING.max_length)
+    return part, [len(e.input_ids) for e in examples], [len(e.input_ids) - e.prompt_len for e in examples]
+
+
+def settled_encoder(tokenizer, prompt_format, titles) -> PromptEncoder:
+    """A PromptEncoder whose prefix-splitting check ran on ``titles``: a fixed sample, so the
+    ids do not depend on which batch happens to be tokenised first."""
+    encoder = PromptEncoder(tokenizer, prompt_format)
+    encoder(list(titles) or ["a"])
+    return encoder
+
+
+def encode_records(titles, contents, tokenizer, encoder: PromptEncoder, max_length: int) -> list[Encoded]:
+    """Examples for cleaned records the build kept. The build already dropped every record whose
+    prompt alone does not fit; should one still come out empty (a tokenizer that expands text
+    beyond the build's byte bound), it keeps its prompt's head and EOS: one harmless label."""
+    prompts = encoder(list(titles))
+    responses = encode_texts(tokenizer, list(contents), False)
+    eos = tokenizer.eos_token_id
+    out = []
+    for p_ids, r_ids in zip(prompts, responses):
+        example = join_example(p_ids, r_ids, eos, max_length)
+        if example is None:
+            log.warning("an example did not fit max_length=%d after all; kept its prompt head only", max_length)
+            example = Encoded(p_ids[: max_length - 1] + [eos], min(len(p_ids), max_length - 1), True)
+        out.append(example)
+    return out
+
+
+class LazyCounts:
+    """``counts[indices]`` as a numpy array, tokenising the examples not yet counted. What the
+    batch sampler indexes instead of a ready array (``lazy`` tells it so)."""
+
+    lazy = True
+
+    def __init__(self, examples: LazyExamples, which: str):
+        self.examples, self.which = examples, which
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, indices):
+        indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        self.examples.count(indices)
+        return getattr(self.examples, self.which)[indices].astype(np.int64)
+
+
+class LazyExamples:
+    """A split's cleaned records (a ``datasets.Dataset`` with title / content columns), tokenised
+    on demand into (input_ids, prompt_len)."""
+
+    def __init__(self, records, tokenizer, settings, encoder: PromptEncoder, counts_file: Path | None = None):
+        self.records = records.select_columns(["title", "content"])
+        self.tokenizer, self.max_length, self.settings = tokenizer, settings.max_length, settings
+        self.encoder = encoder  # one per dataset (settled_encoder), shared by its splits
+        n = len(self.records)
+        self.lengths = np.full(n, -1, dtype=np.int32)  # tokens per example, -1: not counted yet
+        self.num_labels = np.full(n, -1, dtype=np.int32)
+        self.counts_file = counts_file
+        if counts_file is not None and counts_file.is_file():
+            saved = np.load(counts_file)
+            if saved.shape == (2, n):
+                self.lengths[:], self.num_labels[:] = saved
+        self._recent: OrderedDict[int, Encoded] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.num_labels)
+
+    def label_counts(self) -> LazyCounts:
+        return LazyCounts(self, "num_labels")
+
+    def token_lengths(self) -> LazyCounts:
+        return LazyCounts(self, "lengths")
+
+    def encode(self, indices) -> list[Encoded]:
+        """The examples at ``indices`` (in that order)."""
+        indices = [int(i) for i in indices]
+        missing = sorted({i for i in indices if i not in self._recent})
+        if missing:
+            rows = self.records[missing]
+            for i, example in zip(missing, encode_records(rows["title"], rows["content"], self.tokenizer,
+                                                            self.encoder, self.max_length)):
+                self._remember(i, example)
+        return [self._recent[i] for i in indices]
+
+    def _remember(self, i: int, example: Encoded) -> None:
+        self.lengths[i] = len(example.input_ids)
+        self.num_labels[i] = len(example.input_ids) - example.prompt_len
+        self._recent[i] = example
+        if len(self._recent) > REMEMBER:
+            self._recent.popitem(last=False)
+
+    def count(self, indices: np.ndarray) -> None:
+        """Make sure the counts at ``indices`` are known."""
+        todo = indices[self.lengths[indices] < 0]
+        if len(todo):
+            self.encode(np.unique(todo))
+
+    def ensure_counts(self, num_proc: int | None = None) -> None:
+        """Count every example (grouped / packed batches, evaluation, the report need them all)
+        with ``num_proc`` processes (None: one per core), then keep the counts beside the cache
+        for the next run. Counts are a pure function of each record: the same for any
+        ``num_proc``."""
+        todo = np.flatnonzero(self.lengths < 0)
+        if not len(todo):
+            return
+        procs = default_num_proc() if num_proc is None else max(1, num_proc)
+        log.info("counting the tokens of %d examples (%d process%s)", len(todo), procs, "es" * (procs > 1))
+        parts = [todo[start : start + COUNT_CHUNK].tolist() for start in range(0, len(todo), COUNT_CHUNK)]
+        for part, lengths, num_labels in self._count_parts(parts, procs if len(todo) >= PARALLEL_FROM else 1):
+            self.lengths[part], self.num_labels[part] = lengths, num_labels
+        self._save_counts()
+
+    def _count_parts(self, parts: list[list[int]], procs: int):
+        if procs == 1 or "fork" not in mp.get_all_start_methods():
+            _count_init(self)
+            try:
+                yield from map(_count_chunk, parts)
+            finally:
+                _count_init(None)
+            return
+        # fork: workers inherit the tokenizer and the memory-mapped records at once (spawn would
+        # re-import torch and pickle the tokenizer); they run only the Rust tokenizer, no torch.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes, not Rust threads; no fork warning
+        try:
+            with mp.get_context("fork").Pool(procs, initializer=_count_init, initargs=(self,)) as pool:
+                yield from pool.imap_unordered(_count_chunk, parts)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+    def _save_counts(self) -> None:
+        if self.counts_file is None:
+            return
+        tmp = self.counts_file.with_name(f".{self.counts_file.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as f:
+                np.save(f, np.stack([self.lengths, self.num_labels]))
+            os.replace(tmp, self.counts_file)  # atomic: a reader sees all the counts or none
+        except OSError as exc:  # a read-only cache still works, it just counts again next time
+            log.info("could not keep the token counts in %s: %s", self.counts_file, exc)
+            tmp.unlink(missing_ok=True)
+
+    def subset(self, indices) -> LazyExamples:
+        """The examples at ``indices`` as their own (in-memory) collection, counts carried over."""
+        indices = np.asarray(indices, dtype=np.int64)
+        part = LazyExamples.__new__(LazyExamples)
+        part.records = self.records.select(indices).flatten_indices(keep_in_memory=True)
+        part.tokenizer, part.max_length, part.settings = self.tokenizer, self.max_length, self.settings
+        part.encoder, part.counts_file, part._recent = self.encoder, None, OrderedDict()
+        part.lengths, part.num_labels = self.lengths[indices].copy(), self.num_labels[indices].copy()
+        return part
+
+    def transform(self, batch: dict) -> dict:
+        """A ``datasets`` format transform: rows read from the split come with their tokens
+        (``input_ids``, ``prompt_len``, ``num_labels``); a query of other columns only (``titles``)
+        tokenises nothing."""
+        if "title" not in batch or "content" not in batch:
+            return batch
+        examples = encode_records(batch["title"], batch["content"], self.tokenizer, self.encoder, self.max_length)
+        return {
+            **batch,
+            "input_ids": [e.input_ids for e in examples],
+            "prompt_len": [e.prompt_len for e in examples],
+            "num_labels": [len(e.input_ids) - e.prompt_len for e in examples],
+        }
