@@ -28,7 +28,8 @@ from amzft.neftune import NEFTune
 # Optimizer steps from which model.compile=auto compiles: below, the one-time compilation costs
 # more than its speed-up gives back. 150 is the middle of the break-even measured on a 2-core
 # Xeon (20-65 s of compilation for +4-9 % tokens/s: 100-200 steps; docs/performance.md,
-# "Layouts and model.compile"); other CPUs are not measured yet.
+# "Layouts and model.compile"); on a 2-core AMD EPYC ~80 steps of cpu.yaml's rows (one run,
+# "The shipped configs/cpu.yaml vs HF Trainer").
 COMPILE_BREAK_EVEN_STEPS = 150
 
 
