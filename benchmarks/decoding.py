@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 from amzft.checkpoints import datamodule_from_checkpoint, resolve_ckpt_path
 from amzft.decoding import DEFAULT_DECODING, resolve_decoding
@@ -46,16 +46,6 @@ def parse_grid(text: str) -> list[tuple[float, int]]:
     if not grid:
         raise argparse.ArgumentTypeError("the grid is empty")
     return grid
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:

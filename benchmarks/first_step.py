@@ -22,13 +22,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -56,16 +57,6 @@ def make_file(path: Path, records: int, seed_data: Path | None) -> None:
             if (i * 2654435761) % 1000 < 500:
                 content = ""
             f.write(json.dumps({"uid": f"{i:010d}", "title": title, "content": content}) + "\n")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_fit(data: Path, cache: Path, work: Path) -> dict:
@@ -129,7 +120,7 @@ def main() -> None:
         t = time.perf_counter()
         make_file(data, args.records, args.seed_data)
         print(f"generated {args.records:,} records ({data.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t:.0f} s")
-    print(f"{cpu_model()}, {len(os.sched_getaffinity(0))} usable cores, {datetime.date.today()}; file: {data}")
+    print(f"{cpu_name()}, {len(os.sched_getaffinity(0))} usable cores, {datetime.date.today()}; file: {data}")
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
     cold = run_fit(data, cache, work)
     print(f"(a) cold cache: first optimizer step after {cold['first_step'][0]:.1f} s (goal < 60 s for the full file)")

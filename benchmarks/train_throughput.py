@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
+
+from machine import cpu_flags, cpu_name
 
 from amzft.quiet import quiet_libraries
 from amzft.sources import force_offline, resolve_model_dir
@@ -160,25 +161,6 @@ def _hf_result(counts: dict, micro_tokens: list[int], micro_ends: list[float], b
     # exact count would need hooks inside the Trainer's loop.
     return {"tokens_per_s": counts["real"] / elapsed, "padding_efficiency": counts["real"] / counts["padded"],
             "seconds": elapsed, "steps": counts["steps"] - 1, "first_step": counts["first_step"]}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    """The flags that decide CPU training speed (docs/performance.md, The machines)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "flags unknown"
-    wanted = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
-    return ", ".join(f for f in wanted if f in flags) or "no avx2"
 
 
 def main() -> None:
