@@ -208,8 +208,10 @@ def test_the_default_decoding_runs_on_a_tiny_model(tiny_model_dir):
     assert words == batched  # no sampling: reproducible
 
 
-def test_the_decoding_benchmark_runs(trained, tmp_path, capsys):
+def test_the_decoding_benchmark_runs(trained, tmp_path, capsys, monkeypatch):
     ckpt = trained
+    # Run as a script, a benchmark finds its sibling benchmarks/machine.py on sys.path[0]; loaded by path, it does not.
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("decoding_benchmark", REPO / "benchmarks" / "decoding.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
