@@ -191,3 +191,14 @@ def test_counting_in_worker_processes_matches_one_process(write_jsonl, llama_tok
     assert (one.lengths > 0).all() and (one.num_labels > 0).all()
     assert (two.lengths == one.lengths).all() and (two.num_labels == one.num_labels).all()
     assert one.encode([5])[0].input_ids == two.encode([5])[0].input_ids
+
+
+def test_a_subset_keeps_its_examples_and_known_counts_and_writes_no_counts_file(write_jsonl, llama_tokenizer, cache_dir):
+    path = write_jsonl(_records(40))
+    examples = prepare(DataSettings(path=str(path), val_fraction=0, test_fraction=0), llama_tokenizer, cache_dir).examples("train")
+    examples.encode([3, 9])  # counted; 20 is not yet
+    part = examples.subset([3, 9, 20])
+    assert len(part) == 3 and part.counts_file is None
+    assert list(part.lengths[:2]) == list(examples.lengths[[3, 9]]) and part.lengths[2] == -1
+    assert [e.input_ids for e in part.encode([0, 1, 2])] == [e.input_ids for e in examples.encode([3, 9, 20])]
+    assert part.lengths[2] == examples.lengths[20] > 0

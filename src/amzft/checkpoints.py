@@ -292,6 +292,7 @@ class AdapterCheckpointing:
         module.check_adapter_state(checkpoint["state_dict"])
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         module.eval()
+        module.checkpoint_step = int(checkpoint.get("global_step", 0))  # for labels ("best (step 6)")
         return module, prompt_format_from(checkpoint.get("datamodule_hyper_parameters"))
 
 

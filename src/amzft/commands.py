@@ -227,11 +227,12 @@ def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = Non
             references[row["title"]] = (split, row["content"])
     base = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=False, options=options)
     tuned = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
-    at_last = [None] * len(titles)
+    at_last, best_step, last_step = [None] * len(titles), module.checkpoint_step, None
     if last is not None:
         del module  # one model in memory at a time
         final, _ = LoraCausalLM.from_checkpoint(last)
         at_last = generate_answers(final, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
+        last_step = final.checkpoint_step
     for title, b, t, f in zip(titles, base, tuned, at_last):
         split, reference = references.get(title, ("not in the data", None))
         print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")
@@ -240,17 +241,11 @@ def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = Non
             print(_wrap(reference))
         print("  base model:")
         print(_wrap(b))
-        print("  fine-tuned:" if f is None else f"  fine-tuned, best ({_step_of(checkpoint)}):")
+        print("  fine-tuned:" if f is None else f"  fine-tuned, best (step {best_step}):")
         print(_wrap(t))
         if f is not None:
-            print(f"  fine-tuned, last ({_step_of(last)}):")
+            print(f"  fine-tuned, last (step {last_step}):")
             print(_wrap(f))
-
-
-def _step_of(checkpoint: Path) -> str:
-    from amzft.checkpoints import load_checkpoint_file
-
-    return f"step {load_checkpoint_file(checkpoint).get('global_step', '?')}"
 
 
 def _default_cpu_config():

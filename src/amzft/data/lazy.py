@@ -103,7 +103,10 @@ class LazyExamples:
     """A split's cleaned records (a ``datasets.Dataset`` with title / content columns), tokenised
     on demand into (input_ids, prompt_len)."""
 
-    def __init__(self, records, tokenizer, settings, encoder: PromptEncoder, counts_file: Path | None = None):
+    def __init__(self, records, tokenizer, settings, encoder: PromptEncoder, counts_file: Path | None = None,
+                 counts: np.ndarray | None = None):
+        """``counts``: known (lengths, num_labels) rows, -1 where not counted yet; else read from
+        ``counts_file`` when it matches, else all unknown."""
         self.records = records.select_columns(["title", "content"])
         self.tokenizer, self.max_length, self.settings = tokenizer, settings.max_length, settings
         self.encoder = encoder  # one per dataset (settled_encoder), shared by its splits
@@ -111,10 +114,10 @@ class LazyExamples:
         self.lengths = np.full(n, -1, dtype=np.int32)  # tokens per example, -1: not counted yet
         self.num_labels = np.full(n, -1, dtype=np.int32)
         self.counts_file = counts_file
-        if counts_file is not None and counts_file.is_file():
-            saved = np.load(counts_file)
-            if saved.shape == (2, n):
-                self.lengths[:], self.num_labels[:] = saved
+        if counts is None and counts_file is not None and counts_file.is_file():
+            counts = np.load(counts_file)
+        if counts is not None and counts.shape == (2, n):
+            self.lengths[:], self.num_labels[:] = counts
         self._recent: OrderedDict[int, Encoded] = OrderedDict()
 
     def __len__(self) -> int:
@@ -201,12 +204,9 @@ class LazyExamples:
     def subset(self, indices) -> LazyExamples:
         """The examples at ``indices`` as their own (in-memory) collection, counts carried over."""
         indices = np.asarray(indices, dtype=np.int64)
-        part = LazyExamples.__new__(LazyExamples)
-        part.records = self.records.select(indices).flatten_indices(keep_in_memory=True)
-        part.tokenizer, part.max_length, part.settings = self.tokenizer, self.max_length, self.settings
-        part.encoder, part.counts_file, part._recent = self.encoder, None, OrderedDict()
-        part.lengths, part.num_labels = self.lengths[indices].copy(), self.num_labels[indices].copy()
-        return part
+        records = self.records.select(indices).flatten_indices(keep_in_memory=True)
+        counts = np.stack([self.lengths[indices], self.num_labels[indices]])
+        return LazyExamples(records, self.tokenizer, self.settings, self.encoder, counts=counts)
 
     def transform(self, batch: dict) -> dict:
         """A ``datasets`` format transform: rows read from the split come with their tokens
