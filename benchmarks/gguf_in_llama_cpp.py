@@ -45,8 +45,7 @@ def amzft_answers(ckpt_path: str, titles: list[str], max_tokens: int) -> list[st
     from amzft.sources import force_offline  # noqa: PLC0415
 
     force_offline()
-    module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(ckpt_path))
-    module.eval()
+    module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(ckpt_path))  # already in eval mode
     return [a.strip() for a in generate_answers(module, titles, fmt, max_tokens, options=GREEDY)]
 
 
