@@ -3,7 +3,8 @@
     python benchmarks/decoding.py --ckpt_path best --data ../data/trn.json --samples 24 \
         --grid "1.0:0,1.1:0,1.15:4,1.2:3,1.3:0,1.0:4"
 
-Each grid entry is ``repetition_penalty:no_repeat_ngram_size`` on greedy decoding. The model is
+Each grid entry is ``repetition_penalty:no_repeat_ngram_size`` on greedy decoding, optionally
+followed by ``:length_decay_start:length_decay_factor`` (e.g. ``1.15:4:96:1.1``). The model is
 loaded once; every setting scores the same seeded sample of products with
 ``amzft.evaluation.run_evaluation`` (what ``python -m amzft evaluate`` runs): the checkpoint's
 seen (train) and held-out (test) products, or, with ``--data`` another file, its products the
@@ -34,18 +35,29 @@ COLUMNS = {"rougeL": "ROUGE-L", "looping": "looping", "never_stopped": "no-stop"
            "facts_invented": "invented"}
 
 
-def parse_grid(text: str) -> list[tuple[float, int]]:
-    """``"1.0:0,1.15:4"`` -> [(1.0, 0), (1.15, 4)]."""
+def parse_grid(text: str) -> list[tuple[float, int, int, float]]:
+    """``"1.0:0,1.15:4:96:1.1"`` -> [(1.0, 0, 0, 1.0), (1.15, 4, 96, 1.1)]."""
     grid = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        penalty, _, ngram = item.partition(":")
+        parts = item.split(":")
         try:
-            grid.append((float(penalty), int(ngram or 0)))
+            if len(parts) not in (1, 2, 4):
+                raise ValueError
+            penalty, ngram = float(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 0
+            start, factor = (int(parts[2]), float(parts[3])) if len(parts) == 4 else (0, 1.0)
+            grid.append((penalty, ngram, start, factor))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"grid entry {item!r} is not repetition_penalty:no_repeat_ngram_size") from None
+            raise argparse.ArgumentTypeError(f"grid entry {item!r} is not repetition_penalty:no_repeat_ngram_size"
+                                             "[:length_decay_start:length_decay_factor]") from None
     if not grid:
         raise argparse.ArgumentTypeError("the grid is empty")
     return grid
+
+
+def grid_entry(options) -> str:
+    """The grid entry of ``options`` (``parse_grid``'s inverse)."""
+    entry = f"{options.repetition_penalty:g}:{options.no_repeat_ngram_size}"
+    return entry + (f":{options.length_decay_start}:{options.length_decay_factor:g}" if options.length_decay else "")
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -74,10 +86,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     datamodule, datasets = other if other is not None else (dm, None)
     splits = ["seen", "unseen"] if other is not None else ["train", "test"]
     rows = []
-    for penalty, ngram in args.grid:
-        options = resolve_decoding("greedy", penalty, ngram, max_new_tokens=args.max_new_tokens)
+    for penalty, ngram, start, factor in args.grid:
+        options = resolve_decoding("greedy", penalty, ngram, max_new_tokens=args.max_new_tokens,
+                                   length_decay_start=start, length_decay_factor=factor)
         default = replace(options, max_new_tokens=DEFAULT_DECODING.max_new_tokens) == DEFAULT_DECODING
-        setting = f"{penalty:g}:{ngram}" + (" (default)" if default else "")
+        setting = grid_entry(options) + (" (default)" if default else "")
         started = time.perf_counter()
         report = run_evaluation(module, datamodule, fmt, splits, args.samples, options, with_adapter=True,
                                 checkpoint=ckpt, seed=args.seed, batch_size=args.batch_size, datasets=datasets,
@@ -97,10 +110,10 @@ def render(rows: list[dict], ckpt: str, step: int, args, data_path) -> str:
     lines = [f"checkpoint: {ckpt} (step {step}); data: {data_path or 'the bundled sample'}; "
              f"{args.samples} products per split; greedy, max_new_tokens {args.max_new_tokens}",
              f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; date: {datetime.date.today()}",
-             f"{'setting':<16} {'split':<7} {'model':<11} {'n':>3} " + " ".join(f"{h:>9}" for h in COLUMNS.values())
+             f"{'setting':<22} {'split':<7} {'model':<11} {'n':>3} " + " ".join(f"{h:>9}" for h in COLUMNS.values())
              + f" {'seconds':>8}"]
     for row in rows:
-        lines.append(f"{row['setting']:<16} {row['split']:<7} {row['model']:<11} {row['n']:>3} "
+        lines.append(f"{row['setting']:<22} {row['split']:<7} {row['model']:<11} {row['n']:>3} "
                      + " ".join(f"{row[key]:9.3f}" for key in COLUMNS) + f" {row['seconds']:8.1f}")
     return "\n".join(lines)
 

@@ -178,11 +178,13 @@ def test_exports_carry_the_decoding(trained, tmp_path, capsys):
         assert config.no_repeat_ngram_size == DEFAULT_DECODING.no_repeat_ngram_size
         assert config.do_sample is False and config.max_new_tokens == DEFAULT_DECODING.max_new_tokens
         assert (config.eos_token_id, config.pad_token_id) == (module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
+        assert tuple(config.exponential_decay_length_penalty or ()) == (DEFAULT_DECODING.length_decay or ())
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.generation_config.repetition_penalty == DEFAULT_DECODING.repetition_penalty
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "greedy"), "--decoding", "greedy"])
     greedy = json.loads((tmp_path / "greedy" / "generation_config.json").read_text())
     assert greedy["repetition_penalty"] == 1.0 and greedy["no_repeat_ngram_size"] == 0
+    assert "exponential_decay_length_penalty" not in greedy
 
 
 def test_the_modelfile_carries_the_repetition_penalty():
@@ -191,6 +193,8 @@ def test_the_modelfile_carries_the_repetition_penalty():
     assert "PARAMETER repeat_last_n -1" in text and "no n-gram ban" in text  # said, not silently dropped
     greedy = modelfile("m.gguf", PromptFormat(), "</s>", GREEDY)
     assert "PARAMETER repeat_penalty 1\n" in greedy and "n-gram" not in greedy  # 1, not Ollama's default 1.1
+    ending = modelfile("m.gguf", PromptFormat(), "</s>", replace(GREEDY, length_decay_start=96, length_decay_factor=1.1))
+    assert "length_decay_start 96" in ending and "Ollama has no length decay" in ending
 
 
 def test_the_default_decoding_runs_on_a_tiny_model(tiny_model_dir):
@@ -208,6 +212,25 @@ def test_the_default_decoding_runs_on_a_tiny_model(tiny_model_dir):
     assert words == batched  # no sampling: reproducible
 
 
+def test_the_length_decay_ends_answers_before_the_cap(tiny_model_dir):
+    module = LoraCausalLM(name_or_path=str(tiny_model_dir))
+    module.configure_model()
+    prompts = [PromptFormat().render(t) for t in ("Mug", "A much longer product title with many words in it", "Lamp")]
+    plain = generation.generate(module, prompts, replace(GREEDY, max_new_tokens=16))
+    assert not any(a.stopped for a in plain)  # a random tiny model never picks its EOS on its own
+    ending = replace(GREEDY, max_new_tokens=16, length_decay_start=3, length_decay_factor=1000.0)
+    ended = generation.generate(module, prompts, ending)
+    assert all(a.stopped and a.new_tokens <= 5 for a in ended)
+    # Before the start the answers are the plain ones: only the end-of-answer token is pushed.
+    for a, b in zip(plain, ended, strict=True):
+        assert a.text.startswith(b.text)
+    assert ending.generate_kwargs()["exponential_decay_length_penalty"] == (3, 1000.0)
+    assert "exponential_decay_length_penalty" not in GREEDY.generate_kwargs()
+    for bad in ({"length_decay_start": -1}, {"length_decay_factor": 0.9}):
+        with pytest.raises(ConfigError, match="length_decay"):
+            resolve_decoding(**bad)
+
+
 def test_the_decoding_benchmark_runs(trained, tmp_path, capsys, monkeypatch):
     ckpt = trained
     # Run as a script, a benchmark finds its sibling benchmarks/machine.py on sys.path[0]; loaded by path, it does not.
@@ -215,12 +238,16 @@ def test_the_decoding_benchmark_runs(trained, tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("decoding_benchmark", REPO / "benchmarks" / "decoding.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--ckpt_path", ckpt, "--samples", "2", "--grid", "1.0:0,1.15:4", "--max_new_tokens", "3",
+    default = bench.grid_entry(DEFAULT_DECODING)
+    assert bench.parse_grid(default) == [(DEFAULT_DECODING.repetition_penalty, DEFAULT_DECODING.no_repeat_ngram_size,
+                                          DEFAULT_DECODING.length_decay_start, DEFAULT_DECODING.length_decay_factor)]
+    rows = bench.main(["--ckpt_path", ckpt, "--samples", "2", "--grid", f"1.0:0,{default}", "--max_new_tokens", "3",
                        "--out", str(tmp_path / "rows.json")])
     out = capsys.readouterr().out
     assert [(r["setting"], r["split"], r["model"]) for r in rows] == [
         ("1:0", "train", "fine-tuned"), ("1:0", "test", "fine-tuned"),
-        ("1.15:4 (default)", "train", "fine-tuned"), ("1.15:4 (default)", "test", "fine-tuned")]
+        (f"{default} (default)", "train", "fine-tuned"), (f"{default} (default)", "test", "fine-tuned")]
+    assert bench.parse_grid("1.15:4:96:1.1") == [(1.15, 4, 96, 1.1)]
     assert all({"rougeL", "looping", "never_stopped", "collapsed", "facts_invented"} <= set(r) for r in rows)
     assert "machine: " in out and "date: " in out and "collapsed" in out
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
@@ -232,3 +259,5 @@ def test_the_decoding_benchmark_runs(trained, tmp_path, capsys, monkeypatch):
     assert {(r["split"], r["model"]) for r in rows} == {(s, m) for s in ("seen", "unseen") for m in ("base", "fine-tuned")}
     with pytest.raises(SystemExit):
         bench.main(["--ckpt_path", ckpt, "--grid", "1.2-3"])
+    with pytest.raises(SystemExit):
+        bench.main(["--ckpt_path", ckpt, "--grid", "1.2:3:96"])

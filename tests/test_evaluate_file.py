@@ -7,7 +7,7 @@ import json
 
 from amzft.checkpoints import datamodule_from_checkpoint
 from amzft.cli import main
-from conftest import fit_args
+from conftest import fit_args, tiny_records
 
 
 def test_evaluate_on_another_file_reports_seen_and_unseen(tiny_model_dir, tiny_data, write_jsonl, tmp_path, capsys):
@@ -40,3 +40,21 @@ def test_evaluate_on_another_file_reports_seen_and_unseen(tiny_model_dir, tiny_d
     main(["evaluate", "--ckpt_path", str(ckpt), "--data.path", str(tiny_data), "--samples", "2",
           "--gen.max_new_tokens", "2", "--splits", "[test]"])
     assert set(json.loads((ckpt.parent.parent / "report.json").read_text())["splits"]) == {"test"}
+
+
+def test_evaluate_on_the_training_file_read_up_to_a_limit_scores_the_rest_as_unseen(tiny_model_dir, write_jsonl,
+                                                                                      tmp_path, capsys):
+    data = write_jsonl(tiny_records(30))
+    main(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "1", "--data.limit", "12",
+                  "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    dm, _ = datamodule_from_checkpoint(ckpt)
+    trained = set(dm.split("train")["title"])
+    assert 0 < len(trained) < 12
+    capsys.readouterr()
+    main(["evaluate", "--ckpt_path", str(ckpt), "--data.path", str(data), "--samples", "30", "--gen.max_new_tokens", "1"])
+    assert f"{len(trained)} products seen in training, {30 - len(trained)} unseen" in capsys.readouterr().out
+    report = json.loads((ckpt.parent.parent / "eval_trn" / "report.json").read_text())
+    assert {e["title"] for e in report["splits"]["seen"]["examples"]} == trained
+    unseen = {e["title"] for e in report["splits"]["unseen"]["examples"]}
+    assert unseen.isdisjoint(trained) and {r["title"] for r in tiny_records(30)[12:]} <= unseen

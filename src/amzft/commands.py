@@ -269,9 +269,9 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--out", default=None,
                         help="report folder (default: the checkpoint's run folder; its eval_<file> subfolder for another --data.path)")
     parser.add_argument("--log_root", default="logs")
-    # The rest of the decoding options; the penalty and n-gram ban are --repetition_penalty /
-    # --no_repeat_ngram_size, as in every command.
-    skip = {"repetition_penalty", "no_repeat_ngram_size"}
+    # The rest of the decoding options; the penalty, n-gram ban and length decay are
+    # --repetition_penalty / --no_repeat_ngram_size / --length_decay_*, as in every command.
+    skip = {"repetition_penalty", "no_repeat_ngram_size", "length_decay_start", "length_decay_factor"}
     parser.add_class_arguments(GenerationOptions, "gen", skip=skip)
     parser.set_defaults({f"gen.{k}": v for k, v in asdict(DEFAULT_DECODING).items() if k not in skip})
     cfg = parser.parse_args(argv)
@@ -353,9 +353,11 @@ def export_command(argv: list[str]) -> None:
     if fmt != "gguf":
         print(f"decoding: {describe(options)}, in generation_config.json")
     else:
+        missing = [f"no_repeat_ngram_size {options.no_repeat_ngram_size}"] if options.no_repeat_ngram_size else []
+        missing += [f"length decay from token {options.length_decay_start}"] if options.length_decay else []
         print(f"decoding: {describe(options)}; the Modelfile sets repeat_penalty {options.repetition_penalty:g}"
-              + (f" but not no_repeat_ngram_size {options.no_repeat_ngram_size}: llama.cpp / Ollama have no n-gram ban"
-                 if options.no_repeat_ngram_size else ""))
+              + (f" but not {' or '.join(missing)}: llama.cpp / Ollama have neither an n-gram ban nor a length decay"
+                 if missing else ""))
         print(f"run it: cd {out} && ollama create amzft -f Modelfile && ollama run amzft "
               '"What is the description of product Girls Ballet Tutu?"')
     if (out / "amzft_base.json").is_file():  # a base folder saved in 4-bit: say what the weights are

@@ -108,8 +108,12 @@ def other_file(ckpt: str, dm, path) -> tuple | None:
     """``path``, a file other than the one the checkpoint was trained on: its data module (the
     checkpoint's filters, prompt and tokenizer; every product in one split, no read limit) and
     its products as ``seen`` / ``unseen`` by the checkpoint (``split_by_seen``). None when
-    ``path`` is empty or the checkpoint's own file."""
-    if not path or check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve():
+    ``path`` is empty or the checkpoint's own file read whole; its own file read up to a
+    ``data.limit`` counts as another file (the records past the limit are unseen products too,
+    far more of them than the run's own test split)."""
+    if not path:
+        return None
+    if check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve() and dm.settings.limit is None:
         return None
     other, _ = datamodule_from_checkpoint(ckpt, path=str(path), val_fraction=0.0, test_fraction=0.0, limit=None)
     return other, split_by_seen(other.split("train"), dm.split("train")["title"])

@@ -259,6 +259,9 @@ def modelfile(gguf_name: str, prompt_format: PromptFormat, eos_token: str, optio
     if options.no_repeat_ngram_size:
         lines.append(f"# no_repeat_ngram_size {options.no_repeat_ngram_size} (amzft's decoding) is not applied here: "
                      "llama.cpp and Ollama have no n-gram ban")
+    if options.length_decay:
+        lines.append(f"# length_decay_start {options.length_decay_start} / factor {options.length_decay_factor:g} (amzft's "
+                     "decoding) is not applied here: Ollama has no length decay; num_predict caps the answer")
     return "\n".join([*lines, ""])
 
 

@@ -17,7 +17,7 @@
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
 * ``trainer.precision: auto`` is resolved for this machine (``amzft.precision``) before the
   trainer is built: the run's saved config.yaml records the precision used.
-* ``--decoding`` / ``--repetition_penalty`` / ``--no_repeat_ngram_size`` (top-level keys, as in
+* ``--decoding`` / ``--repetition_penalty`` / ``--no_repeat_ngram_size`` / ``--length_decay_*`` (top-level keys, as in
   ``ask`` / ``evaluate`` / ``demo`` / ``export``): how ``predict`` and ``sample_answers``
   (``val/rougeL``) decode, ``amzft.decoding.DEFAULT_DECODING`` unless said otherwise.
 """
