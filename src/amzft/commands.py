@@ -353,11 +353,11 @@ def export_command(argv: list[str]) -> None:
     if fmt != "gguf":
         print(f"decoding: {describe(options)}, in generation_config.json")
     else:
-        missing = [f"no_repeat_ngram_size {options.no_repeat_ngram_size}"] if options.no_repeat_ngram_size else []
-        missing += [f"length decay from token {options.length_decay_start}"] if options.length_decay else []
+        from amzft.gguf_export import not_in_modelfile
+
+        missing = "; ".join(f"{setting} ({why})" for setting, why in not_in_modelfile(options))
         print(f"decoding: {describe(options)}; the Modelfile sets repeat_penalty {options.repetition_penalty:g}"
-              + (f" but not {' or '.join(missing)}: llama.cpp / Ollama have neither an n-gram ban nor a length decay"
-                 if missing else ""))
+              + (f" but not {missing}" if missing else ""))
         print(f"run it: cd {out} && ollama create amzft -f Modelfile && ollama run amzft "
               '"What is the description of product Girls Ballet Tutu?"')
     if (out / "amzft_base.json").is_file():  # a base folder saved in 4-bit: say what the weights are

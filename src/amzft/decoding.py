@@ -112,11 +112,10 @@ def add_decoding_arguments(parser) -> None:
 
 
 def decoding_from(cfg, **overrides) -> GenerationOptions:
-    """``resolve_decoding`` from a parsed config's top-level ``decoding`` / ``repetition_penalty``
-    / ``no_repeat_ngram_size`` keys (absent: the default)."""
+    """``resolve_decoding`` from a parsed config's top-level ``DECODING_KEYS`` (absent: the
+    default), then ``overrides``."""
     get = cfg.get if hasattr(cfg, "get") else lambda key: getattr(cfg, key, None)
-    decay = {key: get(key) for key in ("length_decay_start", "length_decay_factor")}
-    return resolve_decoding(get("decoding"), get("repetition_penalty"), get("no_repeat_ngram_size"), **(decay | overrides))
+    return resolve_decoding(**({key: get(key) for key in DECODING_KEYS} | overrides))
 
 
 def describe(options: GenerationOptions) -> str:

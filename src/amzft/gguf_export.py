@@ -256,13 +256,20 @@ def modelfile(gguf_name: str, prompt_format: PromptFormat, eos_token: str, optio
         f"PARAMETER repeat_penalty {options.repetition_penalty:g}",
         "PARAMETER repeat_last_n -1",
     ]
-    if options.no_repeat_ngram_size:
-        lines.append(f"# no_repeat_ngram_size {options.no_repeat_ngram_size} (amzft's decoding) is not applied here: "
-                     "llama.cpp and Ollama have no n-gram ban")
-    if options.length_decay:
-        lines.append(f"# length_decay_start {options.length_decay_start} / factor {options.length_decay_factor:g} (amzft's "
-                     "decoding) is not applied here: Ollama has no length decay; num_predict caps the answer")
+    lines += [f"# {setting} (amzft's decoding) is not applied here: {why}" for setting, why in not_in_modelfile(options)]
     return "\n".join([*lines, ""])
+
+
+def not_in_modelfile(options: GenerationOptions) -> list[tuple[str, str]]:
+    """The settings of ``options`` an Ollama Modelfile cannot carry, each with why: the
+    Modelfile says them in comments and ``export`` prints them, rather than dropping them silently."""
+    missing = []
+    if options.no_repeat_ngram_size:
+        missing.append((f"no_repeat_ngram_size {options.no_repeat_ngram_size}", "llama.cpp and Ollama have no n-gram ban"))
+    if options.length_decay:
+        missing.append((f"length_decay_start {options.length_decay_start} / factor {options.length_decay_factor:g}",
+                        "Ollama has no length decay; num_predict caps the answer"))
+    return missing
 
 
 def export_gguf(model, tokenizer, prompt_format: PromptFormat, out_dir: Path, gguf_type: str,
