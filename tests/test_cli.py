@@ -131,6 +131,7 @@ def test_data_command_reports_the_shipped_sample(capsys):
     main(["data", "--data.tokenizer", "llama3.2", "--examples", "1"])
     out = capsys.readouterr().out
     assert "records read: 48" in out and "empty_content" in out and "example 1" in out
+    assert "responses cut at max_length=2048: 0" in out  # counted with the tokens, not by the build
 
 
 def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, tmp_path, capsys):

@@ -1,6 +1,8 @@
+import random
+
 import pytest
 
-from amzft.data.clean import FilterSettings, RecordFilter, clean_text
+from amzft.data.clean import _BOILERPLATE, FilterSettings, RecordFilter, _strip_boilerplate, clean_text
 from amzft.data.prompt import ALPACA_TEMPLATE, PromptFormat
 from amzft.errors import ConfigError
 
@@ -102,3 +104,24 @@ def test_prompt_is_configurable_and_checked():
         PromptFormat(question="no placeholder")
     with pytest.raises(ConfigError, match=r"\{input\}"):
         PromptFormat(template=ALPACA_TEMPLATE.replace("{input}", ""))
+
+
+def test_the_boilerplate_shortcut_removes_exactly_what_the_regex_does():
+    """clean._strip_boilerplate runs _BOILERPLATE from the first note's preceding spaces and
+    dashes only (speed): on texts mixing the note's pieces, cases, dashes, Unicode spaces and
+    the long s that IGNORECASE matches to "s", it must give the regex's own result."""
+    pieces = ["This text refers to", "this TEXT refers to", "thi\u017f text refers to", " ", "-", "--", "\u00a0", "\n",
+              "edition", " edition of this title.", "an ", "the ", "Paperback", "x", ".", "prefers to", "efers to"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(20000)]
+    texts.append("A fine book. --This text refers to thePaperbackedition.")
+    assert [_strip_boilerplate(t) for t in texts] == [_BOILERPLATE.sub(" ", t) for t in texts]
+
+
+def test_whitespace_is_collapsed_as_split_and_join_would():
+    """clean_text returns a text with nothing to collapse as it is (speed): the same as
+    " ".join(text.split()) for every kind of whitespace Python splits on."""
+    pieces = ["a", "b", " ", "  ", "\t", "\n", "\u00a0", "\u2009", "\u3000", "\u2028", "caf\u00e9", "-"]
+    rng = random.Random(1)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(20000)]
+    assert [clean_text(t, strip_boilerplate=False) for t in texts] == [" ".join(t.split()) for t in texts]

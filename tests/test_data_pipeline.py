@@ -43,7 +43,9 @@ def test_prompt_too_long_is_counted(write_jsonl, llama_tokenizer, cache_dir):
     path = write_jsonl([{"title": "word " * 80, "content": "ok content"}, {"title": "Mug", "content": "A mug " * 100}])
     data = prepare(DataSettings(path=str(path), max_length=64, val_fraction=0, test_fraction=0), llama_tokenizer, cache_dir)
     assert data.stats.skipped == {"prompt_too_long": 1} and data.stats.skipped_lines["prompt_too_long"] == [1]
-    assert data.stats.kept == 1 and data.stats.truncated == 1
+    train = data.examples("train")
+    train.ensure_counts()  # a cut response is known once its example is tokenised
+    assert data.stats.kept == 1 and train.truncated.tolist() == [1]
     assert len(data.splits["train"][0]["input_ids"]) == 64
 
 

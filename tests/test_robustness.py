@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from amzft.checkpoints import atomic_torch_save, load_checkpoint_file
 from amzft.cli import main
+from amzft.data import build
 from amzft.data.build import DataSettings, prepare
 from amzft.errors import ConfigError, ModelError
 from amzft.lightning_cli import cli_main
@@ -359,3 +360,23 @@ def test_fit_ask_export_without_network_in_a_fresh_process(tiny_model_dir, tiny_
     out = subprocess.run([sys.executable, "-c", script % (str(TESTS), argv, ckpt, ckpt, str(tmp_path / "export"))],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "OK no network" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("block", [48, 1 << 21])
+def test_the_parallel_build_reading_blocks_of_lines_equals_the_serial_build(block, write_jsonl, llama_tokenizer,
+                                                                            tmp_path, monkeypatch):
+    """A plain JSON Lines file is handed to the workers in blocks of whole lines (the parent
+    only reads bytes and counts newlines): line numbers, blank lines, a BOM, a last line without
+    a newline, bad lines, duplicates and the skip report come out as the serial build reads them,
+    with blocks smaller than a line or holding the whole file."""
+    monkeypatch.setattr(build, "BLOCK", block)
+    lines = [json.dumps(r) for r in tiny_records(30)]
+    lines[3:3] = ["", "   ", '{"title": "broken"', json.dumps({"title": "Dup", "content": "Same."})]
+    lines += [b"\xff\xfe".decode("latin-1"), json.dumps({"title": "Dup", "content": "Same."}), ""]
+    path = tmp_path / "blocks.json"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("latin-1") + json.dumps(tiny_records(1)[0]).encode())
+    settings = DataSettings(path=str(path), val_fraction=0.2, test_fraction=0.2)
+    serial = prepare(settings, llama_tokenizer, tmp_path / "serial", num_proc=1)
+    parallel = prepare(settings, llama_tokenizer, tmp_path / f"parallel{block}", num_proc=2)
+    assert serial.stats.skipped["duplicate"] == 2 and serial.stats.skipped["malformed_json"] == 1  # "Dup", and record 0 again
+    assert _rows(parallel) == _rows(serial) and parallel.stats.to_dict() == serial.stats.to_dict()

@@ -57,6 +57,86 @@ def test_every_layout_covers_each_example_once_and_resumes_exactly(layout):
         assert all(b.window_label_tokens == sum(labels[i] for bb in window for i in bb) for b in window)
 
 
+class _AskedLengths:
+    """Lengths the sampler must ask for (as data.lazy.LazyCounts): records which it asked."""
+
+    lazy = True
+
+    def __init__(self, values):
+        self.values, self.asked = np.asarray(values), set()
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, indices):
+        indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        self.asked.update(indices.tolist())
+        return self.values[indices]
+
+
+@pytest.mark.parametrize("layout", ["grouped", "packed"])
+def test_lazy_lengths_give_the_same_batches_and_are_asked_only_as_the_epoch_reaches_them(layout):
+    """A split too big to count first (the whole trn.json): grouped / packed batches are made one
+    chunk at a time, so the first batch needs only its chunk's lengths; the batches are those of
+    known lengths; the epoch's length is exact for grouped and estimated from a sample for packed."""
+    rng = np.random.default_rng(3)
+    values = rng.integers(20, 300, size=5000)
+    kw = dict(batch_size=2, accumulate=2, seed=7, layout=layout, max_length=512, mega_batch=16)
+    eager = ResumableBatchSampler(values // 2, lengths=values, **kw)
+    lengths = _AskedLengths(values)
+    lazy = ResumableBatchSampler(values // 2, lengths=lengths, **kw)
+    first = next(iter(lazy))
+    chunk = 2 * 16 * (8 if layout == "packed" else 1)
+    assert len(lengths.asked) == chunk and set(first) <= lengths.asked
+    assert [(list(b), b.rows, b.window_label_tokens) for b in lazy] == [
+        (list(b), b.rows, b.window_label_tokens) for b in eager.batches(0)]
+    true_length = len(eager.batches(0))
+    if layout == "grouped":
+        assert len(lazy) == true_length
+    else:
+        assert lazy.batches(0) and abs(len(lazy) - true_length) <= 0.03 * true_length, (len(lazy), true_length)
+        estimate = ResumableBatchSampler(values // 2, lengths=_AskedLengths(values), **kw)
+        assert len(estimate) == len(lazy)  # a pure function of the data and the seed
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 203])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_plain_and_grouped_epoch_lengths_are_counted_without_the_lengths(n, world, drop_last):
+    """len() (what Lightning ends epochs by) equals the batches an epoch yields."""
+    lengths = np.random.default_rng(n).integers(5, 50, size=n)
+    for layout in ("plain", "grouped"):
+        kw = dict(batch_size=3, accumulate=2, seed=1, layout=layout, mega_batch=4, num_replicas=world,
+                  drop_last=drop_last)
+        made = ResumableBatchSampler(lengths, lengths=lengths, **kw).batches(0)
+        assert len(ResumableBatchSampler(lengths, lengths=_AskedLengths(lengths), **kw)) == len(made), layout
+        assert all(len(b) == 3 for b in made) or not drop_last
+
+
+def test_a_big_packed_split_starts_without_counting_every_example(write_jsonl, tiny_model_dir, monkeypatch):
+    """Above data.module.COUNT_ALL_UP_TO examples, the packed train loader tokenises a sample
+    (the epoch length estimate) and the chunks it reaches, not the whole split; the estimate is
+    the same whether or not the counts are already known (a warm cache)."""
+    monkeypatch.setattr("amzft.data.module.COUNT_ALL_UP_TO", 50)
+    monkeypatch.setattr("amzft.data.batching.ESTIMATE_SAMPLE", 40)
+    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(400)), tokenizer=str(tiny_model_dir), layout="packed",
+                                max_length=160, pack_length=160, batch_size=1, mega_batch=2, val_fraction=0.05,
+                                test_fraction=0.05)
+    dm.setup("fit")
+    examples = dm.examples("train")
+    assert len(examples) > 200
+    loader = dm.train_dataloader()
+    estimated = len(loader)
+    next(iter(loader))
+    counted = int((examples.lengths >= 0).sum())
+    assert 0 < counted <= 40 + 2 * 2 * 8, counted  # the sample and the first packing chunk
+    examples.ensure_counts()
+    assert len(dm.train_dataloader()) == estimated
+    true_length = len(ResumableBatchSampler(examples.num_labels, 1, lengths=examples.lengths, seed=dm.seed,
+                                            layout="packed", max_length=160, mega_batch=2))
+    assert abs(estimated - true_length) <= max(2, 0.1 * true_length), (estimated, true_length)
+
+
 def _padding_efficiency(sampler, lengths):
     real = padded = 0
     for b in sampler:
@@ -218,9 +298,12 @@ def test_pack_length_sets_the_row_capacity(write_jsonl, tiny_model_dir):
     assert lengths[200][1] <= 200 < lengths[None][1] and lengths[200][0] > lengths[None][0], lengths
 
 
-@pytest.mark.parametrize("layout", ["grouped", "packed", "packed+share", "packed+share+rows"])
-def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, write_jsonl, tmp_path):
+@pytest.mark.parametrize("layout", ["grouped", "packed", "packed+share", "packed+share+rows", "packed+share+rows+lazy"])
+def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, write_jsonl, tmp_path, monkeypatch):
     data = write_jsonl(tiny_records(40))
+    if layout.endswith("+lazy"):  # packed as the epoch reaches each chunk, its length estimated (a big split)
+        monkeypatch.setattr("amzft.data.module.COUNT_ALL_UP_TO", 0)
+        layout = layout.removesuffix("+lazy")
     layout, _, share = layout.partition("+")
     common = ("--trainer.max_steps", "6", "--data.layout", layout, "--data.max_length", "160", "--data.mega_batch", "4",
               "--data.share_prefix", str(bool(share)).lower())

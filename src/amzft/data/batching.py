@@ -11,6 +11,7 @@ attach the window total to each batch it yields.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from amzft.data.encode import IGNORE_INDEX
 
 LAYOUTS = ("plain", "grouped", "packed")
+PACK_CHUNKS = 8  # a packing chunk is this many grouping chunks (mega_batch batches) of examples
+ESTIMATE_SAMPLE = 2048  # examples whose lengths estimate a lazily packed epoch's row count
 
 
 class WindowBatch(list):
@@ -49,14 +52,20 @@ class ResumableBatchSampler:
     Layout (``layout``):
       * ``plain``: consecutive examples of the shuffled order.
       * ``grouped``: the shuffled order is cut into mega-batches of ``mega_batch`` batches,
-        each sorted by length and cut into batches, whose order is then shuffled: similar
-        lengths share a batch (little padding), the epoch stays random.
-      * ``packed``: examples of each mega-chunk are packed first-fit-decreasing into rows of at
-        most ``max_length`` tokens; a batch is ``batch_size`` rows. The collator restarts
-        position ids per example so attention never crosses an example.
+        each sorted by length and cut into batches, whose order within the mega-batch is then
+        shuffled: similar lengths share a batch (little padding), the epoch stays random.
+      * ``packed``: the examples of each chunk of ``PACK_CHUNKS`` mega-batches are packed
+        first-fit-decreasing into rows of at most ``max_length`` tokens, whose order within the
+        chunk is shuffled; a batch is ``batch_size`` rows. The collator restarts position ids
+        per example so attention never crosses an example.
 
-    Ranks: the epoch's batch list is built once, identically on every rank (same seed), cut to
-    a multiple of ``num_replicas`` and dealt round-robin, so that optimizer step s of rank r
+    Chunk by chunk: an epoch's batches are made as iteration reaches each chunk, so lengths may
+    be lazy (tokenised when asked) and the first batch of a 2.2 M-record epoch needs the lengths
+    of one chunk, not of the whole file. ``len()`` then needs no lengths either (plain,
+    grouped) or estimates packed rows from a fixed sample (``_estimated_rows``).
+
+    Ranks: the epoch's batches are made identically on every rank (same seed), cut to a
+    multiple of ``num_replicas`` and dealt round-robin, so that optimizer step s of rank r
     sees global batch ``s * num_replicas + r``: W ranks x batch b see what one process with
     batch W*b sees. Windows (and their label-token totals, the loss normaliser) span
     ``accumulate`` steps of *all* ranks.
@@ -106,73 +115,110 @@ class ResumableBatchSampler:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        if self.layout == "plain" and self.num_replicas == 1:
-            n = len(self.num_labels)
-            return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        # Packing: the count varies a little per epoch. Lightning reads len() once, to know when
-        # an epoch ends, so it must not depend on which epoch happens to be loaded (a resumed
-        # run would end its epochs elsewhere): use epoch 0's count, always. An epoch with more
+        # Lightning reads len() once, to know when an epoch ends, so it must not depend on which
+        # epoch happens to be loaded (a resumed run would end its epochs elsewhere): epoch 0's
+        # count (packed rows: the count varies a little per epoch), always. An epoch with more
         # batches is cut there, deterministically; one with fewer ends when the batches do.
         if self._length is None:
-            self._length = len(self.batches(0))
+            self._length = self._count_batches()
         return self._length
 
+    def _count_batches(self) -> int:
+        """This rank's batches in epoch 0. Plain and grouped batches are counted from the
+        number of examples alone; packed rows from the packing itself, or, when the lengths are
+        lazy (a split too big to count first), estimated from a fixed sample (``_estimated_rows``)."""
+        n, size = len(self.num_labels), self.batch_size
+        if self.layout == "packed":
+            if not getattr(self.lengths, "lazy", False):
+                return len(self.batches(0))
+            total = -(-self._estimated_rows(n) // size)
+        else:
+            def batches_of(examples: int) -> int:  # a short last batch counts unless dropped
+                return examples // size + (examples % size != 0 and not self.drop_last)
+
+            # plain: one chunk; grouped: whole chunks of mega_batch full batches, then the rest
+            chunk = max(n, 1) if self.layout == "plain" else size * self.mega_batch
+            total = n // chunk * batches_of(chunk) + batches_of(n % chunk)
+        return total // self.num_replicas
+
+    def _estimated_rows(self, n: int) -> int:
+        """Packed rows an epoch of ``n`` examples makes, from packing a fixed random sample of
+        them (at most ``ESTIMATE_SAMPLE``) in chunks as big as the epoch's: the lengths of a few
+        thousand examples instead of all of them. A pure function of the data and the seed, so
+        every run of the same data (cold or warm cache, resumed or not) gets the same value."""
+        chunk = self.batch_size * self.mega_batch * PACK_CHUNKS
+        take = min(n, max(ESTIMATE_SAMPLE, chunk))
+        sample = np.sort(np.random.default_rng([self.seed, n]).choice(n, take, replace=False))
+        sizes = np.asarray(self.lengths[sample], dtype=np.int64)
+        rows = sum(len(pack_first_fit(np.arange(a, min(a + chunk, take)), sizes, self.max_length))
+                   for a in range(0, take, chunk))
+        return max(1, round(rows * n / take))
+
     # ------------------------------------------------------------- layouts
-    def _global_batches(self, epoch: int) -> list[WindowBatch]:
+    def _global_batches(self, epoch: int) -> Iterator[WindowBatch]:
+        """Epoch ``epoch``'s batches (all ranks'), made as they are reached: grouped and packed
+        batches are made and shuffled one chunk of the epoch's order at a time, so only the
+        chunks reached so far need their lengths (lazy lengths are tokenised then)."""
         n = len(self.num_labels)
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         size = self.batch_size
         if self.layout == "plain":
-            return [WindowBatch(order[i : i + size].tolist()) for i in range(0, n, size)]
+            stop = n - n % size if self.drop_last else n
+            yield from (WindowBatch(order[i : i + size].tolist()) for i in range(0, stop, size))
+            return
         chunk = size * self.mega_batch
         if self.layout == "grouped":
-            batches = []
             for start in range(0, n, chunk):
                 part = order[start : start + chunk]
-                part = part[np.argsort(-self.lengths[part], kind="stable")]
-                batches += [WindowBatch(part[i : i + size].tolist()) for i in range(0, len(part), size)]
+                part = part[np.argsort(-np.asarray(self.lengths[part]), kind="stable")]
+                batches = [WindowBatch(part[i : i + size].tolist()) for i in range(0, len(part), size)]
+                if self.drop_last and len(batches[-1]) < size:
+                    batches.pop()  # the epoch's one short batch (its last chunk's shortest examples)
+                if self.shuffle:
+                    batches = [batches[i] for i in rng.permutation(len(batches))]
+                yield from batches
+            return
+        pending: list[list[int]] = []
+        for start in range(0, n, chunk * PACK_CHUNKS):  # a pack chunk holds many rows' worth of examples
+            part = order[start : start + chunk * PACK_CHUNKS]
+            rows = pack_first_fit(np.arange(len(part)), np.asarray(self.lengths[part]), self.max_length)
             if self.shuffle:
-                batches = [batches[i] for i in rng.permutation(len(batches))]
-            return batches
-        rows: list[list[int]] = []
-        for start in range(0, n, chunk * 8):  # a pack chunk holds many rows' worth of examples
-            rows += pack_first_fit(order[start : start + chunk * 8], self.lengths, self.max_length)
-        if self.shuffle:
-            rows = [rows[i] for i in rng.permutation(len(rows))]
-        batches = []
-        for i in range(0, len(rows), size):
-            group = rows[i : i + size]
-            batch = WindowBatch(idx for row in group for idx in row)
-            batch.rows = [len(row) for row in group]
-            batches.append(batch)
-        return batches
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            pending += [[int(part[j]) for j in row] for row in rows]
+            while len(pending) >= size or (pending and start + chunk * PACK_CHUNKS >= n):
+                group, pending = pending[:size], pending[size:]
+                batch = WindowBatch(idx for row in group for idx in row)
+                batch.rows = [len(row) for row in group]
+                yield batch
 
-    def batches(self, epoch: int) -> list[WindowBatch]:
-        """This rank's batches of ``epoch``, each carrying its window's label-token total."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        batches = self._global_batches(epoch)
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size and self.layout != "packed":
-            batches.pop()
+    def _rank_batches(self, epoch: int) -> Iterator[WindowBatch]:
+        """This rank's batches of ``epoch``, window by window, each knowing its window."""
         world = self.num_replicas
-        if world > 1:
-            # Every rank must run the same number of steps (DDP all-reduces each backward):
-            # drop the last < world batches of the epoch (a fresh order comes next epoch).
-            batches = batches[: len(batches) - len(batches) % world]
         # Windows are aligned to the epoch start, as Lightning's accumulation is; the last one
         # may be short, and its total then covers only the batches it has.
         span = self.accumulate * world
-        for start in range(0, len(batches), span):
-            window = batches[start : start + span]
+        source = self._global_batches(epoch)
+        window = list(itertools.islice(source, span))
+        while window:
+            following = list(itertools.islice(source, span))
+            if not following and world > 1:
+                # Every rank must run the same number of steps (DDP all-reduces each backward):
+                # drop the last < world batches of the epoch (a fresh order comes next epoch).
+                window = window[: len(window) - len(window) % world]
             for b in window:
                 b.window = window
-        if not getattr(self.num_labels, "lazy", False):
-            for start in range(0, len(batches), span):
-                self._count_window(batches[start])
-        mine = batches[self.rank :: world]
-        self._cache = (epoch, mine)
-        return mine
+            if window and not getattr(self.num_labels, "lazy", False):
+                self._count_window(window[0])
+            yield from window[self.rank :: world]
+            window = following
+
+    def batches(self, epoch: int) -> list[WindowBatch]:
+        """This rank's batches of ``epoch``, each carrying its window's label-token total (all
+        made at once: for tests and small data; training iterates them as they are made)."""
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, list(self._rank_batches(epoch)))
+        return self._cache[1]
 
     def _count_window(self, batch: WindowBatch) -> WindowBatch:
         """Give every batch of ``batch``'s window the window's label-token total."""
@@ -190,7 +236,9 @@ class ResumableBatchSampler:
             resume_epoch, done = self._resume
             self._resume = None  # applies once
             skip = done if resume_epoch == self.epoch else 0
-        for batch in self.batches(self.epoch)[skip:]:
+        cached = self._cache is not None and self._cache[0] == self.epoch
+        batches = self._cache[1] if cached else self._rank_batches(self.epoch)
+        for batch in itertools.islice(batches, skip, None):
             yield self._count_window(batch)
 
     def state_dict(self) -> dict:

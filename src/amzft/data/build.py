@@ -3,9 +3,11 @@ files; examples are tokenised on demand from it (data.lazy).
 
 The build is one pass that reads, cleans, filters, dedupes and splits the records and writes the
 kept ones' cleaned text: no tokenising, so training on the 2.2 M-record file starts in seconds,
-not minutes. The skip report stays exact: a record can only be too long for ``max_length`` (its
-prompt alone: skipped; its response: cut, counted) when its text has nearly ``max_length``
-bytes (a token covers at least one byte), so only those few are tokenised during the build.
+not minutes. The skip report stays exact: a record is skipped when its prompt alone does not
+fit ``max_length``, which only a title of nearly ``max_length`` bytes can cause (a token covers
+at least one byte), so only those few prompts are tokenised during the build. Whether a long
+response is cut is known when its example is tokenised (``LazyExamples.truncated``; the data
+report counts them): tokenising every long description here cost a third of the build.
 
 The cache key covers the data file (path, size, mtime), every setting that changes the
 examples, the tokenizer's full definition and the pipeline version, so a stale cache is never
@@ -15,31 +17,36 @@ build never leaves a cache that looks complete.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import importlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
-from amzft.data.encode import PromptEncoder, encode_texts, join_example
+from amzft.data.encode import PromptEncoder
 from amzft.data.lazy import PROBE, LazyExamples, default_num_proc, settled_encoder
 from amzft.data.prompt import PromptFormat
-from amzft.data.reader import check_data_file, iter_raw_lines, parse_line, read_records
+from amzft.data.reader import check_data_file, is_plain_json_lines, iter_raw_lines, parse_line, read_records
 from amzft.data.split import SPLITS, assign_split
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
 from amzft.paths import cache_root, staging_dir
 
 # bump when the examples a given setting produces change (2: HTML tags and control characters
-# removed; 3: the cache holds cleaned text, tokenised on demand)
-PIPELINE_VERSION = 3
+# removed; 3: the cache holds cleaned text, tokenised on demand; 4: cut responses are counted with
+# the tokens, not by the build)
+PIPELINE_VERSION = 4
 CHUNK = 4096  # records per worker task / per exact-length check
+BLOCK = 1 << 21  # bytes of whole lines per worker task when a plain file is read in blocks
 # Tokens a prompt + response can have beyond their UTF-8 bytes: special tokens (BOS, EOS), a
 # SentencePiece word-start marker per separately tokenised piece. Generous on purpose.
 SLACK = 16
@@ -178,10 +185,10 @@ def prepare(
     return built
 
 
-class LengthCheck:
-    """Which cleaned records are too long for ``max_length``, tokenising only those whose UTF-8
-    size says they might be: a prompt that does not fit is a skip (``prompt_too_long``), a
-    response that does not is cut (``truncated``), exactly as the tokenised example will be."""
+class PromptCheck:
+    """Which cleaned records' prompts do not fit ``max_length`` (a ``prompt_too_long`` skip,
+    exactly as the tokenised example would be refused), tokenising only the prompts whose UTF-8
+    size says they might not: those of titles of nearly ``max_length`` bytes."""
 
     def __init__(self, settings: DataSettings, tokenizer):
         self.settings, self.tokenizer = settings, tokenizer
@@ -190,46 +197,33 @@ class LengthCheck:
         self.per_title = fmt.question.count("{title}")
         self.encode_prompts: PromptEncoder | None = None  # made on first need
 
-    def __call__(self, chunk: list[tuple[int, str, str]]) -> tuple[list[bool], list[int]]:
-        """For cleaned (line, title, content) records: whether each is cut, and the lines of those
-        that do not fit at all (their ``cut`` entry is None)."""
+    def __call__(self, chunk: list[tuple[int, str, str]]) -> list[int]:
+        """For cleaned (line, title, content) records: the lines of those whose prompt does not fit."""
         limit = self.settings.max_length - SLACK
-        unsure = [i for i, (_, title, content) in enumerate(chunk)
-                  if self.prompt_bytes + self.per_title * len(title.encode()) + len(content.encode()) > limit]
-        cut: list = [False] * len(chunk)
-        too_long = []
-        if unsure:
-            if self.encode_prompts is None:
-                self.encode_prompts = PromptEncoder(self.tokenizer, self.settings.prompt)
-            prompts = self.encode_prompts([chunk[i][1] for i in unsure])
-            responses = encode_texts(self.tokenizer, [chunk[i][2] for i in unsure], False)
-            for i, p_ids, r_ids in zip(unsure, prompts, responses):
-                example = join_example(p_ids, r_ids, self.tokenizer.eos_token_id, self.settings.max_length)
-                if example is None:
-                    cut[i] = None
-                    too_long.append(chunk[i][0])
-                else:
-                    cut[i] = example.truncated
-        return cut, too_long
+        unsure = [record for record in chunk if self.prompt_bytes + self.per_title * len(record[1].encode()) > limit]
+        if not unsure:
+            return []
+        if self.encode_prompts is None:
+            self.encode_prompts = PromptEncoder(self.tokenizer, self.settings.prompt)
+        prompts = self.encode_prompts([title for _, title, _ in unsure])
+        # join_example's own test: at least one response token must fit after the prompt
+        return [line for (line, _, _), ids in zip(unsure, prompts) if len(ids) >= self.settings.max_length]
 
 
 def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
-    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time
-
     stats = PipelineStats()
     keep = RecordFilter(settings.filters)
-    check = LengthCheck(settings, tokenizer)
-    features = _features()
-    writers = {name: ArrowWriter(features=features, path=str(out / f"{name}.arrow")) for name in SPLITS}
+    check = PromptCheck(settings, tokenizer)
+    writers = _writers(out)
 
     def flush(chunk: list[tuple[int, str, str]]) -> None:
-        cut, too_long = check(chunk)
-        rows = [(*record, c, _split_of(record[1], settings)) for record, c in zip(chunk, cut) if c is not None]
+        too_long = check(chunk)
+        refused = set(too_long)
+        rows = [(*record, _split_of(record[1], settings)) for record in chunk if record[0] not in refused]
         for line in too_long:
             stats.skip("prompt_too_long", line)
         _write_rows(writers, rows)
         stats.kept += len(rows)
-        stats.truncated += sum(r[3] for r in rows)  # (line, title, content, cut, split)
 
     chunk: list[tuple[int, str, str]] = []
     for record in read_records(settings.path, stats, settings.strict):
@@ -265,16 +259,28 @@ def _split_of(title: str, settings: DataSettings) -> str:
 
 
 def _write_rows(writers: dict, rows: list[tuple]) -> None:
-    """Write kept (line, title, content, cut, split, ...) records, each to its product's split."""
+    """Write kept (line, title, content, split, ...) records, each to its product's split."""
+    import pyarrow as pa  # noqa: PLC0415 - start-up time (datasets imports it anyway)
+
     batches = {name: {"title": [], "content": [], "line": []} for name in SPLITS}
-    for line, title, content, _, split, *_ in rows:
+    for line, title, content, split, *_ in rows:
         batch = batches[split]
         batch["title"].append(title)
         batch["content"].append(content)
         batch["line"].append(line)
     for name, batch in batches.items():
         if batch["line"]:
-            writers[name].write_batch(batch)
+            # typed Arrow arrays: datasets' own inference from Python lists cost a fifth of the
+            # parallel build's parent process
+            writers[name].write_batch({"title": pa.array(batch["title"], pa.string()),
+                                       "content": pa.array(batch["content"], pa.string()),
+                                       "line": pa.array(batch["line"], pa.int64())})
+
+
+def _writers(out: Path) -> dict:
+    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time (~2 s)
+
+    return {name: ArrowWriter(features=_features(), path=str(out / f"{name}.arrow")) for name in SPLITS}
 
 
 # ------------------------------------------------------------------ several processes
@@ -284,14 +290,23 @@ _WORKER: dict = {}
 def _worker_init(settings: DataSettings, tokenizer) -> None:
     # Dedupe needs every record seen so far: the parent does it, in file order.
     filters = FilterSettings(**{**asdict(settings.filters), "dedupe": False})
-    _WORKER.update(keep=RecordFilter(filters), check=LengthCheck(settings, tokenizer), settings=settings)
+    _WORKER.update(keep=RecordFilter(filters), check=PromptCheck(settings, tokenizer), settings=settings)
 
 
-def _worker_chunk(lines: list[tuple[int, bytes]]):
-    """Parse, validate, clean, filter, length-check and split raw lines. Returns the skips as
-    (reason, line, message) in line order, the kept (line, title, content, cut, split, dedupe
-    key) records, and the lines whose prompt does not fit."""
+def _block_lines(first: int, block: bytes) -> list[tuple[int, bytes]]:
+    """(line number, raw bytes) of a block of whole lines whose first line is ``first``, blank
+    lines left out (numbered all the same), as ``iter_raw_lines`` yields them."""
+    return [(first + k, raw) for k, raw in enumerate(block.split(b"\n")) if raw.strip()]
+
+
+def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
+    """Parse, validate, clean, filter, prompt-check and split raw lines (or a (first line,
+    bytes) block of them). Returns the number of records read, the skips as (reason, line,
+    message) in line order, the kept (line, title, content, split, dedupe key) records, and the
+    lines whose prompt does not fit."""
     w = _WORKER
+    if isinstance(lines, tuple):
+        lines = _block_lines(*lines)
     skips, records = [], []
     for line, raw in lines:
         parsed = parse_line(raw)
@@ -303,28 +318,73 @@ def _worker_chunk(lines: list[tuple[int, bytes]]):
             skips.append((reason, line, None))
             continue
         records.append((line, title, content))
-    cut, too_long = w["check"](records) if records else ([], [])
+    too_long = w["check"](records) if records else []
+    refused = set(too_long)
     settings = w["settings"]
-    kept = [(line, title, content, c, _split_of(title, settings),
-             dedupe_key(title, content) if settings.filters.dedupe else None)
-            for (line, title, content), c in zip(records, cut) if c is not None]
-    return skips, kept, too_long
+    kept = [(line, title, content, _split_of(title, settings), dedupe_key(title, content) if settings.filters.dedupe else None)
+            for line, title, content in records if line not in refused]
+    return len(lines), skips, kept, too_long
+
+
+def _raw_blocks(path: Path, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
+    """(first line number, bytes) blocks of about ``size`` bytes of whole lines of a plain JSON
+    Lines file: the parent process only reads and counts newlines (memchr speed), the workers
+    split the lines, so the parent is no longer the build's bottleneck. A leading UTF-8 BOM is
+    dropped, as ``iter_raw_lines`` does."""
+    line = 1
+    with path.open("rb") as handle:
+        while block := handle.read(size):
+            if not block.endswith(b"\n"):
+                block += handle.readline()
+            if line == 1 and block.startswith(codecs.BOM_UTF8):
+                block = block[len(codecs.BOM_UTF8):]
+            yield line, block
+            line += block.count(b"\n")
+
+
+def _reads_blocks(settings: DataSettings) -> bool:
+    """Whether the parallel build hands the workers blocks of bytes (a plain JSON Lines file
+    read whole; the workers then count ``records_read``) rather than numbered lines (gzip, a
+    JSON array, a ``limit``: ``_raw_lines`` counts them)."""
+    return settings.limit is None and is_plain_json_lines(check_data_file(settings.path))
+
+
+def _raw_lines(settings: DataSettings, stats: PipelineStats) -> Iterator[list[tuple[int, bytes]]]:
+    """Lists of ``CHUNK`` (line number, raw bytes) pairs from ``iter_raw_lines``, counting
+    ``records_read`` (and stopping at ``limit``) as it goes."""
+    chunk: list[tuple[int, bytes]] = []
+    for line, raw in iter_raw_lines(settings.path, stats, settings.strict):
+        if settings.limit is not None and stats.records_read >= settings.limit:
+            break
+        stats.records_read += 1
+        chunk.append((line, raw))
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> PipelineStats:
-    """The same records as ``_build``, with parsing, cleaning and length checks spread over
-    ``num_proc`` processes. The parent only reads raw lines, dedupes and writes, consuming
-    results in file order, so the output (and the first lines listed per skip reason) do not
-    depend on the number of processes. At most 2 x num_proc chunks are in flight: memory
-    stays bounded whatever the file size."""
-    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time
-
+    """The same records as ``_build``, with parsing, cleaning and prompt checks spread over
+    ``num_proc`` processes. The parent only reads blocks of lines, dedupes and writes,
+    consuming results in file order, so the output (and the first lines listed per skip reason)
+    do not depend on the number of processes. At most 2 x num_proc chunks are in flight (16 x
+    while datasets is being imported): memory stays bounded whatever the file size."""
     stats = PipelineStats()
-    writers = {name: ArrowWriter(features=_features(), path=str(out / f"{name}.arrow")) for name in SPLITS}
+    # datasets (~2 s to import, needed for the writers) is imported in a thread while the
+    # workers start on the first blocks, which may run further ahead until it is done.
+    importer = threading.Thread(target=importlib.import_module, args=("datasets.arrow_writer",), daemon=True)
+    importer.start()
+    writers: dict = {}
     seen: set[bytes] = set()
 
+    blocks = _reads_blocks(settings)
+
     def collect(result) -> None:
-        skips, kept, too_long = result.get()
+        read, skips, kept, too_long = result.get()
+        if blocks:  # the workers counted the records they split off
+            stats.records_read += read
         for reason, line, message in skips:
             if message is not None and settings.strict:
                 raise DataError(f"{settings.path}:{line}: {message}")
@@ -340,30 +400,24 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
             rows.append(record)
         for line in too_long:  # already in line order
             stats.skip("prompt_too_long", line)
+        if not writers:
+            importer.join()
+            writers.update(_writers(out))
         _write_rows(writers, rows)
         stats.kept += len(rows)
-        stats.truncated += sum(r[3] for r in rows)
 
     # fork: workers inherit the loaded tokenizer instantly (spawn would re-import everything).
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes, not Rust threads; no fork warning
+    chunks = _raw_blocks(check_data_file(settings.path)) if blocks else _raw_lines(settings, stats)
     try:
         with context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) as pool:
             pending: deque = deque()
-            chunk: list[tuple[int, bytes]] = []
-            for line, raw in iter_raw_lines(settings.path, stats, settings.strict):
-                if settings.limit is not None and stats.records_read >= settings.limit:
-                    break
-                stats.records_read += 1
-                chunk.append((line, raw))
-                if len(chunk) >= CHUNK:
-                    pending.append(pool.apply_async(_worker_chunk, (chunk,)))
-                    chunk = []
-                    if len(pending) >= 2 * num_proc:
-                        collect(pending.popleft())
-            if chunk:
+            for chunk in chunks:
                 pending.append(pool.apply_async(_worker_chunk, (chunk,)))
+                if len(pending) >= (2 if writers or not importer.is_alive() else 16) * num_proc:
+                    collect(pending.popleft())
             while pending:
                 collect(pending.popleft())
     finally:
@@ -371,4 +425,7 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
+    if not writers:
+        importer.join()
+        writers.update(_writers(out))
     return _finish(settings, writers, stats)

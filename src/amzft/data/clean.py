@@ -24,6 +24,8 @@ _BOILERPLATE = re.compile(
     r"\s*-*\s*This text refers to\s*(?:an?\s*|the\s*)?.{0,80}?edition(?:\s*of this title)?\s*\.?",
     re.IGNORECASE,
 )
+# Where a boilerplate match can begin: its fixed words (case-insensitive, as _BOILERPLATE).
+_BOILERPLATE_WORDS = re.compile(r"This text refers to", re.IGNORECASE)
 # Contents that name a format or a language but describe nothing.
 _JUNK_EXACT = {
     "vhs tape", "vhs", "dvd", "audio cd", "cd", "book by", "by", "paperback", "hardcover",
@@ -69,8 +71,24 @@ def clean_text(text: str, strip_boilerplate: bool = True) -> str:
     if not text.isprintable():
         text = text.translate(_CONTROLS)
     if strip_boilerplate and "efers to" in text:
-        text = _BOILERPLATE.sub(" ", text)
+        text = _strip_boilerplate(text)
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text  # nothing to collapse: every whitespace character but " " is unprintable
     return " ".join(text.split())  # collapse all whitespace runs; faster than a regex
+
+
+def _strip_boilerplate(text: str) -> str:
+    r"""``_BOILERPLATE.sub(" ", text)``, ~5x faster on the real records, where the note ends a
+    long description. The regex's leading ``\s*-*\s*`` makes ``re`` try a match at every
+    position of the text; no match can begin before the whitespace and dashes that precede the
+    first "This text refers to", so the regex runs on the text from there only."""
+    found = _BOILERPLATE_WORDS.search(text)
+    if found is None:
+        return text
+    start = found.start()
+    while start and (text[start - 1].isspace() or text[start - 1] == "-"):
+        start -= 1
+    return text[:start] + _BOILERPLATE.sub(" ", text[start:])
 
 
 @dataclass(frozen=True)

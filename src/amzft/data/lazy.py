@@ -5,9 +5,9 @@ read-clean-filter pass and training starts without tokenising the whole file (~1
 2.2 M-record trn.json on 2 cores). ``LazyExamples`` tokenises the records a batch needs (a few
 hundred microseconds each with a fast tokenizer) and remembers every example's token and label
 counts, which the batch sampler asks for (label totals per accumulation window; lengths for
-grouped / packed batches). ``ensure_counts`` tokenises all the records whose counts are still
-unknown and keeps them beside the cache, so the next run (or layout) that needs all of them
-reads them in milliseconds.
+grouped / packed batches, one chunk of the epoch at a time). ``ensure_counts`` tokenises all
+the records whose counts are still unknown (a small packed split, evaluation, the report) and
+keeps them beside the cache, so the next run that needs all of them reads them in milliseconds.
 
 Examples are a pure function of (record, tokenizer, settings): the same whoever asks first, so
 batches and exact resume do not depend on timing.
@@ -49,11 +49,16 @@ def _count_init(examples) -> None:
     _COUNTING = examples
 
 
-def _count_chunk(part: list[int]) -> tuple[list[int], list[int], list[int]]:
+def _count_chunk(part: list[int]) -> tuple[list[int], list[list[int]]]:
     rows = _COUNTING.records[part]
     examples = encode_records(rows["title"], rows["content"], _COUNTING.tokenizer, _COUNTING.encoder,
                               _COUNTING.max_length)
-    return part, [len(e.input_ids) for e in examples], [len(e.input_ids) - e.prompt_len for e in examples]
+    return part, [count_row(e) for e in examples]
+
+
+def count_row(example: Encoded) -> list[int]:
+    """What is kept of an example once counted: (tokens, label tokens, response cut)."""
+    return [len(example.input_ids), len(example.input_ids) - example.prompt_len, int(example.truncated)]
 
 
 def settled_encoder(tokenizer, prompt_format, titles) -> PromptEncoder:
@@ -105,19 +110,20 @@ class LazyExamples:
 
     def __init__(self, records, tokenizer, settings, encoder: PromptEncoder, counts_file: Path | None = None,
                  counts: np.ndarray | None = None):
-        """``counts``: known (lengths, num_labels) rows, -1 where not counted yet; else read from
-        ``counts_file`` when it matches, else all unknown."""
+        """``counts``: known (lengths, num_labels, truncated) rows, -1 where not counted yet; else
+        read from ``counts_file`` when it matches, else all unknown."""
         self.records = records.select_columns(["title", "content"])
         self.tokenizer, self.max_length, self.settings = tokenizer, settings.max_length, settings
         self.encoder = encoder  # one per dataset (settled_encoder), shared by its splits
         n = len(self.records)
         self.lengths = np.full(n, -1, dtype=np.int32)  # tokens per example, -1: not counted yet
         self.num_labels = np.full(n, -1, dtype=np.int32)
+        self.truncated = np.full(n, -1, dtype=np.int32)  # 1: the response was cut at max_length
         self.counts_file = counts_file
         if counts is None and counts_file is not None and counts_file.is_file():
             counts = np.load(counts_file)
-        if counts is not None and counts.shape == (2, n):
-            self.lengths[:], self.num_labels[:] = counts
+        if counts is not None and counts.shape == (3, n):
+            self.lengths[:], self.num_labels[:], self.truncated[:] = counts
         self._recent: OrderedDict[int, Encoded] = OrderedDict()
 
     def __len__(self) -> int:
@@ -141,8 +147,7 @@ class LazyExamples:
         return [self._recent[i] for i in indices]
 
     def _remember(self, i: int, example: Encoded) -> None:
-        self.lengths[i] = len(example.input_ids)
-        self.num_labels[i] = len(example.input_ids) - example.prompt_len
+        self.lengths[i], self.num_labels[i], self.truncated[i] = count_row(example)
         self._recent[i] = example
         if len(self._recent) > REMEMBER:
             self._recent.popitem(last=False)
@@ -164,8 +169,8 @@ class LazyExamples:
         procs = default_num_proc() if num_proc is None else max(1, num_proc)
         log.info("counting the tokens of %d examples (%d process%s)", len(todo), procs, "es" * (procs > 1))
         parts = [todo[start : start + COUNT_CHUNK].tolist() for start in range(0, len(todo), COUNT_CHUNK)]
-        for part, lengths, num_labels in self._count_parts(parts, procs if len(todo) >= PARALLEL_FROM else 1):
-            self.lengths[part], self.num_labels[part] = lengths, num_labels
+        for part, rows in self._count_parts(parts, procs if len(todo) >= PARALLEL_FROM else 1):
+            self.lengths[part], self.num_labels[part], self.truncated[part] = np.asarray(rows, dtype=np.int32).T
         self._save_counts()
 
     def _count_parts(self, parts: list[list[int]], procs: int):
@@ -195,7 +200,7 @@ class LazyExamples:
         tmp = self.counts_file.with_name(f".{self.counts_file.name}.{os.getpid()}.tmp")
         try:
             with tmp.open("wb") as f:
-                np.save(f, np.stack([self.lengths, self.num_labels]))
+                np.save(f, np.stack([self.lengths, self.num_labels, self.truncated]))
             os.replace(tmp, self.counts_file)  # atomic: a reader sees all the counts or none
         except OSError as exc:  # a read-only cache still works, it just counts again next time
             log.info("could not keep the token counts in %s: %s", self.counts_file, exc)
@@ -205,7 +210,7 @@ class LazyExamples:
         """The examples at ``indices`` as their own (in-memory) collection, counts carried over."""
         indices = np.asarray(indices, dtype=np.int64)
         records = self.records.select(indices).flatten_indices(keep_in_memory=True)
-        counts = np.stack([self.lengths[indices], self.num_labels[indices]])
+        counts = np.stack([self.lengths[indices], self.num_labels[indices], self.truncated[indices]])
         return LazyExamples(records, self.tokenizer, self.settings, self.encoder, counts=counts)
 
     def transform(self, batch: dict) -> dict:

@@ -21,6 +21,10 @@ from amzft.sources import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+# Packed splits up to this many examples are counted whole before training (~10 s on one core),
+# which gives an exact epoch length; bigger ones are packed as the epoch reaches them.
+COUNT_ALL_UP_TO = 10_000
+
 
 def counted(examples, num_proc: int | None = None):
     """(label counts, token lengths) of every example of ``examples`` as numpy arrays, tokenising
@@ -103,8 +107,9 @@ class AmazonTitlesDataModule(LightningDataModule):
         num_workers: DataLoader worker processes (0 is fastest here: a batch's examples are
             tokenised in well under a millisecond each).
         num_proc: processes that parse, clean and filter when the cache is built, and that
-            count every example's tokens when grouped / packed batches first need them (null:
-            one per available core; 1: in the main process). Plain batches tokenise on demand.
+            count every example's tokens where all are needed first (a packed split of at most
+            ``COUNT_ALL_UP_TO`` examples, evaluation splits, the data report; null: one per
+            available core; 1: in the main process). Training batches tokenise on demand.
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPU).
         cache_dir: where the cleaned datasets go (default: ~/.cache/amzft/datasets).
         predict_split: the split whose products ``predict`` answers (``test``: held-out products).
@@ -243,9 +248,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         if len(data) == 0:
             raise ConfigError(f"{self.settings.path}: the train split is empty (lower data.val_fraction / test_fraction)")
         trainer = getattr(self, "trainer", None)
-        # plain batches need no lengths: examples are tokenised as batches ask for them, and
-        # training starts at once. grouped / packed order the epoch by length: count them all.
-        num_labels, lengths = (data.label_counts(), None) if self.layout == "plain" else counted(data, self.num_proc)
+        num_labels, lengths = self._train_counts(data)
         sampler = ResumableBatchSampler(
             num_labels,
             self.batch_size,
@@ -271,6 +274,21 @@ class AmazonTitlesDataModule(LightningDataModule):
             collate_fn=self.collator(train=True),
             num_workers=self.num_workers,
         )
+
+    def _train_counts(self, data):
+        """(label counts, lengths) for the train sampler. Lazy (tokenised as the epoch reaches
+        them) wherever the batches do not need them all first: plain batches need no lengths;
+        grouped ones sort one chunk at a time; packed ones pack one chunk at a time, but their
+        epoch length comes from packing every example, so for a split of more than
+        ``COUNT_ALL_UP_TO`` examples it is estimated from a sample instead (see
+        ResumableBatchSampler), and training starts without counting the whole file. The
+        choice depends on the split's size only, never on whether counts are cached, so every
+        run of the same data has the same epochs."""
+        if self.layout == "plain":
+            return data.label_counts(), None
+        if self.layout == "packed" and len(data) <= COUNT_ALL_UP_TO:
+            return counted(data, self.num_proc)
+        return data.label_counts(), data.token_lengths()
 
     def _eval_loader(self, name: str, max_examples: int | None = None):
         data = self.examples(name)

@@ -144,6 +144,11 @@ def _json_array(path: Path) -> list | None:
         ) from None
 
 
+def is_plain_json_lines(path: Path) -> bool:
+    """A JSON Lines file that is not gzip-compressed: one the build may read in blocks of bytes."""
+    return not _is_gzip(path) and _read_array_text(path) is None
+
+
 def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[tuple[int, bytes]]:
     """Yield (line number, raw bytes) of the non-blank lines of ``path`` (plain or gzip); a
     truncated gzip stream is counted (or, strict, raised) as in ``read_records``. For a JSON

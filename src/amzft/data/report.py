@@ -20,21 +20,22 @@ def _percentiles(values) -> str:
 
 def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, examples: int = 3) -> str:
     s = prepared.stats
+    names = ("train", "validation", "test")
+    counted = [prepared.examples(name) for name in names]
+    for split in counted:  # the report is about all examples: count the tokens of those not counted yet
+        split.ensure_counts()
+    cut = sum(int(e.truncated.sum()) for e in counted)  # known once the examples are tokenised
     lines = [f"data report: {settings.path}", f"  cache: {prepared.directory} ({'reopened' if prepared.from_cache else 'built'})"]
     lines.append(f"  records read: {s.records_read:,}")
     share = s.kept / s.records_read if s.records_read else 0.0
-    lines.append(f"  kept:         {s.kept:,} ({share:.1%})  responses cut at max_length={settings.max_length}: {s.truncated:,}")
+    lines.append(f"  kept:         {s.kept:,} ({share:.1%})  responses cut at max_length={settings.max_length}: {cut:,}")
     sizes = s.split_sizes
     lines.append(f"  splits by product: train {sizes['train']:,} / validation {sizes['validation']:,} / test {sizes['test']:,}")
     lines.append(f"  skipped: {sum(s.skipped.values()):,}")
     for reason, count in s.skipped.most_common():
         where = ", ".join(map(str, s.skipped_lines.get(reason, [])))
         lines.append(f"    {reason:<22} {count:>9,}   first lines: {where}")
-    names = ("train", "validation", "test")
     table = pa.concat_tables([prepared.raw[name].data.table for name in names])
-    counted = [prepared.examples(name) for name in names]
-    for split in counted:  # the report is about all examples: count the tokens of those not counted yet
-        split.ensure_counts()
     lengths = np.concatenate([e.lengths for e in counted])
     labels = np.concatenate([e.num_labels for e in counted])
     lines.append("  lengths (kept examples):")

@@ -12,7 +12,6 @@ KEEP_LINES = 5  # how many offending line numbers to remember per reason
 class PipelineStats:
     records_read: int = 0  # non-blank lines seen in the file
     kept: int = 0
-    truncated: int = 0  # kept, but the response was cut at max_length (no EOS learnt for those)
     skipped: Counter = field(default_factory=Counter)
     skipped_lines: dict[str, list[int]] = field(default_factory=dict)
     split_sizes: dict[str, int] = field(default_factory=dict)
@@ -27,7 +26,6 @@ class PipelineStats:
         return {
             "records_read": self.records_read,
             "kept": self.kept,
-            "truncated": self.truncated,
             "skipped": dict(self.skipped),
             "skipped_lines": self.skipped_lines,
             "split_sizes": self.split_sizes,
@@ -38,7 +36,6 @@ class PipelineStats:
         return cls(
             records_read=data["records_read"],
             kept=data["kept"],
-            truncated=data["truncated"],
             skipped=Counter(data["skipped"]),
             skipped_lines={k: list(v) for k, v in data["skipped_lines"].items()},
             split_sizes=dict(data["split_sizes"]),
