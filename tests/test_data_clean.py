@@ -48,6 +48,10 @@ def test_boilerplate_can_be_kept():
         ("", "Something real here", "empty_title"),
         ("Worship with Don Moen [VHS]", "Worship with Don Moen  [VHS]", "content_equals_title"),
         ("Toddler Tunes [VHS]", "VHS Tape", "junk_content"),
+        ("Toddler Tunes [VHS]", "VHS Tape.......", "junk_content"),
+        # casefold() turns one character into up to three: still the title
+        ("\ufb03", "FFI", "content_equals_title"),
+        ("Stra\u00dfe", "STRASSE", "content_equals_title"),
         ("Bless My Little Girl", "Book by", "junk_content"),
         ("Collins Bible Handbook", "Text: English, French (translation)", "junk_content"),
         ("Karl Barth", "Text: English (translation)Original Language: German", "junk_content"),

@@ -380,3 +380,26 @@ def test_the_parallel_build_reading_blocks_of_lines_equals_the_serial_build(bloc
     parallel = prepare(settings, llama_tokenizer, tmp_path / f"parallel{block}", num_proc=2)
     assert serial.stats.skipped["duplicate"] == 2 and serial.stats.skipped["malformed_json"] == 1  # "Dup", and record 0 again
     assert _rows(parallel) == _rows(serial) and parallel.stats.to_dict() == serial.stats.to_dict()
+
+
+@pytest.mark.parametrize("block", [300, 1 << 21])
+def test_the_parallel_build_lists_the_files_first_skipped_lines(block, write_jsonl, llama_tokenizer, tmp_path,
+                                                                  monkeypatch):
+    """Workers count their own chunk's skips and the parent dedupes each split's records: with
+    more skips of a reason than the report keeps lines of, and duplicates in every split, in one
+    chunk or in many, the report lists the file's first lines, as the serial build does."""
+    monkeypatch.setattr(build, "BLOCK", block)
+    records = tiny_records(12)
+    lines = []
+    for i, record in enumerate(records):  # a kept record, an empty one, the first again
+        lines += [json.dumps(record), json.dumps({"title": f"Empty {i}", "content": ""}), json.dumps(record)]
+    lines += [json.dumps(record) for record in reversed(records)]  # and again, later
+    path = tmp_path / "skips.json"
+    path.write_text("\n".join(lines) + "\n")
+    settings = DataSettings(path=str(path), val_fraction=0.3, test_fraction=0.3)
+    serial = prepare(settings, llama_tokenizer, tmp_path / "serial", num_proc=1)
+    parallel = prepare(settings, llama_tokenizer, tmp_path / f"parallel{block}", num_proc=2)
+    assert serial.stats.skipped == {"duplicate": 24, "empty_content": 12}
+    assert serial.stats.skipped_lines["duplicate"] == [3, 6, 9, 12, 15]
+    assert sum(size > 0 for size in serial.stats.split_sizes.values()) >= 2  # duplicates in several splits
+    assert _rows(parallel) == _rows(serial) and parallel.stats.to_dict() == serial.stats.to_dict()

@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder
 from amzft.data.lazy import PROBE, LazyExamples, default_num_proc, settled_encoder
@@ -222,7 +224,8 @@ def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
         rows = [(*record, _split_of(record[1], settings)) for record in chunk if record[0] not in refused]
         for line in too_long:
             stats.skip("prompt_too_long", line)
-        _write_rows(writers, rows)
+        for name, columns in _split_columns(rows).items():
+            writers[name].write_batch(columns)
         stats.kept += len(rows)
 
     chunk: list[tuple[int, str, str]] = []
@@ -258,23 +261,22 @@ def _split_of(title: str, settings: DataSettings) -> str:
     return assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt)
 
 
-def _write_rows(writers: dict, rows: list[tuple]) -> None:
-    """Write kept (line, title, content, split, ...) records, each to its product's split."""
+def _split_columns(rows: list[tuple]) -> dict[str, dict]:
+    """Kept (line, title, content, split, ...) records as each split's typed Arrow columns
+    (title, content, line), in their order; splits without rows are left out."""
     import pyarrow as pa  # noqa: PLC0415 - start-up time (datasets imports it anyway)
 
-    batches = {name: {"title": [], "content": [], "line": []} for name in SPLITS}
+    lists = {name: ([], [], []) for name in SPLITS}
     for line, title, content, split, *_ in rows:
-        batch = batches[split]
-        batch["title"].append(title)
-        batch["content"].append(content)
-        batch["line"].append(line)
-    for name, batch in batches.items():
-        if batch["line"]:
-            # typed Arrow arrays: datasets' own inference from Python lists cost a fifth of the
-            # parallel build's parent process
-            writers[name].write_batch({"title": pa.array(batch["title"], pa.string()),
-                                       "content": pa.array(batch["content"], pa.string()),
-                                       "line": pa.array(batch["line"], pa.int64())})
+        titles, contents, lines = lists[split]
+        titles.append(title)
+        contents.append(content)
+        lines.append(line)
+    # typed Arrow arrays: datasets' own inference from Python lists cost a fifth of the parallel
+    # build's parent process
+    return {name: {"title": pa.array(titles, pa.string()), "content": pa.array(contents, pa.string()),
+                   "line": pa.array(lines, pa.int64())}
+            for name, (titles, contents, lines) in lists.items() if lines}
 
 
 def _writers(out: Path) -> dict:
@@ -301,29 +303,66 @@ def _block_lines(first: int, block: bytes) -> list[tuple[int, bytes]]:
 
 def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
     """Parse, validate, clean, filter, prompt-check and split raw lines (or a (first line,
-    bytes) block of them). Returns the number of records read, the skips as (reason, line,
-    message) in line order, the kept (line, title, content, split, dedupe key) records, and the
-    lines whose prompt does not fit."""
+    bytes) block of them). Returns the number of records read, the chunk's skips (a
+    ``PipelineStats``), the first unreadable line's one-line error (``strict`` raises it) and,
+    per split, the kept records' Arrow columns (``_split_columns``) with their dedupe keys
+    (None without dedupe). Arrow columns, not Python tuples, go back to the parent: pickling
+    ~1 M records' strings one by one cost as much CPU as cleaning them."""
     w = _WORKER
+    settings: DataSettings = w["settings"]
     if isinstance(lines, tuple):
         lines = _block_lines(*lines)
-    skips, records = [], []
+    skips, error, records = PipelineStats(), None, []
     for line, raw in lines:
         parsed = parse_line(raw)
         if isinstance(parsed, tuple):
-            skips.append((parsed[0], line, parsed[1]))
+            skips.skip(parsed[0], line)
+            if error is None:
+                error = f"{settings.path}:{line}: {parsed[1]}"
             continue
         title, content, reason = w["keep"](parsed["title"], parsed["content"])
         if reason is not None:
-            skips.append((reason, line, None))
+            skips.skip(reason, line)
             continue
         records.append((line, title, content))
     too_long = w["check"](records) if records else []
+    for line in too_long:
+        skips.skip("prompt_too_long", line)
     refused = set(too_long)
-    settings = w["settings"]
-    kept = [(line, title, content, _split_of(title, settings), dedupe_key(title, content) if settings.filters.dedupe else None)
-            for line, title, content in records if line not in refused]
-    return len(lines), skips, kept, too_long
+    kept = [(line, title, content, _split_of(title, settings)) for line, title, content in records if line not in refused]
+    keys = {name: [] for name in SPLITS}
+    if settings.filters.dedupe:
+        for _, title, content, split in kept:
+            keys[split].append(dedupe_key(title, content))
+    parts = {name: (columns, keys[name] if settings.filters.dedupe else None)
+             for name, columns in _split_columns(kept).items()}
+    return len(lines), skips, error, parts
+
+
+def _deduped(parts: dict, seen: set[bytes], stats: PipelineStats) -> dict[str, dict]:
+    """Each split's columns without the records whose dedupe key is in ``seen`` (or earlier in
+    the chunk), counted as ``duplicate`` skips in line order; the new keys join ``seen``.
+    Identical records share a title and so a split: each split's order is the file's."""
+    import pyarrow as pa  # noqa: PLC0415 - start-up time (imported by the workers' results anyway)
+
+    duplicates: list[int] = []
+    out = {}
+    for name, (columns, keys) in parts.items():
+        if keys is not None:
+            fresh = []
+            for key in keys:
+                fresh.append(key not in seen)
+                seen.add(key)
+            if not all(fresh):
+                lines = columns["line"].to_pylist()
+                duplicates.extend(line for line, new in zip(lines, fresh) if not new)
+                mask = pa.array(fresh, pa.bool_())
+                columns = {column: array.filter(mask) for column, array in columns.items()}
+        if len(columns["line"]):
+            out[name] = columns
+    for line in sorted(duplicates):
+        stats.skip("duplicate", line)
+    return out
 
 
 def _raw_blocks(path: Path, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
@@ -339,7 +378,7 @@ def _raw_blocks(path: Path, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
             if line == 1 and block.startswith(codecs.BOM_UTF8):
                 block = block[len(codecs.BOM_UTF8):]
             yield line, block
-            line += block.count(b"\n")
+            line += int(np.count_nonzero(np.frombuffer(block, np.uint8) == 10))  # 4x bytes.count
 
 
 def _reads_blocks(settings: DataSettings) -> bool:
@@ -366,45 +405,31 @@ def _raw_lines(settings: DataSettings, stats: PipelineStats) -> Iterator[list[tu
 
 
 def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> PipelineStats:
-    """The same records as ``_build``, with parsing, cleaning and prompt checks spread over
-    ``num_proc`` processes. The parent only reads blocks of lines, dedupes and writes,
-    consuming results in file order, so the output (and the first lines listed per skip reason)
-    do not depend on the number of processes. At most 2 x num_proc chunks are in flight (16 x
-    while datasets is being imported): memory stays bounded whatever the file size."""
+    """The same records as ``_build``, with parsing, cleaning, prompt checks and the Arrow
+    columns spread over ``num_proc`` processes. The parent only reads blocks of lines, dedupes
+    and writes, consuming results in file order, so the output (and the first lines listed per
+    skip reason) do not depend on the number of processes. At most 2 x num_proc chunks are in
+    flight (16 x while datasets is being imported): memory stays bounded whatever the file
+    size."""
     stats = PipelineStats()
-    # datasets (~2 s to import, needed for the writers) is imported in a thread while the
-    # workers start on the first blocks, which may run further ahead until it is done.
-    importer = threading.Thread(target=importlib.import_module, args=("datasets.arrow_writer",), daemon=True)
-    importer.start()
     writers: dict = {}
     seen: set[bytes] = set()
-
     blocks = _reads_blocks(settings)
 
     def collect(result) -> None:
-        read, skips, kept, too_long = result.get()
+        read, skips, error, parts = result.get()
+        if error is not None and settings.strict:
+            raise DataError(error)
         if blocks:  # the workers counted the records they split off
             stats.records_read += read
-        for reason, line, message in skips:
-            if message is not None and settings.strict:
-                raise DataError(f"{settings.path}:{line}: {message}")
-            stats.skip(reason, line)
-        rows = []
-        for record in kept:
-            key = record[-1]
-            if key is not None:
-                if key in seen:
-                    stats.skip("duplicate", record[0])
-                    continue
-                seen.add(key)
-            rows.append(record)
-        for line in too_long:  # already in line order
-            stats.skip("prompt_too_long", line)
+        stats.add_skips(skips)
+        columns = _deduped(parts, seen, stats)
         if not writers:
             importer.join()
             writers.update(_writers(out))
-        _write_rows(writers, rows)
-        stats.kept += len(rows)
+        for name, split_columns in columns.items():
+            writers[name].write_batch(split_columns)
+            stats.kept += len(split_columns["line"])
 
     # fork: workers inherit the loaded tokenizer instantly (spawn would re-import everything).
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -413,6 +438,12 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
     chunks = _raw_blocks(check_data_file(settings.path)) if blocks else _raw_lines(settings, stats)
     try:
         with context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) as pool:
+            # datasets (~2 s to import, needed for the writers) is imported in a thread while the
+            # workers start on the first blocks, which may run further ahead until it is done.
+            # Started after the workers are forked: a fork during an import could leave them
+            # a half-imported module.
+            importer = threading.Thread(target=importlib.import_module, args=("datasets.arrow_writer",), daemon=True)
+            importer.start()
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_worker_chunk, (chunk,)))
@@ -420,12 +451,12 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
                     collect(pending.popleft())
             while pending:
                 collect(pending.popleft())
+            importer.join()
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
     if not writers:
-        importer.join()
         writers.update(_writers(out))
     return _finish(settings, writers, stats)

@@ -31,6 +31,7 @@ _JUNK_EXACT = {
     "vhs tape", "vhs", "dvd", "audio cd", "cd", "book by", "by", "paperback", "hardcover",
     "n/a", "na", "none", "no description", "description", "unknown",
 }
+_JUNK_LONGEST = max(map(len, _JUNK_EXACT))
 # The tags of HTML text formatting, named (not any "<...>"), so that "<5 kg and >2 kg" stays.
 # Replaced by a space: "Line one<br>line two" is two words.
 _TAG = re.compile(
@@ -68,11 +69,13 @@ def clean_text(text: str, strip_boilerplate: bool = True) -> str:
         text = html.unescape(text)  # first: tags arrive entity-escaped too ("&lt;br&gt;")
     if "<" in text:
         text = _TAG.sub(" ", text)
-    if not text.isprintable():
+    printable = text.isprintable()
+    if not printable:
         text = text.translate(_CONTROLS)
+        printable = text.isprintable()  # non-ASCII spaces are still unprintable
     if strip_boilerplate and "efers to" in text:
-        text = _strip_boilerplate(text)
-    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        text = _strip_boilerplate(text)  # removes text, adds only " ": as printable as before
+    if printable and "  " not in text and text[:1] != " " and text[-1:] != " ":
         return text  # nothing to collapse: every whitespace character but " " is unprintable
     return " ".join(text.split())  # collapse all whitespace runs; faster than a regex
 
@@ -82,10 +85,15 @@ def _strip_boilerplate(text: str) -> str:
     long description. The regex's leading ``\s*-*\s*`` makes ``re`` try a match at every
     position of the text; no match can begin before the whitespace and dashes that precede the
     first "This text refers to", so the regex runs on the text from there only."""
-    found = _BOILERPLATE_WORDS.search(text)
-    if found is None:
-        return text
-    start = found.start()
+    if text.isascii():  # lower() keeps positions, and IGNORECASE matches ASCII only to ASCII
+        start = text.lower().find("this text refers to")  # a plain find: ~10x the regex's speed
+        if start < 0:
+            return text
+    else:
+        found = _BOILERPLATE_WORDS.search(text)
+        if found is None:
+            return text
+        start = found.start()
     while start and (text[start - 1].isspace() or text[start - 1] == "-"):
         start -= 1
     return text[:start] + _BOILERPLATE.sub(" ", text[start:])
@@ -123,9 +131,12 @@ class RecordFilter:
             # Only the boilerplate's removal counts as boilerplate_only: markup and whitespace
             # ("<p>&nbsp;</p>") are an empty description.
             return title, content, "boilerplate_only" if s.strip_boilerplate and clean_text(raw, False) else "empty_content"
-        if s.drop_title_only and content.casefold() == title.casefold():
+        # The length tests skip casefolding long descriptions (speed): casefold() turns a
+        # character into 1 to 3, and no character but "." into one ending in ".".
+        if s.drop_title_only and len(content) <= 3 * len(title) and content.casefold() == title.casefold():
             return title, content, "content_equals_title"
-        if s.drop_junk and (content.casefold().rstrip(".") in _JUNK_EXACT or _LANGUAGE_ONLY.match(content)):
+        if s.drop_junk and ((len(content.rstrip(".")) <= _JUNK_LONGEST and content.casefold().rstrip(".") in _JUNK_EXACT)
+                            or _LANGUAGE_ONLY.match(content)):
             return title, content, "junk_content"
         if len(content) < s.min_content_chars:
             return title, content, "too_short"

@@ -22,6 +22,14 @@ class PipelineStats:
         if len(lines) < KEEP_LINES:
             lines.append(line)
 
+    def add_skips(self, other: PipelineStats) -> None:
+        """Add ``other``'s skips, which come after this one's in the file (the parallel build's
+        workers count their own chunk's): the first lines per reason stay the file's first."""
+        self.skipped.update(other.skipped)
+        for reason, lines in other.skipped_lines.items():
+            mine = self.skipped_lines.setdefault(reason, [])
+            mine.extend(lines[: KEEP_LINES - len(mine)])
+
     def to_dict(self) -> dict:
         return {
             "records_read": self.records_read,
