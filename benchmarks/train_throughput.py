@@ -33,17 +33,18 @@ from amzft.sources import force_offline, resolve_model_dir
 
 
 def run_amzft(args, variant: str, root: str) -> dict:
-    """``variant`` is a data.layout, optionally with ``+share`` (data.share_prefix, packed only)
-    and / or ``+compile`` (model.compile); or ``cpu.yaml``: the shipped config's own layout,
-    shared preamble, row length, precision and compile choices (``auto`` resolved for this
-    machine), only the batch (2 x 4) and lr set to the HF run's."""
+    """``variant`` is a data.layout, optionally with ``+share`` (data.share_prefix, packed only),
+    ``+compile`` (model.compile) and / or ``+bf16`` (trainer.precision bf16-mixed); or
+    ``cpu.yaml`` (``+bf16`` allowed): the shipped config's own layout, shared preamble, row
+    length, precision and compile choices (``auto`` resolved for this machine), only the batch
+    (2 x 4) and lr set to the HF run's."""
     from amzft.lightning_cli import cli_main  # noqa: PLC0415 - after force_offline (module doc)
     from amzft.throughput import ThroughputMeter  # noqa: PLC0415
 
     layout, *flags = variant.split("+")
-    unknown = set(flags) - {"share", "compile"}
+    unknown = set(flags) - {"share", "compile", "bf16"}
     if unknown:
-        raise SystemExit(f"--layouts: unknown option(s) {sorted(unknown)} in {variant!r} (use +share, +compile)")
+        raise SystemExit(f"--layouts: unknown option(s) {sorted(unknown)} in {variant!r} (use +share, +compile, +bf16)")
     shipped = layout == "cpu.yaml"
     argv = [
         "--config", "configs/cpu.yaml",
@@ -63,6 +64,8 @@ def run_amzft(args, variant: str, root: str) -> dict:
     if not shipped:
         argv += ["--data.layout", layout, "--data.pack_length", "null", "--trainer.precision", "32-true",
                  "--model.compile", str("compile" in flags).lower(), "--data.share_prefix", str("share" in flags).lower()]
+    if "bf16" in flags:  # whatever the layout or trainer.precision auto would choose
+        argv += ["--trainer.precision", "bf16-mixed"]
     if args.data:
         argv += ["--data.path", args.data]
     cli = cli_main(argv, run=False)
@@ -76,8 +79,8 @@ def run_amzft(args, variant: str, root: str) -> dict:
 
 def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
     """HF Trainer + PEFT as a user writes it. ``bf16``: the seed notebook's own ``bf16=True``,
-    stopped after ``--seed-bf16-seconds`` (bf16 autocast is 13-30x slower than fp32 on CPUs
-    without AMX) and timed per micro-batch, so a slow CPU still gives a figure."""
+    stopped after ``--seed-bf16-seconds`` (bf16 autocast was 13-30x slower than fp32 on an
+    AVX2-only CPU) and timed per micro-batch, so a slow CPU still gives a figure."""
     import torch  # noqa: PLC0415 - after force_offline (module doc), as the four below
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
     from transformers import (  # noqa: PLC0415
@@ -174,7 +177,8 @@ def main() -> None:
                         "(timed per micro-batch; 0: skip)")
     parser.add_argument("--layouts", default="plain,cpu.yaml",
                         help="data.layout values; '+share' adds data.share_prefix=true (packed), "
-                        "'+compile' model.compile=true, e.g. packed+share+compile; cpu.yaml: the shipped config as it is")
+                        "'+compile' model.compile=true, '+bf16' trainer.precision=bf16-mixed, e.g. packed+share+compile; "
+                        "cpu.yaml: the shipped config as it is")
     args = parser.parse_args()
 
     force_offline()

@@ -131,7 +131,7 @@ def fit_args(tiny_model_dir, data_path, tmp_path, *extra):
         "--trainer.default_root_dir", str(tmp_path / "logs"),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
-        # cpu.yaml's `precision: auto` would train in bf16 on an AMX CPU: tests compare exact
+        # cpu.yaml's `precision: auto` may train in bf16 (AMX, some AVX512-BF16 CPUs): tests compare exact
         # and fp32-tolerance results, so they pin fp32 (auto is tested in test_precision.py).
         "--trainer.precision", "32-true",
         *SEED_SHAPED_BATCHES,

@@ -106,15 +106,22 @@ def test_accumulation_2x4_equals_8x1(tiny_model_dir, write_jsonl, tmp_path):
     assert worst < 1e-5, worst
 
 
-@pytest.mark.parametrize("records, accumulate, stop", [(30, 2, 3), (10, 2, 4), (16, 4, 2)])
-def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, records, accumulate, stop):
+# bf16-mixed with cpu.yaml's packed rows and shared preamble: what `precision: auto` trains on a
+# CPU where bf16 autocast is the faster (AMX, or AVX512-BF16 when its probe says so).
+SHIPPED_BF16 = ("--trainer.precision", "bf16-mixed", "--data.layout", "packed", "--data.share_prefix", "true")
+
+
+@pytest.mark.parametrize("records, accumulate, stop, extra", [(30, 2, 3, ()), (10, 2, 4, ()), (16, 4, 2, ()),
+                                                              (30, 2, 3, SHIPPED_BF16)],
+                         ids=["mid-epoch-0", "mid-epoch-1", "epoch-end", "bf16-packed"])
+def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, records, accumulate, stop, extra):
     """6 steps straight == `stop` steps, then `fit --ckpt_path last` to 6: same losses, same weights.
     (30 records: resume mid-epoch 0; 10 records: 3 steps per epoch, resume mid-epoch 1;
-    16 records: 2 steps per epoch, stop exactly at the end of epoch 0.)"""
+    16 records: 2 steps per epoch, stop exactly at the end of epoch 0; and in bf16-mixed.)"""
     data = write_jsonl(tiny_records(records))
     # checkpoint.every_n_train_steps stays at 20: last.ckpt at `stop` comes from StopAtStep,
     # as in the demo (ModelCheckpoint alone would only write it at step 20).
-    common = ("--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", str(accumulate))
+    common = ("--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", str(accumulate), *extra)
     straight = RecordSteps()
     a = run_fit(fit_args(tiny_model_dir, data, tmp_path / "a", *common), straight)
     first = RecordSteps()
@@ -122,6 +129,7 @@ def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, record
     resumed = RecordSteps()
     b = run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed,
                 resumed_from_last=True)
+    assert a.trainer.precision == ("bf16-mixed" if extra else "32-true")
     assert len(straight.losses) == 6 and first.losses == straight.losses[:stop]
     assert resumed.losses == straight.losses[stop:]
     wa = {k: v for k, v in a.model.state_dict().items()}
