@@ -7,6 +7,7 @@ Lightning): tests/test_gpu.py must be able to import Unsloth before them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,16 @@ def _offline():
     attempts = block_network()
     yield
     assert not attempts, f"network access attempted during the tests: {attempts}"
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_precision():
+    """``precision: auto`` leaves its choice in the environment for the processes a run starts
+    (amzft.precision.resolve): one test's choice, often on a faked CPU, must not reach the
+    subprocesses of the next. The name is amzft.precision.RESOLVED_ENV (not imported: module doc)."""
+    os.environ.pop("AMZFT_PRECISION_AUTO", None)
+    yield
+    os.environ.pop("AMZFT_PRECISION_AUTO", None)
 
 
 @pytest.fixture(scope="session")

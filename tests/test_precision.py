@@ -3,6 +3,7 @@ and its cap, and the CLI resolving it (logged, recorded in the run's config.yaml
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -86,6 +87,21 @@ def test_cuda_rule():
 def test_an_explicit_precision_wins(value, monkeypatch):
     monkeypatch.setattr(precision, "choose", lambda accelerator: pytest.fail("auto only"))
     assert resolve(value, "cpu") == value
+
+
+def test_a_process_started_after_the_choice_takes_it(monkeypatch):
+    """DDP ranks started by rank 0 (a copy of its environment) train in rank 0's precision, not in
+    that of a probe of their own; the choosing process itself, and its later fits, choose again."""
+    assert precision.RESOLVED_ENV == "AMZFT_PRECISION_AUTO"  # the name conftest clears
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: AVX2)
+    assert resolve("auto", "cpu") == "32-true"
+    assert os.environ[precision.RESOLVED_ENV] == f"{os.getpid()}:32-true"
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: SAPPHIRE)
+    assert resolve("auto", "cpu") == "bf16-mixed"  # this process chose: it chooses again
+    monkeypatch.setenv(precision.RESOLVED_ENV, "1:32-true")  # chosen by the process that started this one
+    monkeypatch.setattr(precision, "choose", lambda accelerator: pytest.fail("the starter chose"))
+    assert resolve("auto", "cpu") == "32-true"
+    assert resolve("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit value still wins
 
 
 def test_auto_on_an_unknown_accelerator_asks_for_an_explicit_value():

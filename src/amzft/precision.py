@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from amzft.errors import ConfigError
 
 PROBE_ENV = "AMZFT_PRECISION_PROBE"
+RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<precision>": what process <pid> chose for auto
 # The probe stops timing bf16 once it has taken this many times fp32's time: it lost, and a
 # 30x slower bf16 must not hold a run for a minute.
 PROBE_CAP = 1.5
@@ -65,11 +66,18 @@ class ProbeResult:
 
 
 def resolve(precision, accelerator):
-    """``auto`` -> the chosen precision, logged with its reason (one INFO line); anything else as given."""
+    """``auto`` -> the chosen precision, logged with its reason (one INFO line); anything else as
+    given. A process started by one that already chose (Lightning's DDP launcher starts the
+    other ranks with a copy of rank 0's environment) takes that choice: a probe run by each
+    rank, on cores the ranks share, could choose differently."""
     if precision != "auto":
         return precision
+    chooser, _, inherited = os.environ.get(RESOLVED_ENV, "").partition(":")
+    if inherited and chooser != str(os.getpid()):
+        return inherited
     choice = choose(accelerator)
     rank_zero_info(f"precision auto -> {choice.precision}: {choice.reason}")
+    os.environ[RESOLVED_ENV] = f"{os.getpid()}:{choice.precision}"  # for the processes this one starts
     return choice.precision
 
 
