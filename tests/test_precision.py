@@ -85,7 +85,7 @@ def test_cuda_rule():
 
 @pytest.mark.parametrize("value", ["bf16-mixed", "32-true", "16-mixed", 32, None])
 def test_an_explicit_precision_wins(value, monkeypatch):
-    monkeypatch.setattr(precision, "choose", lambda accelerator: pytest.fail("auto only"))
+    monkeypatch.setattr(precision, "choose", lambda kind: pytest.fail("auto only"))
     assert resolve(value, "cpu") == value
 
 
@@ -95,13 +95,17 @@ def test_a_process_started_after_the_choice_takes_it(monkeypatch):
     assert precision.RESOLVED_ENV == "AMZFT_PRECISION_AUTO"  # the name conftest clears
     monkeypatch.setattr(precision, "read_cpuinfo", lambda: AVX2)
     assert resolve("auto", "cpu") == "32-true"
-    assert os.environ[precision.RESOLVED_ENV] == f"{os.getpid()}:32-true"
+    assert os.environ[precision.RESOLVED_ENV] == f"{os.getpid()}:cpu:32-true"
     monkeypatch.setattr(precision, "read_cpuinfo", lambda: SAPPHIRE)
     assert resolve("auto", "cpu") == "bf16-mixed"  # this process chose: it chooses again
-    monkeypatch.setenv(precision.RESOLVED_ENV, "1:32-true")  # chosen by the process that started this one
-    monkeypatch.setattr(precision, "choose", lambda accelerator: pytest.fail("the starter chose"))
+    monkeypatch.setenv(precision.RESOLVED_ENV, "1:cpu:32-true")  # chosen by the process that started this one
+    monkeypatch.setattr(precision, "choose", lambda kind: pytest.fail("the starter chose"))
     assert resolve("auto", "cpu") == "32-true"
     assert resolve("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit value still wins
+    monkeypatch.setattr(precision, "choose", lambda kind: precision.Choice("bf16-mixed", f"a {kind} rule"))
+    assert resolve("auto", "cuda") == "bf16-mixed"  # the starter chose for a CPU: no answer for a GPU
+    monkeypatch.setenv(precision.RESOLVED_ENV, "1:32-true")  # malformed: chosen again, not misread
+    assert resolve("auto", "cpu") == "bf16-mixed"
 
 
 def test_auto_on_an_unknown_accelerator_asks_for_an_explicit_value():

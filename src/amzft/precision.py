@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from amzft.errors import ConfigError
 
 PROBE_ENV = "AMZFT_PRECISION_PROBE"
-RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<precision>": what process <pid> chose for auto
+RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<device kind>:<precision>": what process <pid> chose
 # The probe stops timing bf16 once it has taken this many times fp32's time: it lost, and a
 # 30x slower bf16 must not hold a run for a minute.
 PROBE_CAP = 1.5
@@ -69,20 +69,22 @@ def resolve(precision, accelerator):
     """``auto`` -> the chosen precision, logged with its reason (one INFO line); anything else as
     given. A process started by one that already chose (Lightning's DDP launcher starts the
     other ranks with a copy of rank 0's environment) takes that choice: a probe run by each
-    rank, on cores the ranks share, could choose differently."""
+    rank, on cores the ranks share, could choose differently. Only a choice for the same kind of
+    device is taken: a CPU's is no answer for a GPU."""
     if precision != "auto":
         return precision
-    chooser, _, inherited = os.environ.get(RESOLVED_ENV, "").partition(":")
-    if inherited and chooser != str(os.getpid()):
+    kind = device_kind(accelerator)
+    chooser, chosen_for, inherited = (os.environ.get(RESOLVED_ENV, "").split(":", 2) + ["", ""])[:3]
+    if inherited and chosen_for == kind and chooser != str(os.getpid()):
         return inherited
-    choice = choose(accelerator)
+    choice = choose(kind)
     rank_zero_info(f"precision auto -> {choice.precision}: {choice.reason}")
-    os.environ[RESOLVED_ENV] = f"{os.getpid()}:{choice.precision}"  # for the processes this one starts
+    os.environ[RESOLVED_ENV] = f"{os.getpid()}:{kind}:{choice.precision}"  # for the processes this one starts
     return choice.precision
 
 
-def choose(accelerator) -> Choice:
-    kind = device_kind(accelerator)
+def choose(kind: str) -> Choice:
+    """The precision for a device of this kind (``device_kind``), with its reason."""
     if kind == "cuda":
         import torch  # noqa: PLC0415 - `python -m amzft --help` must not import torch
 
