@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from amzft.callbacks import StopAtStep
-from amzft.checkpoints import load_checkpoint_file
+from amzft.checkpoints import best_record, load_checkpoint_file
 from amzft.data.batching import Collator, ResumableBatchSampler, pack_first_fit
 from amzft.data.build import DataSettings, prepare
 from amzft.data.encode import IGNORE_INDEX
-from amzft.data.module import AmazonTitlesDataModule
+from amzft.data.module import AmazonTitlesDataModule, _EvalExamples, eval_shards
 from amzft.errors import ConfigError, DataError
 from amzft.lightning_cli import cli_main
 from amzft.model import LoraCausalLM
@@ -322,30 +323,140 @@ def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, w
     assert 0.5 < a.trainer.callback_metrics["train/padding_efficiency"] <= 1
 
 
+def _fit_subprocess(tiny_model_dir, data, tmp_path, name, *extra):
+    """``python -m amzft fit`` (the tests' shrunk cpu.yaml, 4 steps) in a fresh process, as a
+    user runs it (Lightning's DDP launcher starts the other ranks as such processes): per-step
+    losses, last.ckpt's adapter, the output and the run's log folder."""
+    losses = tmp_path / f"{name}.jsonl"
+    args = fit_args(tiny_model_dir, data, tmp_path / name, "--trainer.max_steps", "4",
+                    "--model.optimizer", "adamw", "--trainer.default_root_dir", str(tmp_path / name / "logs"),
+                    "--trainer.callbacks+=" + json.dumps({"class_path": "fault_helpers.RecordLosses",
+                                                          "init_args": {"path": str(losses)}}), *extra)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "amzft", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    rows = [json.loads(line) for line in losses.read_text().splitlines()]
+    logs = tmp_path / name / "logs"
+    adapter = load_checkpoint_file(next(logs.rglob("last.ckpt")))["state_dict"]
+    return [r["loss"] for r in rows], adapter, out.stdout + out.stderr, logs
+
+
+DDP_2_CPU = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+
+
 def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
     """`trainer.strategy: ddp` on 2 gloo processes x batch 1 == 1 process x batch 2: same
     per-step losses and adapter (float tolerance: the all-reduce sums in another order)."""
-    def run(name, *extra):
-        losses = tmp_path / f"{name}.jsonl"
-        args = fit_args(tiny_model_dir, tiny_data, tmp_path / name, "--trainer.max_steps", "4",
-                        "--model.optimizer", "adamw", "--trainer.default_root_dir", str(tmp_path / name / "logs"),
-                        "--trainer.callbacks+=" + json.dumps({"class_path": "fault_helpers.RecordLosses",
-                                                              "init_args": {"path": str(losses)}}), *extra)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-        out = subprocess.run([sys.executable, "-m", "amzft", *args], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-        rows = [json.loads(line) for line in losses.read_text().splitlines()]
-        adapter = load_checkpoint_file(next((tmp_path / name / "logs").rglob("last.ckpt")))["state_dict"]
-        return [r["loss"] for r in rows], adapter, out.stdout + out.stderr
-
-    single, adapter1, _ = run("single", "--data.batch_size", "2")
-    ddp, adapter2, log = run("ddp", "--data.batch_size", "1", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                             "--trainer.accelerator", "cpu")
+    single, adapter1, _, _ = _fit_subprocess(tiny_model_dir, tiny_data, tmp_path, "single", "--data.batch_size", "2")
+    ddp, adapter2, log, _ = _fit_subprocess(tiny_model_dir, tiny_data, tmp_path, "ddp", "--data.batch_size", "1",
+                                            *DDP_2_CPU)
     assert "distributed_backend=gloo" in log and "All distributed processes registered" in log
     assert len(single) == len(ddp) == 4
     np.testing.assert_allclose(ddp, single, rtol=1e-5)
     for k in adapter1:
         torch.testing.assert_close(adapter2[k], adapter1[k], rtol=1e-4, atol=1e-6)
+
+
+def _filler(batch) -> bool:
+    return getattr(batch, "filler", False)
+
+
+class _Examples:
+    """Stands for data.lazy.LazyExamples: example i has 10 + i tokens, the last 3 + i % 4 of them
+    its response."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def encode(self, indices):
+        return [SimpleNamespace(input_ids=list(range(1, 11 + i)), prompt_len=7 - i % 4 + i) for i in indices]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_shards_give_every_rank_a_batch_and_score_each_example_once(n, world):
+    """Evaluation batches of 4 (so 1-3 batches here) on 1-3 ranks: every rank has a batch
+    (Lightning stops a run where one rank has none and another has some), every example is
+    scored on exactly one rank, and a filler batch (a rank without an example of its own)
+    collates to no labels."""
+    lengths = 10 + np.arange(n)
+    labels = 3 + np.arange(n) % 4
+    batches = list(ResumableBatchSampler(labels, 4, shuffle=False, lengths=lengths, layout="grouped",
+                                         mega_batch=10**9))
+    shards = eval_shards(batches, world)
+    assert len(shards) == world and all(len(shard) >= 1 for shard in shards)
+    real = [b for shard in shards for b in shard if not _filler(b)]
+    assert sorted(i for b in real for i in b) == list(range(n))  # each example once, across the ranks
+    assert sum(_filler(b) for shard in shards for b in shard) == max(0, world - n)
+    if world == 1 or len(batches) >= world:  # enough batches: the single-process batches, round-robin
+        assert [b for r in range(world) for b in shards[r]] == [b for r in range(world) for b in batches[r::world]]
+    else:  # re-cut: no rank's batch is bigger than the batch size, none empty
+        assert all(1 <= len(b) <= 4 for shard in shards for b in shard)
+    examples, collate = _EvalExamples(_Examples(n)), Collator(pad_id=0)
+    scored = 0
+    for shard in shards:
+        for b in torch.utils.data.DataLoader(examples, batch_sampler=shard, collate_fn=collate):
+            assert int(b["label_tokens"]) == int((b["labels"] != IGNORE_INDEX).sum())
+            scored += int(b["label_tokens"])
+    assert scored == labels.sum()  # fillers add no label token
+
+
+def test_ddp_eval_loaders_give_every_rank_a_batch_and_the_single_process_sums(write_jsonl, tiny_model_dir):
+    """A split of 1 validation and 5 test examples (one batch of 8) on 2 and 3 ranks: each
+    rank's validation and test loader has a batch, a filler batch scores 0 loss over 0 label
+    tokens (no NaN), and the ranks' loss and token sums, as the module adds them up, are the
+    single-process ones."""
+    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(30)), tokenizer=str(tiny_model_dir), val_fraction=0.05,
+                                test_fraction=0.2)
+    dm.setup("fit")
+    assert (len(dm.split("validation")), len(dm.split("test"))) == (1, 5)
+    module = LoraCausalLM(name_or_path=str(tiny_model_dir))
+    module.configure_model()
+    module.eval()
+
+    def sums(loaders) -> list:
+        for loader in loaders:
+            for batch in loader:
+                if int(batch["label_tokens"]) == 0:  # a filler: were it run, 0 loss over 0 tokens
+                    loss_sum, n = module.token_loss_sum(batch)
+                    assert (float(loss_sum), n) == (0.0, 0)
+                module._eval_step(batch, "check")
+        return module._eval_sums.pop("check", [0.0, 0])
+
+    with torch.no_grad():
+        for name in ("validation", "test"):
+            loader = dm.val_dataloader if name == "validation" else dm.test_dataloader
+            dm.trainer = None
+            one = sums([loader()])
+            assert one[1] > 0
+            for world in (2, 3):
+                ranks = []
+                for rank in range(world):
+                    dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+                    ranks.append(loader())
+                assert all(len(r) >= 1 for r in ranks), (name, world)
+                got = sums(ranks)
+                assert got[1] == one[1] and got[0] == pytest.approx(one[0], rel=1e-5), (name, world)
+
+
+def test_ddp_fit_with_fewer_validation_batches_than_ranks(tiny_model_dir, write_jsonl, tmp_path):
+    """8 validation examples (one batch of 8) on 2 ranks: the fit reaches max_steps and its
+    val/loss is the single-process one; before, rank 1 had no validation batch and Lightning
+    stopped the run before its first step ("`DataLoader` within local rank has zero length")."""
+    data = write_jsonl(tiny_records(40))  # 32 train (4 steps of 8), 8 validation products
+    split = ("--data.val_fraction", "0.2")
+    single, _, _, single_logs = _fit_subprocess(tiny_model_dir, data, tmp_path, "single", "--data.batch_size", "2",
+                                                *split)
+    ddp, _, log, ddp_logs = _fit_subprocess(tiny_model_dir, data, tmp_path, "ddp", "--data.batch_size", "1", *split,
+                                            *DDP_2_CPU)
+    assert "All distributed processes registered" in log
+    assert len(single) == len(ddp) == 4
+    records = [best_record(next(logs.rglob("best-*.ckpt"))) for logs in (single_logs, ddp_logs)]
+    assert [r[:2] for r in records] == [(4, "val/loss")] * 2  # the validation of the last step
+    np.testing.assert_allclose(records[1][2], records[0][2], rtol=1e-5)
 
 
 def test_epoch_based_run_and_validation_sample(tiny_model_dir, write_jsonl, tmp_path):
@@ -387,3 +498,15 @@ def test_parallel_build_strict_names_the_first_bad_line(write_jsonl, llama_token
     path = write_jsonl([*tiny_records(5000), b"{broken", *tiny_records(3)])
     with pytest.raises(DataError, match=r"trn.json:5001: malformed JSON"):
         prepare(DataSettings(path=str(path), strict=True), llama_tokenizer, tmp_path / "c", num_proc=2)
+
+
+def test_a_train_split_too_small_for_every_process_is_one_line(write_jsonl, tiny_model_dir):
+    """3 short examples pack into one row: 2 processes would each get none, and Lightning would
+    stop without a step or a checkpoint, saying only "No training batches"."""
+    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(3)), tokenizer=str(tiny_model_dir), val_fraction=0,
+                                test_fraction=0, layout="packed", max_length=512)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, accumulate_grad_batches=1)
+    with pytest.raises(ConfigError, match=r"the train split \(3 examples\) makes no batch for each of 2 processes"):
+        dm.train_dataloader()
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, accumulate_grad_batches=1)
+    assert len(dm.train_dataloader()) == 1

@@ -321,6 +321,11 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
 
     # ------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, stage: str) -> None:
+        if int(batch["label_tokens"]) == 0:
+            # A DDP rank's filler batch (data.module.eval_shards): nothing to score, it adds 0 to
+            # both sums. Skipping the model also spares a loss kernel (Liger's fused one) an
+            # empty set of label rows; the plain loss would give 0 for it too.
+            return
         # Eagerly: under no_grad a compiled layer would compile a second graph for a few batches.
         with torch.compiler.set_stance("force_eager"):
             loss_sum, n = self.token_loss_sum(batch)

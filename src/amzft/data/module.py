@@ -33,20 +33,50 @@ def counted(examples, num_proc: int | None = None):
     return examples.num_labels, examples.lengths
 
 
-class _EvalShard:
-    """Round-robin share of an evaluation batch sampler for one DDP rank (uneven is fine:
-    evaluation has no collective per step)."""
+class _EvalBatch(list):
+    """Dataset indices of one evaluation batch; a ``filler`` one is scored with no labels."""
 
-    def __init__(self, sampler, world: int, rank: int):
-        self.sampler, self.world, self.rank = sampler, world, rank
+    filler = False
 
-    def __iter__(self):
-        for i, batch in enumerate(self.sampler):
-            if i % self.world == self.rank:
-                yield batch
 
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.sampler), self.world))
+def eval_shards(batches: list[list[int]], world: int) -> list[list[list[int]]]:
+    """Each DDP rank's evaluation batches (rank r's at index r), at least one per rank.
+
+    Lightning refuses an evaluation loader that is empty on one rank while not on all
+    (``has_len_all_ranks``: "`DataLoader` within local rank has zero length"), which a small
+    split hits when it has fewer batches than ranks. So:
+
+    * at least ``world`` batches: round-robin, the batches as one process has them (uneven
+      counts are fine: evaluation has no collective per step);
+    * fewer batches but at least ``world`` examples: the examples, in the same (length) order,
+      cut into ``world`` batches of n // world or n // world + 1 (no bigger than the batch size,
+      as n < world x batch size here; ``array_split``, not batches of ceil(n / world), which
+      can give fewer than ``world`` batches: 4 examples, 3 ranks);
+    * fewer examples than ranks: one example each, and a filler batch for the others that
+      repeats a real example with every label masked, so it adds 0 loss and 0 label tokens to
+      the module's token-weighted sums.
+
+    Every real example is scored exactly once across the ranks, so the (token-weighted) loss is
+    the single-process one."""
+    if len(batches) >= world:
+        return [batches[rank::world] for rank in range(world)]
+    order = [int(i) for b in batches for i in b]
+    if len(order) >= world:
+        return [[_EvalBatch(part.tolist())] for part in np.array_split(np.asarray(order), world)]
+    filler = _EvalBatch(order[:1])
+    filler.filler = True
+    return [[_EvalBatch([order[rank]]) if rank < len(order) else filler] for rank in range(world)]
+
+
+class _EvalExamples(TokenizedDataset):
+    """TokenizedDataset that gives a filler batch (``_EvalBatch.filler``) no labels."""
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        batch = super().__getitems__(indices)
+        if getattr(indices, "filler", False):
+            # Labels start after the prompt (Collator): a prompt as long as the example, none.
+            batch["prompt_len"] = [len(ids) for ids in batch["input_ids"]]
+        return batch
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -264,6 +294,10 @@ class AmazonTitlesDataModule(LightningDataModule):
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
         )
+        if len(sampler) == 0:
+            # Lightning would only warn ("No training batches") and stop without a checkpoint.
+            raise ConfigError(f"{self.settings.path}: the train split ({len(data)} examples) makes no batch for each of "
+                              f"{sampler.num_replicas} processes; use fewer processes, a smaller data.batch_size or more data")
         if trainer is not None:
             sampler.progress = self._batches_consumed
             sampler.epoch_source = self._epoch
@@ -299,8 +333,6 @@ class AmazonTitlesDataModule(LightningDataModule):
             data = data.subset(np.sort(keep))
         num_labels, lengths = counted(data)
         trainer = getattr(self, "trainer", None)
-        # Under DDP each rank scores a disjoint share (round-robin batches); the module sums
-        # loss and token counts across ranks.
         sampler = ResumableBatchSampler(
             num_labels,
             self.eval_batch_size,
@@ -309,10 +341,14 @@ class AmazonTitlesDataModule(LightningDataModule):
             layout="grouped",  # eval order does not matter: group by length, pad less
             mega_batch=10**9,
         )
+        dataset = TokenizedDataset(data)
         if trainer is not None and trainer.world_size > 1:
-            sampler = _EvalShard(sampler, trainer.world_size, trainer.global_rank)
+            # Under DDP each rank scores a disjoint share, at least one batch (eval_shards);
+            # the module sums loss and token counts across ranks.
+            sampler = eval_shards(list(sampler), trainer.world_size)[trainer.global_rank]
+            dataset = _EvalExamples(data)
         return torch.utils.data.DataLoader(
-            TokenizedDataset(data), batch_sampler=sampler, collate_fn=self.collator(), num_workers=self.num_workers
+            dataset, batch_sampler=sampler, collate_fn=self.collator(), num_workers=self.num_workers
         )
 
     def val_dataloader(self):
