@@ -258,16 +258,22 @@ def _default_cpu_config():
 def evaluate_command(argv: list[str]) -> None:
     """Score base (and fine-tuned) answers on seen and held-out products."""
     parser = _parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split. With a "
-                     "checkpoint, --data.path of another file scores its products as seen / unseen by that checkpoint.",
+                     "checkpoint, --data.path of another file scores its products as seen / unseen by that checkpoint. "
+                     "With --predictions FILE, scores answers already written (no model loaded).",
                      own=("ckpt_path",))
     parser.add_argument("--ckpt_path", default=None, help="checkpoint (or `last`, `best`); none: the base model only")
+    parser.add_argument("--predictions", default=None,
+                        help="a JSON Lines file of written answers (`describe`'s, or `predict`'s predictions.jsonl): score its "
+                             "rows that have a reference; no model, no generation (not with --ckpt_path)")
     parser.add_argument("--model", type=Any, default=None, help="base-model options when there is no checkpoint")
     parser.add_argument("--splits", type=list[str], default=["train", "test"], help="train = seen products, test = held-out")
-    parser.add_argument("--samples", type=int, default=24, help="products per split (a seeded sample)")
+    parser.add_argument("--samples", type=int | None, default=None,
+                        help="products per split, a seeded sample (default 24; with --predictions every row with a reference)")
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", default=None,
-                        help="report folder (default: the checkpoint's run folder; its eval_<file> subfolder for another --data.path)")
+                        help="report folder (default: the checkpoint's run folder; its eval_<file> subfolder for another "
+                             "--data.path; <file>_eval beside a --predictions file)")
     parser.add_argument("--log_root", default="logs")
     # The rest of the decoding options; the penalty, n-gram ban and length decay are
     # --repetition_penalty / --no_repeat_ngram_size / --length_decay_*, as in every command.
@@ -275,6 +281,23 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_class_arguments(GenerationOptions, "gen", skip=skip)
     parser.set_defaults({f"gen.{k}": v for k, v in asdict(DEFAULT_DECODING).items() if k not in skip})
     cfg = parser.parse_args(argv)
+    if cfg.predictions:
+        # Answers already written: scored as they are, before anything about models or decoding
+        # is read or imported.
+        if cfg.ckpt_path:
+            raise ConfigError("evaluate: --predictions scores answers already written, --ckpt_path generates new ones: "
+                              "pass one or the other")
+        from amzft.evaluation import predictions_out_dir, predictions_summary, render_table, score_predictions_file, write_report
+
+        report, _ = score_predictions_file(cfg.predictions, cfg.samples, cfg.seed)
+        out = Path(cfg.out) if cfg.out else predictions_out_dir(cfg.predictions)
+        md, js = write_report(report, out)
+        print(render_table(report))
+        print(f"\n{predictions_summary(report)}")
+        print(f"report: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
+        return
+    if cfg.samples is None:  # generating: a sample per split, 24 unless told (_evaluate_file reads cfg.samples too)
+        cfg.samples = 24
     options = decoding_from(cfg, **dict(cfg.gen))
     from amzft.checkpoints import datamodule_from_checkpoint, resolve_ckpt_path
     from amzft.evaluation import render_table, run_evaluation, write_report

@@ -1,25 +1,37 @@
 """``python -m amzft evaluate``: base vs fine-tuned answers on seen and held-out products,
-scored and written as report.md / report.json / TensorBoard scalars and text."""
+scored and written as report.md / report.json / TensorBoard scalars and text; or, with
+``--predictions FILE``, answers already written (``describe``, ``predict``) scored the same way.
+
+The model side (amzft.generate, amzft.checkpoints) is imported by the functions that generate:
+scoring a predictions file loads no model, so it does not import the model backends either.
+"""
 
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
-from amzft import generate as generation
-from amzft.checkpoints import datamodule_from_checkpoint
-from amzft.data.reader import check_data_file
+from amzft.data.reader import check_data_file, iter_raw_lines
 from amzft.data.split import product_key
+from amzft.data.stats import PipelineStats
 from amzft.decoding import GenerationOptions, describe
-from amzft.generate import Answer
+from amzft.errors import ConfigError, DataError
 from amzft.scoring import failure_views, overlap_scores
 
+if TYPE_CHECKING:
+    from amzft.generate import Answer
+
+PREDICTIONS_SPLIT = "predictions"
 SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (validation)", "test": "held-out products",
-                 "seen": "products of the checkpoint's training split", "unseen": "products it was not trained on"}
+                 "seen": "products of the checkpoint's training split", "unseen": "products it was not trained on",
+                 PREDICTIONS_SPLIT: "answers read from a predictions file"}
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf")
 VIEWS = ("empty", "title_only", "never_stopped", "looping", "collapsed", "facts_recalled", "facts_invented", "mean_new_tokens")
 
@@ -33,6 +45,8 @@ def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
 
 def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_adapter: bool, batch_size: int,
                    with_base: bool = True) -> dict:
+    from amzft import generate as generation  # noqa: PLC0415 - the model backends (module doc)
+
     prompts = [fmt.render(t) for t in rows["title"]]
     models = ({"base": False} if with_base or not with_adapter else {}) | ({"fine-tuned": True} if with_adapter else {})
     result = {"n": len(prompts), "models": {}, "examples": []}
@@ -49,15 +63,23 @@ def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_ada
 
 
 def render_markdown(report: dict, examples_per_split: int = 6) -> str:
-    lines = ["# amzft evaluation", "", f"checkpoint: `{report['checkpoint']}`  ",
-             f"decoding: {report['decoding']}  ", f"generation: `{json.dumps(report['generation'])}`", ""]
+    lines = ["# amzft evaluation", "", f"checkpoint: `{report['checkpoint']}`  ", f"decoding: {report['decoding']}  "]
+    # A predictions file's report has no generation options (the file does not record them),
+    # and says what of the file was scored instead.
+    if report.get("generation") is not None:
+        lines.append(f"generation: `{json.dumps(report['generation'])}`")
+    if report.get("predictions") is not None:
+        lines.append(predictions_summary(report))
+    lines.append("")
     for split, result in report["splits"].items():
         lines += [f"## {split}: {SPLIT_MEANING.get(split, split)} ({result['n']} products)", ""]
         models = list(result["models"])
         lines.append("| metric | " + " | ".join(models) + " |")
         lines.append("|---|" + "---|" * len(models))
         for key in METRICS + VIEWS:
-            lines.append(f"| {key} | " + " | ".join(f"{result['models'][m][key]:.3f}" for m in models) + " |")
+            # n/a: a view the answers cannot give (mean_new_tokens of a file without new_tokens).
+            cells = (f"{result['models'][m][key]:.3f}" if key in result["models"][m] else "n/a" for m in models)
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
         lines.append("")
         for ex in result["examples"][:examples_per_split]:
             lines += [f"**{ex['title']}**", "", f"- reference: {ex['reference']}"]
@@ -72,12 +94,15 @@ TABLE = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rougeL", "bleu": "bl
 
 
 def render_table(report: dict) -> str:
-    header = f"{'split':<10} {'model':<11} " + " ".join(f"{k:>7}" for k in TABLE.values())
+    # Columns as wide as the longest name: a predictions file's split and model (its file name) run longer.
+    sw = max([10, *map(len, report["splits"])])
+    mw = max([11, *(len(m) for result in report["splits"].values() for m in result["models"])])
+    header = f"{'split':<{sw}} {'model':<{mw}} " + " ".join(f"{k:>7}" for k in TABLE.values())
     lines = [f"decoding: {report['decoding']}", header]
     for split, result in report["splits"].items():
         for model, m in result["models"].items():
             values = [m[k] for k in TABLE]
-            lines.append(f"{split:<10} {model:<11} " + " ".join(f"{v:7.3f}" for v in values))
+            lines.append(f"{split:<{sw}} {model:<{mw}} " + " ".join(f"{v:7.3f}" for v in values))
     return "\n".join(lines)
 
 
@@ -115,6 +140,8 @@ def other_file(ckpt: str, dm, path) -> tuple | None:
         return None
     if check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve() and dm.settings.limit is None:
         return None
+    from amzft.checkpoints import datamodule_from_checkpoint  # noqa: PLC0415 - Lightning (module doc)
+
     other, _ = datamodule_from_checkpoint(ckpt, path=str(path), val_fraction=0.0, test_fraction=0.0, limit=None)
     return other, split_by_seen(other.split("train"), dm.split("train")["title"])
 
@@ -130,3 +157,157 @@ def run_evaluation(module, datamodule, fmt, splits, samples, options: Generation
         if rows["title"]:
             report["splits"][split] = evaluate_split(module, fmt, rows, options, with_adapter, batch_size, with_base)
     return report
+
+
+# ----------------------------------------------------------------- a predictions file
+class WrittenAnswer(NamedTuple):
+    """An answer read from a predictions file: the fields ``failure_views`` reads of a
+    ``generate.Answer`` (not imported here: it imports the model backends)."""
+
+    text: str
+    new_tokens: int  # 0 where the file does not say (predict's rows)
+    stopped: bool  # True where the file does not say: only a written "length" / false counts as never stopped
+
+
+# describe's `stop`: "eos" ended with the end-of-answer token, "length" hit max_new_tokens.
+STOPS = {"eos": True, "length": False}
+# The file itself holds every answer; the report keeps the first scored ones as examples, so a
+# large file's report.json does not copy the file.
+PREDICTION_EXAMPLES = 100
+_SUFFIXES = (".gz", ".jsonl", ".json", ".ndjson")
+_EXAMPLE_KEYS = ("title", "reference", "predictions_line")
+
+
+def parse_prediction(raw: bytes) -> dict | str:
+    """One line of a predictions file as {title, text, reference, new_tokens, stopped} (None:
+    the file does not say), or the reason it is a bad line. ``describe`` writes description /
+    new_tokens / stop, ``predict`` (callbacks.PredictionsWriter) answer / stopped."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "non_utf8"
+    except json.JSONDecodeError:
+        return "malformed_json"
+    if not isinstance(obj, dict):
+        return "not_an_object"
+    text_key = "answer" if "description" not in obj and "answer" in obj else "description"
+    for name in ("title", text_key):
+        if name not in obj:
+            return "missing_field"
+        if not isinstance(obj[name], str):
+            return "wrong_type"
+    reference = obj.get("reference")  # absent or null: the input had no content
+    new_tokens = obj.get("new_tokens")
+    # type() rather than isinstance: true / false are ints to isinstance.
+    if (reference is not None and not isinstance(reference, str)) or (
+            new_tokens is not None and (type(new_tokens) is not int or new_tokens < 0)):
+        return "wrong_type"
+    stopped = None
+    if obj.get("stop") is not None:
+        if not isinstance(obj["stop"], str) or obj["stop"] not in STOPS:
+            return "unknown_stop"
+        stopped = STOPS[obj["stop"]]
+    elif obj.get("stopped") is not None:
+        if not isinstance(obj["stopped"], bool):
+            return "wrong_type"
+        stopped = obj["stopped"]
+    return {"title": obj["title"], "text": obj[text_key], "reference": reference or "", "new_tokens": new_tokens,
+            "stopped": stopped}
+
+
+def predictions_label(path: str | Path) -> str:
+    """The file's name without its JSON Lines / gzip suffixes: the report's model name and the
+    default report folder's ``<label>_eval``."""
+    name = label = Path(path).name
+    while label.lower().endswith(_SUFFIXES):
+        label = label[: label.rfind(".")]
+    return label if label and label not in _EXAMPLE_KEYS else name  # an example row keys answers by it
+
+
+def predictions_out_dir(path: str | Path) -> Path:
+    return Path(path).expanduser().parent / f"{predictions_label(path)}_eval"
+
+
+def _skips(stats: PipelineStats) -> str:
+    return ", ".join(f"{reason} {count} (line{'s' * (len(stats.skipped_lines[reason]) > 1)} "
+                     f"{', '.join(map(str, stats.skipped_lines[reason]))}{', …' * (count > len(stats.skipped_lines[reason]))})"
+                     for reason, count in stats.skipped.items())
+
+
+def score_predictions_file(path: str | Path, samples: int | None = None, seed: int = 3407) -> tuple[dict, PipelineStats]:
+    """Score answers already written (``describe``'s JSON Lines, or ``predict``'s
+    predictions.jsonl) against their references with ``evaluate``'s metrics and failure views:
+    a report shaped like ``run_evaluation``'s, one split (``predictions``) and one model (the
+    file's label), plus ``report["predictions"]``: what of the file was scored. The file is
+    streamed; bad lines are counted skips (``stats``), rows without a reference are not scored.
+    ``samples``: a seeded sample of that many rows with a reference (None: all of them)."""
+    if samples is not None and samples < 1:
+        raise ConfigError(f"--samples must be at least 1 (or left out: every row with a reference), found {samples}")
+    path = check_data_file(path)
+    stats, rng = PipelineStats(), random.Random(seed)
+    picked: list[tuple[int, dict]] = []
+    with_reference = 0
+    for line_no, raw in iter_raw_lines(path, stats):
+        stats.records_read += 1
+        row = parse_prediction(raw)
+        if isinstance(row, str):
+            stats.skip(row, line_no)
+            continue
+        stats.kept += 1
+        if not row["reference"].strip():
+            continue
+        row["line"] = line_no
+        # Reservoir sampling (algorithm R): a seeded uniform sample in one pass, holding only
+        # `samples` rows however long the file.
+        if samples is None or with_reference < samples:
+            picked.append((with_reference, row))
+        elif (j := rng.randrange(with_reference + 1)) < samples:
+            picked[j] = (with_reference, row)
+        with_reference += 1
+    if not stats.kept:
+        raise DataError(f"{path}: no prediction rows in its {stats.records_read} lines (skipped: {_skips(stats)}); expected "
+                        "JSON Lines objects with title and description (amzft describe) or title and answer (amzft predict)")
+    if not picked:
+        raise DataError(f"{path}: none of its {stats.kept} rows has a reference: the input had no `content` to score "
+                        "against (describe writes `reference` only for records with a non-empty content)")
+    rows = [row for _, row in sorted(picked, key=lambda p: p[0])]  # file order, as sample_rows keeps
+    answers = [WrittenAnswer(r["text"], r["new_tokens"] or 0, r["stopped"] is not False) for r in rows]
+    titles, references = [r["title"] for r in rows], [r["reference"] for r in rows]
+    metrics = overlap_scores([a.text for a in answers], references) | failure_views(answers, titles, references)
+    known = [r["new_tokens"] for r in rows if r["new_tokens"] is not None]
+    if known:  # over the rows that say: an unknown count is not 0 tokens
+        metrics["mean_new_tokens"] = sum(known) / len(known)
+    else:  # predict's rows do not say; a mean of 0 would read as empty answers
+        del metrics["mean_new_tokens"]
+    model = predictions_label(path)
+    examples = [{"title": r["title"], "reference": r["reference"], model: r["text"], "predictions_line": r["line"]}
+                for r in rows[:PREDICTION_EXAMPLES]]
+    report = {
+        "checkpoint": None,
+        "decoding": f"as written in {path}",
+        "generation": None,  # the file does not record the options that produced it
+        "predictions": {
+            "path": str(path), "lines_read": stats.records_read, "rows": stats.kept, "with_reference": with_reference,
+            "scored": len(rows), "samples": samples, "seed": seed,
+            "stop_unknown": sum(r["stopped"] is None for r in rows), "new_tokens_unknown": len(rows) - len(known),
+            "skipped": dict(stats.skipped), "skipped_lines": stats.skipped_lines,
+        },
+        "splits": {PREDICTIONS_SPLIT: {"n": len(rows), "models": {model: metrics}, "examples": examples}},
+    }
+    return report, stats
+
+
+def predictions_summary(report: dict) -> str:
+    """One line: what of the predictions file was scored, and what was not."""
+    p = report["predictions"]
+    line = (f"predictions: `{p['path']}`: scored {p['scored']} of {p['with_reference']} rows with a reference"
+            f"{' (a seeded sample)' if p['scored'] < p['with_reference'] else ''}; "
+            f"{p['rows'] - p['with_reference']} of its {p['rows']} rows have none")
+    if p["skipped"]:
+        stats = PipelineStats(skipped=Counter(p["skipped"]), skipped_lines=p["skipped_lines"])
+        line += f"; {sum(p['skipped'].values())} bad lines skipped: {_skips(stats)}"
+    if p["stop_unknown"]:
+        line += f"; {p['stop_unknown']} scored rows do not say why they stopped (counted as stopped)"
+    if p["new_tokens_unknown"]:
+        line += f"; {p['new_tokens_unknown']} do not give new_tokens (not in mean_new_tokens)"
+    return line
