@@ -25,7 +25,9 @@ commands:
   fit       train (LightningCLI): python -m amzft fit --config configs/cpu.yaml
   validate  validation loss of a model / checkpoint
   test      loss on held-out products
-  predict   (LightningCLI predict loop)
+  predict   (LightningCLI predict loop) answers of a split of the training file
+  describe  a description for every title of a catalogue file, streamed and resumable:
+            python -m amzft describe --ckpt_path best --data.path titles.jsonl --out descriptions.jsonl
   data      data-quality report: python -m amzft data --data.path trn.json
   ask       answer one question: python -m amzft ask "Girls Ballet Tutu" [--ckpt_path CKPT]
   evaluate  ROUGE/BLEU/chrF + failure views, base vs fine-tuned, seen vs held-out products
@@ -59,6 +61,10 @@ def _run(command: str, args: list[str]) -> None:
         from amzft.commands import export_command  # noqa: PLC0415
 
         export_command(args)
+    elif command == "describe":
+        from amzft.catalogue.command import describe_command  # noqa: PLC0415
+
+        describe_command(args)
     elif command == "demo":
         from amzft.commands import demo_command  # noqa: PLC0415
 

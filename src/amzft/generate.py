@@ -12,7 +12,7 @@ from amzft.backends import set_mode
 from amzft.data.prompt import PromptFormat
 from amzft.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions
 
-__all__ = ["DEFAULT_DECODING", "GREEDY", "Answer", "GenerationOptions", "generate", "generate_answers"]
+__all__ = ["DEFAULT_DECODING", "GREEDY", "Answer", "GenerationOptions", "generate", "generate_answers", "generate_ids"]
 
 
 @dataclass
@@ -38,7 +38,6 @@ def generate_answers(
     return [a.text for a in generate(module, prompts, options, use_adapter, batch_size)]
 
 
-@torch.no_grad()
 def generate(
     module,
     prompts: list[str],
@@ -51,6 +50,20 @@ def generate(
     ``use_adapter=False`` switches the LoRA adapter off (peft's disable_adapter), so base and
     fine-tuned answers come from one loaded model. ``options`` default to ``DEFAULT_DECODING``.
     """
+    tokenizer = module.tokenizer
+    answers: list[Answer] = []
+    for start in range(0, len(prompts), batch_size):
+        # Same tokenisation as training: the whole prompt, with the tokenizer's specials.
+        ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start : start + batch_size]]
+        answers += generate_ids(module, ids, options, use_adapter)
+    return answers
+
+
+@torch.no_grad()
+def generate_ids(module, ids: list[list[int]], options: GenerationOptions | None = None,
+                 use_adapter: bool = True) -> list[Answer]:
+    """One batch of already tokenised prompts, left-padded, generated together (the KV cache
+    on), each row stopping at its own EOS."""
     options = options or DEFAULT_DECODING
     tokenizer, model = module.tokenizer, module.model
     backend = getattr(module, "hparams", {}).get("backend", "hf")
@@ -58,7 +71,6 @@ def generate(
     was_training = model.training
     model.eval()
     set_mode(backend, model, training=False)
-    answers: list[Answer] = []
     switch = contextlib.nullcontext() if use_adapter else model.disable_adapter()
     if options.do_sample:
         torch.manual_seed(options.seed)
@@ -66,32 +78,27 @@ def generate(
         # model.compile'd layers are for training; decoding with a KV cache would recompile them
         # for every new length, so generation runs them eagerly.
         with switch, torch.compiler.set_stance("force_eager"):
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                # Same tokenisation as training: the whole prompt, with the tokenizer's specials.
-                ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in chunk]
-                width = max(map(len, ids))
-                input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-                for row, seq in enumerate(ids):
-                    input_ids[row, width - len(seq) :] = torch.tensor(seq)
-                    attention_mask[row, width - len(seq) :] = 1
-                device = next(model.parameters()).device
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    eos_token_id=eos,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **options.generate_kwargs(),
-                )
-                for row in out[:, width:].tolist():
-                    stopped = eos in row
-                    tokens = row[: row.index(eos)] if stopped else row
-                    answers.append(
-                        Answer(tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens) + stopped, stopped)
-                    )
+            width = max(map(len, ids))
+            input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for row, seq in enumerate(ids):
+                input_ids[row, width - len(seq) :] = torch.tensor(seq)
+                attention_mask[row, width - len(seq) :] = 1
+            device = next(model.parameters()).device
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+                **options.generate_kwargs(),
+            )
     finally:
         model.train(was_training)
         if was_training:
             set_mode(backend, model, training=True)
+    answers = []
+    for row in out[:, width:].tolist():
+        stopped = eos in row
+        tokens = row[: row.index(eos)] if stopped else row
+        answers.append(Answer(tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens) + stopped, stopped))
     return answers

@@ -1,0 +1,198 @@
+"""``python -m amzft describe --ckpt_path best --data.path titles.jsonl --out descriptions.jsonl``.
+
+Arguments are parsed and checked before anything heavy is imported (``--help`` answers at
+once). Under ``--trainer.devices N --trainer.strategy ddp`` Lightning's launcher runs this same
+command once more per extra process: each of them reads the manifest the first one wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from amzft.decoding import add_decoding_arguments, decoding_from, describe
+from amzft.errors import ConfigError
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="amzft describe", default_env=False, exit_on_error=False, description=(
+        "Write a description for every title of a JSON Lines file (title required; uid, content optional), "
+        "appended as batches finish; the same command resumes an interrupted run."))
+    parser.add_argument("--data.path", required=True, help="titles: JSON Lines (plain, gzip, bz2, xz), one object a line")
+    parser.add_argument("--data.strict", type=bool, default=False, help="stop at the first bad line instead of counting it")
+    parser.add_argument("--out", required=True, help="output JSON Lines (resumed if it was interrupted)")
+    parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`, `best`); none: the base model")
+    parser.add_argument("--use_adapter", type=bool, default=True, help="false: answer with the base model of the checkpoint")
+    parser.add_argument("--model", type=Any, default=None, help="base-model options (name_or_path …) without --ckpt_path")
+    parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
+    parser.add_argument("--max_new_tokens", type=int | None, default=None, help="answer length cap (default: the checkpoint's)")
+    parser.add_argument("--token_budget", type=int, default=16384,
+                        help="rows x (longest prompt + max_new_tokens) per batch: the batch's KV-cache bound")
+    parser.add_argument("--max_batch", type=int, default=64, help="rows per batch at most")
+    parser.add_argument("--trainer.accelerator", default="auto", help="cpu, gpu or auto")
+    parser.add_argument("--trainer.devices", type=int | str, default=1, help="processes (CPU) or GPUs")
+    parser.add_argument("--trainer.strategy", default="auto", help="ddp for several processes or GPUs")
+    parser.add_argument("--trainer.precision", default=None, help="default: 32-true on CPU, bf16-mixed on a GPU that has it")
+    parser.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines")
+    add_decoding_arguments(parser)
+    return parser
+
+
+def describe_command(argv: list[str]) -> None:
+    cfg = _parser().parse_args(argv)
+    decoding_from(cfg)  # a bad value fails here, before the model loads
+    source, store = _checked_paths(cfg)
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from amzft.checkpoints import resolve_ckpt_path
+
+    accelerator, precision = _device(cfg.trainer)
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root) if cfg.ckpt_path else None
+    module, fmt, data_settings = _load(ckpt, dict(cfg.model or {}))
+    plan, options, identity = _settings(cfg, module, fmt, data_settings, source, ckpt, precision)
+    say = print if rank_zero_only.rank == 0 else (lambda *a, **k: None)
+    # Lightning's extra processes start once the first has written the manifest: they find it.
+    if store.start(identity, create=rank_zero_only.rank == 0) == "complete":
+        say(f"{store.out} is complete ({_meta_written(store)} descriptions, written with these settings): nothing to do")
+        return
+    _describe(cfg, source, store, module, fmt, plan, options, identity, accelerator, say)
+
+
+def _checked_paths(cfg):
+    """The input file and the output store, checked before anything heavy loads (a refused
+    output should not cost a minute)."""
+    from amzft.catalogue.store import OutputStore
+    from amzft.data.reader import check_data_file
+
+    source = check_data_file(cfg.data.path)
+    store = OutputStore(cfg.out)
+    if store.out.is_dir():
+        raise ConfigError(f"--out {store.out} is a directory; give a file name such as descriptions.jsonl")
+    if store.out.resolve() == source.resolve():
+        raise ConfigError(f"--out {cfg.out} is the input file")
+    if store.out.exists() and not store.manifest.is_file() and not store.meta.is_file():
+        raise ConfigError(f"{store.out} exists and was not written by amzft describe: delete it or choose another --out")
+    for name in ("token_budget", "max_batch"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, found {getattr(cfg, name)}")
+    return source, store
+
+
+def _device(trainer) -> tuple[str, str]:
+    import torch
+
+    accelerator = trainer.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        # 4-bit bases are packed on the current GPU when they load, before the trainer places them.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return accelerator, trainer.precision or _default_precision(accelerator)
+
+
+def _settings(cfg, module, fmt, data_settings: dict, source: Path, ckpt: str | None, precision: str):
+    """(batch plan, decoding, identity): the identity is everything the answers depend on,
+    recorded in the run's manifest so a resume with other settings is refused."""
+    from amzft.catalogue.plan import PlanSettings
+
+    plan = PlanSettings(token_budget=cfg.token_budget, max_batch=cfg.max_batch,
+                        max_new_tokens=cfg.max_new_tokens or int(module.hparams.max_new_tokens),
+                        max_prompt_tokens=int(module.hparams.max_length))
+    options = decoding_from(cfg, max_new_tokens=plan.max_new_tokens)
+    identity = {
+        "input": _file_identity(source),
+        "checkpoint": _file_identity(Path(ckpt)) if ckpt else None,
+        "model": module.hparams.name_or_path,
+        "use_adapter": bool(cfg.use_adapter and ckpt),
+        "decoding": asdict(options),
+        "prompt": asdict(fmt),
+        "strip_boilerplate": bool(data_settings.get("strip_boilerplate", True)),
+        "plan": asdict(plan),
+        "precision": str(precision),
+    }
+    return plan, options, identity
+
+
+def _describe(cfg, source: Path, store, module, fmt, plan, options, identity: dict, accelerator: str, say) -> None:
+    from lightning.pytorch import Trainer
+
+    from amzft.catalogue.run import CatalogueData, Describer, PartWriter
+    from amzft.data.reader import iter_raw_lines
+    from amzft.data.stats import PipelineStats
+
+    done = store.done_lines()
+    total = sum(1 for _ in iter_raw_lines(source, PipelineStats(), cfg.data.strict)) - len(done)
+    model = identity["checkpoint"]["path"] if identity["checkpoint"] else identity["model"]
+    say(f"describe: {source} -> {store.out}; {f'resuming: {len(done)} already written, ' if len(done) else ''}"
+        f"~{total} titles to answer with {model}{' (adapter off)' if cfg.ckpt_path and not identity['use_adapter'] else ''}; "
+        f"decoding: {describe(options)}")
+    data = CatalogueData(str(source), module.tokenizer, fmt, plan, done, cfg.data.strict, identity["strip_boilerplate"])
+    started = time.perf_counter()
+
+    def summary() -> dict:
+        return {"input_lines": data.stats.records_read, "skipped": dict(data.stats.skipped),
+                "skipped_lines": data.stats.skipped_lines, "seconds_last_run": round(time.perf_counter() - started, 1),
+                "processes_last_run": trainer.world_size}
+
+    writer = PartWriter(store, total, summary, cfg.progress_every)
+    trainer = Trainer(accelerator=accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+                      precision=identity["precision"], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                      callbacks=[writer])
+    trainer.predict(Describer(module, options, identity["use_adapter"]), datamodule=data, return_predictions=False)
+    if trainer.is_global_zero:
+        stats = data.stats
+        skipped = ", ".join(f"{k}={v} (first lines {stats.skipped_lines[k]})" for k, v in stats.skipped.items())
+        say(f"describe: {writer.merged} descriptions written to {store.out} in input order "
+            f"({writer.written} on this process this run, {len(done)} from before); {stats.records_read} lines read"
+            f"{'; skipped: ' + skipped if skipped else ''}; run record: {store.meta}")
+
+
+def _default_precision(accelerator: str) -> str:
+    import torch
+
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    # On a CPU fp32: bf16 autocast is slower than fp32 on some CPUs and faster on others
+    # (docs/performance.md), and the answers must not depend on a timing probe.
+    return "32-true"
+
+
+def _load(ckpt: str | None, model_args: dict):
+    """(module, prompt format, the data settings it was trained with)."""
+    from amzft.checkpoints import init_kwargs, load_checkpoint_file
+    from amzft.data.prompt import prompt_format_from
+    from amzft.model import LoraCausalLM
+
+    if ckpt:
+        module, fmt = LoraCausalLM.from_checkpoint(ckpt)
+        return module, fmt, load_checkpoint_file(ckpt).get("datamodule_hyper_parameters") or {}
+    module = LoraCausalLM(**init_kwargs(LoraCausalLM, model_args))
+    module.configure_model()
+    module.eval()
+    return module, prompt_format_from({}), {}
+
+
+def _file_identity(path: Path) -> dict:
+    """What makes a file the same one: its bytes (hashed whole: a fraction of a second per
+    100 MB, next to the hours a catalogue takes to describe)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _meta_written(store) -> int | str:
+    try:
+        return json.loads(store.meta.read_text()).get("written", "?")
+    except (OSError, ValueError):
+        return "?"
