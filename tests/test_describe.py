@@ -131,6 +131,26 @@ def test_a_kill_mid_write_then_resume_equals_a_straight_run(trained, catalogue, 
     assert out.read_bytes() == straight.read_bytes()
 
 
+def test_sigterm_stops_after_the_batch_in_flight_and_the_run_resumes(trained, catalogue, straight, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Lightning's predict loop notes SIGTERM and runs on: describe stops once the batch in
+    flight is written, in one line, and the same command finishes the file."""
+    out = tmp_path / "descriptions.jsonl"
+    write = PartWriter.on_predict_batch_end
+
+    def signalled(self, trainer, *args, **kwargs):
+        trainer._signal_connector.received_sigterm = True  # as its SIGTERM handler does
+        write(self, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(PartWriter, "on_predict_batch_end", signalled)
+    error = one_line_error(capsys, "describe", "--ckpt_path", str(trained[0]), "--data.path", str(catalogue),
+                           "--out", str(out), *SMALL_BATCHES)
+    assert "stopped by SIGTERM after 4 descriptions" in error and "the same command resumes" in error
+    monkeypatch.setattr(PartWriter, "on_predict_batch_end", write)
+    describe(trained[0], catalogue, out)
+    assert out.read_bytes() == straight.read_bytes()
+
+
 def test_another_checkpoint_or_decoding_is_refused_and_a_finished_run_is_not_redone(trained, catalogue, straight,
                                                                                     tmp_path, capsys):
     out = tmp_path / "d.jsonl"

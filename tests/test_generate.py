@@ -1,9 +1,13 @@
+import contextlib
+import inspect
+
 import pytest
 import torch
+from transformers.integrations import sdpa_attention
 
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
-from amzft.generate import generate_answers
+from amzft.generate import _gqa_sdpa_on_cpu, generate_answers
 from amzft.model import LoraCausalLM
 
 TITLES = ["Mug", "A much longer product title with many words in it", "Lamp"]
@@ -63,3 +67,28 @@ def test_checkpoint_errors_are_one_line(tmp_path, tiny_model_dir):
     torch.save({"state_dict": {}, "hyper_parameters": {"name_or_path": str(tiny_model_dir), "lora_r": 8}}, other)
     with pytest.raises(ModelError, match="another base model or LoRA config"):
         LoraCausalLM.from_checkpoint(other)
+
+
+def test_shared_kv_heads_on_cpu_give_transformers_own_answers_and_logits(tiny_module, monkeypatch):
+    """generate._gqa_sdpa_on_cpu replaces transformers' use_gqa_in_sdpa while generating (the
+    tiny model has 4 query / 2 key-value heads): the patch point exists with the arguments it
+    expects, is called, and a left-padded batch gives the same logits and answers as
+    transformers' own repeat_kv path."""
+    original = sdpa_attention.use_gqa_in_sdpa
+    assert list(inspect.signature(original).parameters) == ["attention_mask", "key", "value"]
+    tok, model = tiny_module.tokenizer, tiny_module.model
+    batch = tok([PromptFormat().render(t) for t in TITLES], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        theirs = model(**batch).logits
+        calls = []
+        with _gqa_sdpa_on_cpu():
+            patched = sdpa_attention.use_gqa_in_sdpa
+            monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lambda *a: calls.append(1) or patched(*a))
+            ours = model(**batch).logits
+        monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", original)
+    assert calls and sdpa_attention.use_gqa_in_sdpa is original
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    fmt = PromptFormat()
+    with_patch = generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8)
+    monkeypatch.setattr("amzft.generate._gqa_sdpa_on_cpu", contextlib.nullcontext)
+    assert generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8) == with_patch

@@ -34,19 +34,33 @@ class StopAtStep(Callback):
 
 
 class PredictionsWriter(Callback):
-    """``predict`` results as JSON Lines (title, reference, answer) in the run's log folder (the
-    answers come from ``LoraCausalLM.predict_step``, decoded with the module's ``decoding``)."""
+    """``predict`` results as JSON Lines (title, reference, answer, stopped) in the run's log
+    folder, appended as each batch finishes (the answers come from ``LoraCausalLM.predict_step``,
+    decoded with the module's ``decoding``). For a whole catalogue, resumable and sharded:
+    ``python -m amzft describe`` (amzft.catalogue)."""
 
-    def on_predict_epoch_end(self, trainer, pl_module):
-        rows = [row for batch in trainer.predict_loop.predictions for row in batch]
-        if not rows or trainer.log_dir is None:
-            return
-        path = Path(trainer.log_dir) / "predictions.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        pl_module.print(f"amzft: {len(rows)} predictions written to {path}")
+    def __init__(self):
+        self._handle = None
+        self._rows = 0
+
+    def on_predict_start(self, trainer, pl_module):
+        # Rank 0 only: amzft's predict loader is not sharded, every rank answers the same rows.
+        if trainer.is_global_zero and trainer.log_dir is not None:
+            path = Path(trainer.log_dir) / "predictions.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle, self._rows = path.open("w"), 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self._handle is not None:
+            self._handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in outputs))
+            self._handle.flush()
+            self._rows += len(outputs)
+
+    def on_predict_end(self, trainer, pl_module):
+        if self._handle is not None:
+            self._handle.close()
+            pl_module.print(f"amzft: {self._rows} predictions written to {self._handle.name}")
+            self._handle = None
 
 
 class SampleAnswers(Callback):

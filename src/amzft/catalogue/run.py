@@ -24,7 +24,12 @@ from amzft.catalogue.titles import read_titles
 from amzft.data.encode import PromptEncoder
 from amzft.data.stats import PipelineStats
 from amzft.decoding import GenerationOptions
+from amzft.errors import AmzftError
 from amzft.generate import generate_ids
+
+
+class StoppedBySignal(AmzftError):
+    """SIGTERM (a scheduler's preemption, ``kill``): the batch in flight was finished and written."""
 
 
 class CatalogueBatches(torch.utils.data.IterableDataset):
@@ -108,6 +113,10 @@ class PartWriter(Callback):
         # crash (not just a kill) could lose rows the file claimed to have.
         os.fsync(self.handle.fileno())
         self.written += len(outputs)
+        if trainer.received_sigterm:
+            # Lightning's predict loop notes SIGTERM but runs on; stop here, every row on disk.
+            raise StoppedBySignal(f"stopped by SIGTERM after {self.written} descriptions on this process; they are in "
+                                  f"{self.store.partial}: the same command resumes")
         if trainer.is_global_zero and time.perf_counter() - self.last_shown >= self.every_s:
             self._show(trainer.world_size)
 
