@@ -176,9 +176,12 @@ def test_bad_input_and_options_give_one_line(catalogue, tmp_path, capsys):
     csv.write_text("title,content\nMug,A mug\nLamp,A lamp\n")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    untitled = tmp_path / "untitled.jsonl"
+    untitled.write_text('{"name": "Mug"}\n{"name": "Lamp"}\n')
     cases = {
         (str(csv), "out.jsonl"): "looks like CSV",
         (str(empty), "out.jsonl"): "file is empty",
+        (str(untitled), "out.jsonl"): "no title to describe in its 2 lines (missing_field=2 (first lines [1, 2]))",
         (str(tmp_path / "missing.jsonl"), "out.jsonl"): "no such file",
         (str(catalogue), str(catalogue)): "is the input file",
         (str(catalogue), str(tmp_path)): "is a directory",
