@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
-from amzft.data.reader import check_data_file, iter_raw_lines
+from amzft.data.reader import check_data_file, json_object, read_objects
 from amzft.data.split import product_key
 from amzft.data.stats import PipelineStats
 from amzft.decoding import GenerationOptions, describe
@@ -178,38 +178,33 @@ _SUFFIXES = (".gz", ".jsonl", ".json", ".ndjson")
 _EXAMPLE_KEYS = ("title", "reference", "predictions_line")
 
 
-def parse_prediction(raw: bytes) -> dict | str:
+def parse_prediction(raw: bytes) -> dict | tuple[str, str]:
     """One line of a predictions file as {title, text, reference, new_tokens, stopped} (None:
-    the file does not say), or the reason it is a bad line. ``describe`` writes description /
-    new_tokens / stop, ``predict`` (callbacks.PredictionsWriter) answer / stopped."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "non_utf8"
-    except json.JSONDecodeError:
-        return "malformed_json"
-    if not isinstance(obj, dict):
-        return "not_an_object"
+    the file does not say), or (reason, message) for a bad line. ``describe`` writes
+    description / new_tokens / stop, ``predict`` (callbacks.PredictionsWriter) answer / stopped."""
+    obj = json_object(raw)
+    if isinstance(obj, tuple):
+        return obj
     text_key = "answer" if "description" not in obj and "answer" in obj else "description"
     for name in ("title", text_key):
         if name not in obj:
-            return "missing_field"
+            return "missing_field", f"missing field {name!r}"
         if not isinstance(obj[name], str):
-            return "wrong_type"
+            return "wrong_type", f"field {name!r} should be a string"
     reference = obj.get("reference")  # absent or null: the input had no content
     new_tokens = obj.get("new_tokens")
     # type() rather than isinstance: true / false are ints to isinstance.
     if (reference is not None and not isinstance(reference, str)) or (
             new_tokens is not None and (type(new_tokens) is not int or new_tokens < 0)):
-        return "wrong_type"
+        return "wrong_type", "reference should be a string and new_tokens a count"
     stopped = None
     if obj.get("stop") is not None:
         if not isinstance(obj["stop"], str) or obj["stop"] not in STOPS:
-            return "unknown_stop"
+            return "unknown_stop", f"stop should be one of {', '.join(STOPS)}"
         stopped = STOPS[obj["stop"]]
     elif obj.get("stopped") is not None:
         if not isinstance(obj["stopped"], bool):
-            return "wrong_type"
+            return "wrong_type", "stopped should be true or false"
         stopped = obj["stopped"]
     return {"title": obj["title"], "text": obj[text_key], "reference": reference or "", "new_tokens": new_tokens,
             "stopped": stopped}
@@ -247,12 +242,7 @@ def score_predictions_file(path: str | Path, samples: int | None = None, seed: i
     stats, rng = PipelineStats(), random.Random(seed)
     picked: list[tuple[int, dict]] = []
     with_reference = 0
-    for line_no, raw in iter_raw_lines(path, stats):
-        stats.records_read += 1
-        row = parse_prediction(raw)
-        if isinstance(row, str):
-            stats.skip(row, line_no)
-            continue
+    for line_no, row in read_objects(path, stats, parse_prediction):
         stats.kept += 1
         if not row["reference"].strip():
             continue

@@ -8,13 +8,12 @@ prompt is the one the model learnt. Bad lines are counted skips with their line 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from amzft.data.clean import clean_text
-from amzft.data.reader import iter_raw_lines
+from amzft.data.reader import json_object, read_objects
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
 
@@ -28,14 +27,9 @@ class TitleRecord(NamedTuple):
 
 def _problem(raw: bytes) -> tuple[str, str] | dict:
     """The parsed object, or (reason, message) for a line that is no usable record."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return "non_utf8", f"bytes that are not UTF-8 at column {exc.start + 1}"
-    except json.JSONDecodeError as exc:
-        return "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
-    if not isinstance(obj, dict):
-        return "not_an_object", f"expected a JSON object, found {type(obj).__name__}"
+    obj = json_object(raw)
+    if isinstance(obj, tuple):
+        return obj
     if "title" not in obj:
         return "missing_field", "missing field 'title'"
     if not isinstance(obj["title"], str):
@@ -52,15 +46,7 @@ def read_titles(path: str | Path, stats: PipelineStats, strict: bool = False,
                 strip_boilerplate: bool = True) -> Iterator[TitleRecord]:
     """Yield the usable records of ``path``; count (or, strict, raise on) the others. A title
     that is empty once cleaned is skipped as ``empty_title``."""
-    for line_no, raw in iter_raw_lines(path, stats, strict):
-        stats.records_read += 1
-        parsed = _problem(raw)
-        if isinstance(parsed, tuple):
-            reason, message = parsed
-            if strict:
-                raise DataError(f"{Path(path)}:{line_no}: {message}")
-            stats.skip(reason, line_no)
-            continue
+    for line_no, parsed in read_objects(path, stats, _problem, strict):
         title = clean_text(parsed["title"], strip_boilerplate)
         if not title:
             if strict:

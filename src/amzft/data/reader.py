@@ -243,8 +243,9 @@ class _ChunkReader(io.RawIOBase):
         super().close()
 
 
-def _problem(raw: bytes) -> tuple[str, str] | dict:
-    """The parsed object, or (reason, human message) for a bad line."""
+def json_object(raw: bytes) -> tuple[str, str] | dict:
+    """One line as a JSON object, or (reason, human message) when it is none: the first checks
+    of every kind of line amzft reads (training records, catalogue titles, written answers)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -255,6 +256,14 @@ def _problem(raw: bytes) -> tuple[str, str] | dict:
         return "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(obj, dict):
         return "not_an_object", f"expected a JSON object, found {type(obj).__name__}"
+    return obj
+
+
+def _problem(raw: bytes) -> tuple[str, str] | dict:
+    """The parsed training record, or (reason, human message) for a bad line."""
+    obj = json_object(raw)
+    if isinstance(obj, tuple):
+        return obj
     for name in REQUIRED_FIELDS:
         if name not in obj:
             return "missing_field", f"missing field {name!r}"
@@ -437,15 +446,23 @@ def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False)
             stats.skip("truncated_file", line_no + 1)
 
 
-def read_records(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[RawRecord]:
-    """Yield the valid records of ``path``; count (or, strict, raise on) the others."""
+def read_objects(path: str | Path, stats: PipelineStats, parse: Callable[[bytes], tuple[str, str] | dict],
+                 strict: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of ``path`` that ``parse`` accepts; the lines it
+    answers (reason, message) for are counted skips or, strict, a one-line DataError."""
     for line_no, raw in iter_raw_lines(path, stats, strict):
         stats.records_read += 1
-        parsed = _problem(raw)
+        parsed = parse(raw)
         if isinstance(parsed, tuple):
             reason, message = parsed
             if strict:
                 raise DataError(f"{Path(path)}:{line_no}: {message}")
             stats.skip(reason, line_no)
             continue
+        yield line_no, parsed
+
+
+def read_records(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[RawRecord]:
+    """Yield the valid records of ``path``; count (or, strict, raise on) the others."""
+    for line_no, parsed in read_objects(path, stats, _problem, strict):
         yield RawRecord(line_no, parsed["title"], parsed["content"])
