@@ -150,6 +150,15 @@ def fit_args(tiny_model_dir, data_path, tmp_path, *extra):
     ]
 
 
+def fit_tiny_run(tiny_model_dir, root: Path, *extra: str) -> Path:
+    """A short fit of the shrunk cpu.yaml on tiny_records(30) written into ``root``: its last.ckpt
+    (the trained checkpoint several test files start from)."""
+    data = root / "trn.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(30)))
+    main(fit_args(tiny_model_dir, data, root, *extra))
+    return next((root / "logs").rglob("last.ckpt"))
+
+
 # The tests were written for plain batches of 2 x accumulate 4 (the seed's shape): they count
 # steps, examples and checkpoints in it. cpu.yaml's own packed rows are run as shipped by
 # test_cli.py::test_two_steps_of_fit_run_from_every_config and test_scale.py's resume tests.

@@ -20,7 +20,7 @@ from amzft.generate import Answer, generate_answers
 from amzft.gguf_export import modelfile
 from amzft.model import LoraCausalLM
 from amzft.scoring import collapsed_share, failure_views
-from conftest import REPO, fit_args, one_line_error, tiny_records
+from conftest import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
 
 SAME = "This comfortable cotton shirt is perfect for everyday wear and easy to wash."
 
@@ -156,12 +156,8 @@ def test_decoding_greedy_and_overrides_reach_every_command(record, tiny_model_di
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """One step of fit on tiny_records(30) with train / validation / test splits: its last.ckpt."""
-    root = tmp_path_factory.mktemp("trained")
-    data = root / "trn.json"
-    data.write_text("\n".join(json.dumps(r) for r in tiny_records(30)) + "\n")
-    main(fit_args(tiny_model_dir, data, root, "--trainer.max_steps", "1", "--data.val_fraction", "0.2",
-                  "--data.test_fraction", "0.2"))
-    return str(next((root / "logs").rglob("last.ckpt")))
+    return str(fit_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("trained"), "--trainer.max_steps", "1",
+                            "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
 
 
 def test_exports_carry_the_decoding(trained, tmp_path, capsys):

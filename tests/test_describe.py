@@ -21,7 +21,7 @@ from amzft.cli import main
 from amzft.data.stats import PipelineStats
 from amzft.generate import generate_answers
 from amzft.model import LoraCausalLM
-from conftest import fit_args, one_line_error, tiny_records
+from conftest import fit_tiny_run, one_line_error, tiny_records
 
 # ~55-token prompts + 5 new tokens: 4 rows a batch, so 29 titles make 8 batches.
 SMALL_BATCHES = ("--max_new_tokens", "5", "--token_budget", "250", "--progress_every", "0")
@@ -31,10 +31,7 @@ SMALL_BATCHES = ("--max_new_tokens", "5", "--token_budget", "250", "--progress_e
 def trained(tiny_model_dir, tmp_path_factory):
     """A checkpoint of the tests' shrunk cpu.yaml (2 steps), and a second one with other weights."""
     tmp = tmp_path_factory.mktemp("describe-fit")
-    data = tmp / "trn.json"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(30)))
-    main(fit_args(tiny_model_dir, data, tmp, "--trainer.max_steps", "2"))
-    ckpt = next((tmp / "logs").rglob("last.ckpt"))
+    ckpt = fit_tiny_run(tiny_model_dir, tmp, "--trainer.max_steps", "2")
     other = torch.load(ckpt, weights_only=True)
     key = next(k for k in other["state_dict"] if "lora_B" in k)
     other["state_dict"][key] = other["state_dict"][key] + 0.5

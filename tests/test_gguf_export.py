@@ -18,7 +18,7 @@ from amzft.data.prompt import PromptFormat, adds_bos, chat_template_for
 from amzft.gguf_export import modelfile
 from amzft.model import LoraCausalLM
 from amzft.sources import load_tokenizer
-from conftest import REPO, fit_args, one_line_error, tiny_records
+from conftest import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
 
 # Real-looking titles: digits, punctuation, braces, quotes, non-ASCII.
 TITLES = [
@@ -82,10 +82,7 @@ def test_modelfile_renders_the_training_prompt():
 def exports(tiny_model_dir, tmp_path_factory):
     """A tiny trained run with a non-trivial adapter, exported as peft, merged, GGUF f16 and q8_0."""
     tmp = tmp_path_factory.mktemp("gguf")
-    data = tmp / "trn.json"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(30)))
-    main(fit_args(tiny_model_dir, data, tmp, "--trainer.max_steps", "2"))
-    ckpt = next((tmp / "logs").rglob("last.ckpt"))
+    ckpt = fit_tiny_run(tiny_model_dir, tmp, "--trainer.max_steps", "2")
     module, _ = LoraCausalLM.from_checkpoint(ckpt)
     with torch.no_grad():  # make the adapter non-trivial so that a wrong export shows
         for n, p in module.model.named_parameters():
