@@ -74,10 +74,6 @@ class Describer(LightningModule):
         super().__init__()
         self.lm, self.options, self.use_adapter = module, options, use_adapter
 
-    @property
-    def tokenizer(self):
-        return self.lm.tokenizer
-
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         answers = generate_ids(self.lm, batch["prompt_ids"], self.options, self.use_adapter)
         rows = []

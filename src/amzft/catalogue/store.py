@@ -57,8 +57,6 @@ class OutputStore:
         """``fresh``, ``resume`` or ``complete`` for a run of ``identity``; raises ConfigError when
         the output holds answers of another run. ``create``: write the manifest of a fresh run
         (the first process does; the others find it)."""
-        if self.out.is_dir():
-            raise ConfigError(f"--out {self.out} is a directory; give a file name such as descriptions.jsonl")
         if self.manifest.is_file():
             self._check_same(_read_json(self.manifest), identity, self.partial)
             return "resume"
