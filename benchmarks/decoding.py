@@ -6,7 +6,7 @@
 Each grid entry is ``repetition_penalty:no_repeat_ngram_size`` on greedy decoding, optionally
 followed by ``:length_decay_start:length_decay_factor`` (e.g. ``1.15:4:96:1.1``). The model is
 loaded once; every setting scores the same seeded sample of products with
-``amzft.evaluation.run_evaluation`` (what ``python -m amzft evaluate`` runs): the checkpoint's
+``amzft.evaluation.run.run_evaluation`` (what ``python -m amzft evaluate`` runs): the checkpoint's
 seen (train) and held-out (test) products, or, with ``--data`` another file, its products the
 checkpoint was trained on (seen) and the others (unseen). Prints one table (setting, split,
 ROUGE-L, looping, never stopped, collapsed, names/numbers invented) with the CPU and the date;
@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from machine import cpu_name
 
-from amzft.checkpoints import datamodule_from_checkpoint, resolve_ckpt_path
-from amzft.decoding import DEFAULT_DECODING, resolve_decoding
-from amzft.evaluation import other_file, run_evaluation
-from amzft.model import LoraCausalLM
-from amzft.quiet import quiet_libraries
+from amzft.checkpoints.locate import resolve_ckpt_path
+from amzft.checkpoints.restore import datamodule_from_checkpoint
+from amzft.cli.quiet import quiet_libraries
+from amzft.evaluation.run import other_file, run_evaluation
+from amzft.inference.decoding import DEFAULT_DECODING, resolve_decoding
+from amzft.model.module import LoraCausalLM
 
 COLUMNS = {"rougeL": "ROUGE-L", "looping": "looping", "never_stopped": "no-stop", "collapsed": "collapsed",
            "facts_invented": "invented"}

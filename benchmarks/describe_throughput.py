@@ -37,11 +37,11 @@ from machine import cpu_flags, cpu_name
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from amzft.catalogue.command import _load
-from amzft.cli import main as amzft
+from amzft.cli.main import main as amzft
+from amzft.cli.quiet import quiet_libraries
 from amzft.data.clean import clean_text
-from amzft.decoding import DEFAULT_DECODING
-from amzft.quiet import quiet_libraries
-from amzft.sources import load_tokenizer
+from amzft.inference.decoding import DEFAULT_DECODING
+from amzft.model.sources import load_tokenizer
 
 
 def _titles(path: Path, n: int) -> list[dict]:
@@ -130,7 +130,7 @@ def memory(args, tmp: Path) -> None:
 # Runs the command in a fresh process and prints its peak RSS last (ru_maxrss is KiB on Linux).
 _MEASURED = """
 import json, resource, sys
-from amzft.cli import main
+from amzft.cli.main import main
 main(sys.argv[1:])
 print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

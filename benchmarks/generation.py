@@ -12,14 +12,14 @@ import time
 
 import torch
 
+from amzft.cli.quiet import quiet_libraries
 from amzft.data.clean import FilterSettings, RecordFilter
 from amzft.data.prompt import PromptFormat
 from amzft.data.reader import read_records
 from amzft.data.stats import PipelineStats
-from amzft.generate import GenerationOptions, generate
-from amzft.model import LoraCausalLM
-from amzft.paths import shipped_sample
-from amzft.quiet import quiet_libraries
+from amzft.files import shipped_sample
+from amzft.inference.generate import GenerationOptions, generate
+from amzft.model.module import LoraCausalLM
 
 
 def main() -> None:

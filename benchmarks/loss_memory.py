@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from amzft.loss import head_loss_sum
+from amzft.model.loss import head_loss_sum
 
 
 def measure(tokens: int, chunk: int, hidden: int, vocab: int, device: str) -> dict:

@@ -1,5 +1,5 @@
 """The CPU a benchmark ran on, printed beside its figures (CPU figures are only comparable with
-the CPU named). Kept free of amzft imports: amzft.precision reads the same /proc/cpuinfo, but
+the CPU named). Kept free of amzft imports: amzft.model.precision reads the same /proc/cpuinfo, but
 importing it loads Lightning, which would add to the start-up and RSS that first_step.py measures."""
 
 from __future__ import annotations

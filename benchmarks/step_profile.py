@@ -26,8 +26,8 @@ import time
 
 from machine import cpu_flags, cpu_name
 
-from amzft.quiet import quiet_libraries
-from amzft.sources import force_offline
+from amzft.cli.quiet import quiet_libraries
+from amzft.model.sources import force_offline
 
 KINDS = {  # operator name fragment -> kind (first match wins)
     "scaled_dot_product": "attention",
@@ -68,7 +68,7 @@ def main() -> None:
     import torch  # noqa: PLC0415 - after force_offline
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    from amzft.lightning_cli import cli_main  # noqa: PLC0415
+    from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415
 
     work = tempfile.mkdtemp(prefix="amzft-step-profile-")
     cli_args = ["fit", "--config", args.config, "--trainer.default_root_dir", work, "--data.cache_dir", os.path.join(work, "cache")]

@@ -12,7 +12,7 @@ Prints, per run, real tokens per second over the steps after the first (warm-up)
 of the examples trained, counted alike for every run (with ``+share`` amzft processes the
 shared preamble once per row but trains each example on all of its tokens); padding
 efficiency (non-pad positions processed / positions processed); and each amzft run / HF Trainer.
-amzft's numbers are the CLI's own ThroughputMeter (amzft.throughput), the one ``fit`` logs.
+amzft's numbers are the CLI's own ThroughputMeter (amzft.training.throughput), the one ``fit`` logs.
 
 torch, transformers, peft and Lightning are imported inside the functions, after
 ``force_offline()`` in main(): the Hugging Face libraries read the offline switches when first
@@ -28,8 +28,8 @@ import time
 
 from machine import cpu_flags, cpu_name
 
-from amzft.quiet import quiet_libraries
-from amzft.sources import force_offline, resolve_model_dir
+from amzft.cli.quiet import quiet_libraries
+from amzft.model.sources import force_offline, resolve_model_dir
 
 
 def run_amzft(args, variant: str, root: str) -> dict:
@@ -38,8 +38,8 @@ def run_amzft(args, variant: str, root: str) -> dict:
     ``cpu.yaml`` (``+bf16`` allowed): the shipped config's own layout, shared preamble, row
     length, precision and compile choices (``auto`` resolved for this machine), only the batch
     (2 x 4) and lr set to the HF run's."""
-    from amzft.lightning_cli import cli_main  # noqa: PLC0415 - after force_offline (module doc)
-    from amzft.throughput import ThroughputMeter  # noqa: PLC0415
+    from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415 - after force_offline (module doc)
+    from amzft.training.throughput import ThroughputMeter  # noqa: PLC0415
 
     layout, *flags = variant.split("+")
     unknown = set(flags) - {"share", "compile", "bf16"}

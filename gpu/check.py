@@ -51,7 +51,7 @@ def make_model(directory: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from amzft.sources import force_offline, load_tokenizer
+    from amzft.model.sources import force_offline, load_tokenizer
 
     force_offline()
     if (directory / "config.json").is_file():
@@ -111,7 +111,7 @@ def amzft_command(name: str, model_dir: Path, data: str, work: Path, steps: int,
     result = work / f"{name}.json"
     # Named by its path, not imported: check.py also runs as the reference process, which must never
     # import Lightning. The CLI then uses this meter instead of adding its own.
-    callback = json.dumps({"class_path": "amzft.throughput.ThroughputMeter", "init_args": {"summary_path": str(result)}})
+    callback = json.dumps({"class_path": "amzft.training.throughput.ThroughputMeter", "init_args": {"summary_path": str(result)}})
     return [sys.executable, "-m", "amzft", "fit", "--config", str(REPO / "configs" / config),
             "--model.name_or_path", str(model_dir), "--data.path", data, "--data.cache_dir", str(work / "cache"),
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
@@ -138,8 +138,8 @@ def run_cli(name: str, args: list[str], work: Path, timeout: float = 300) -> dic
 # ------------------------------------------------------------------------- reference side
 def reference(model_dir: str, data: str, steps: int, out: str) -> None:
     """The seed notebook's recipe, in this (fresh) process: unsloth imported first (this module
-    imports nothing heavy at its top, nor does amzft.bootstrap)."""
-    from amzft.bootstrap import import_unsloth
+    imports nothing heavy at its top, nor does amzft.cli.import_order)."""
+    from amzft.cli.import_order import import_unsloth
 
     import_unsloth()  # before transformers (trl, datasets): Unsloth patches it on import
     import torch
@@ -288,7 +288,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu/check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     sys.path.insert(0, str(REPO / "src"))
-    from amzft.paths import shipped_sample
+    from amzft.files import shipped_sample
 
     wanted = args.only.split(",") if args.only else [*DEFAULT_RUNS, *(() if args.skip_functional else FUNCTIONAL)]
     unknown = [k for k in wanted if k not in RUNS and k not in FUNCTIONAL]

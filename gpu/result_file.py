@@ -23,6 +23,8 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+from amzft.files import atomic_write
+
 SCHEMA = 1
 MIB_PER_GIB = 1024
 # The packages whose versions decide the figures (liger-kernel only where installed).
@@ -77,9 +79,6 @@ def assemble(summaries: dict[str, dict], *, device: str, versions: dict[str, str
 
 
 def write(document: dict, path: Path) -> Path:
-    """Write atomically (a rename), so a check killed mid-write leaves the previous runs' file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=1) + "\n")
-    partial.replace(path)
+    """Write atomically (``amzft.files.atomic_write``), so a check killed mid-write leaves the previous runs' file."""
+    atomic_write(path, lambda f: f.write((json.dumps(document, indent=1) + "\n").encode()))
     return path

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from amzft.cli import main
-from amzft.quiet import quiet_libraries
-from amzft.sources import force_offline, load_tokenizer
+from amzft.cli.main import main
+from amzft.cli.quiet import quiet_libraries
+from amzft.model.sources import force_offline, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -38,8 +38,8 @@ def _offline():
 @pytest.fixture(autouse=True)
 def _no_inherited_precision():
     """``precision: auto`` leaves its choice in the environment for the processes a run starts
-    (amzft.precision.resolve): one test's choice, often on a faked CPU, must not reach the
-    subprocesses of the next. The name is amzft.precision.RESOLVED_ENV (not imported: module doc)."""
+    (amzft.model.precision.resolve): one test's choice, often on a faked CPU, must not reach the
+    subprocesses of the next. The name is amzft.model.precision.RESOLVED_ENV (not imported: module doc)."""
     os.environ.pop("AMZFT_PRECISION_AUTO", None)
     yield
     os.environ.pop("AMZFT_PRECISION_AUTO", None)

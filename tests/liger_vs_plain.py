@@ -15,8 +15,8 @@ import sys
 import torch
 
 from amzft.data.batching import Collator
-from amzft.model import LoraCausalLM
-from amzft.sources import load_tokenizer
+from amzft.model.module import LoraCausalLM
+from amzft.model.sources import load_tokenizer
 
 
 def measure(model_dir: str, kernels: str, bf16: bool, batch: dict) -> dict:

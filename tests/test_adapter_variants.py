@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from amzft.model import LoraCausalLM
+from amzft.model.module import LoraCausalLM
 from conftest import fit_args, one_line_error, tiny_records
 from test_evaluate_export import exports_give_the_logits
 from test_model import RecordSteps, run_fit, straight_and_resumed

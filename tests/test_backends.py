@@ -14,14 +14,14 @@ import torch
 from bitsandbytes.backends.cpu.ops import has_avx512bf16
 from transformers import AutoModelForCausalLM
 
-import amzft.backends
-from amzft.bootstrap import import_unsloth_if_wanted, wants_unsloth
-from amzft.cli import main
+import amzft.model.backends
+from amzft.cli.import_order import import_unsloth_if_wanted, wants_unsloth
+from amzft.cli.main import main
 from amzft.data.batching import Collator
-from amzft.export import export
-from amzft.loss import token_loss_sum
-from amzft.model import LoraCausalLM
-from amzft.paths import shipped_sample
+from amzft.export.formats import export
+from amzft.files import shipped_sample
+from amzft.model.loss import token_loss_sum
+from amzft.model.module import LoraCausalLM
 from conftest import REPO, fit_args, one_line_error, tiny_records
 from test_model import straight_and_resumed
 
@@ -76,7 +76,7 @@ def test_without_the_workaround_the_bug_shows_on_this_cpu(tiny_model_dir, batch,
     tiny model's) a crash inside bitsandbytes. Only on CPUs with AVX512-BF16, where the bug lives."""
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: the bitsandbytes bug cannot show here")
-    monkeypatch.setattr(amzft.backends, "disable_avx512bf16_repacking", lambda model: 0)
+    monkeypatch.setattr(amzft.model.backends, "disable_avx512bf16_repacking", lambda model: 0)
     module = _nf4(tiny_model_dir)
     before = _lora_grads(module, batch)
     try:
@@ -126,8 +126,8 @@ def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
     assert not wants_unsloth(["fit", "--config", base, "--model.backend", "hf"])  # the command line wins
     assert not wants_unsloth(["evaluate", "--ckpt_path", "/nowhere/version_0/checkpoints/last.ckpt"])
     code = (
-        "import sys; from amzft.bootstrap import import_unsloth_if_wanted as f; "
-        f"r = f(['fit', '--config', {base!r}]); import amzft, amzft.cli; "
+        "import sys; from amzft.cli.import_order import import_unsloth_if_wanted as f; "
+        f"r = f(['fit', '--config', {base!r}]); import amzft, amzft.cli.main; "
         "print(r, 'unsloth' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -210,8 +210,8 @@ def _fake_liger(monkeypatch) -> dict:
 
 def test_liger_is_applied_to_the_base_and_its_fused_loss_gets_the_label_rows(tiny_model_dir, batch, monkeypatch):
     calls = _fake_liger(monkeypatch)
-    settings = amzft.backends.LoraSettings(name_or_path=str(tiny_model_dir), kernels="liger", device="cuda:0")
-    model, _ = amzft.backends.build_hf(settings)
+    settings = amzft.model.backends.LoraSettings(name_or_path=str(tiny_model_dir), kernels="liger", device="cuda:0")
+    model, _ = amzft.model.backends.build_hf(settings)
     assert calls["apply"]["model"] is model.get_base_model()  # the base, before the adapters went on
     assert {k: v for k, v in calls["apply"].items() if k != "model"} == dict(
         rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
@@ -220,5 +220,5 @@ def test_liger_is_applied_to_the_base_and_its_fused_loss_gets_the_label_rows(tin
     assert shape[0] == n and weight is model.get_base_model().get_output_embeddings().weight and reduction == "sum"
     plain, _ = token_loss_sum(model, batch, plain_head=True, chunk=4)
     torch.testing.assert_close(fused, plain)
-    with pytest.raises(amzft.backends.ConfigError, match=r"needs a CUDA GPU and the liger-kernel package \(no CUDA device here\)"):
-        amzft.backends.build_hf(amzft.backends.LoraSettings(name_or_path=str(tiny_model_dir), kernels="liger"))
+    with pytest.raises(amzft.model.backends.ConfigError, match=r"needs a CUDA GPU and the liger-kernel package \(no CUDA device here\)"):
+        amzft.model.backends.build_hf(amzft.model.backends.LoraSettings(name_or_path=str(tiny_model_dir), kernels="liger"))

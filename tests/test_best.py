@@ -8,13 +8,16 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from amzft import checkpoints, commands
-from amzft.callbacks import StopAtStep
-from amzft.checkpoints import BestChoice, find_best_checkpoint, load_checkpoint_file
-from amzft.cli import main
-from amzft.generate import GenerationOptions
-from amzft.lightning_cli import cli_main
-from amzft.selection import BestCheckpoint, EarlyStop, ValidationSchedule
+from amzft.checkpoints import locate
+from amzft.checkpoints.best import BestCheckpoint
+from amzft.checkpoints.io import load_checkpoint_file
+from amzft.checkpoints.locate import BestChoice, find_best_checkpoint
+from amzft.cli import demo
+from amzft.cli.lightning_cli import cli_main
+from amzft.cli.main import main
+from amzft.inference.generate import GenerationOptions
+from amzft.training.callbacks import StopAtStep
+from amzft.training.validation import EarlyStop, ValidationSchedule
 from conftest import REPO, fit_args, one_line_error, tiny_records
 from test_model import RecordSteps, run_fit
 
@@ -151,26 +154,26 @@ def test_the_demo_says_which_step_is_best_and_why(tmp_path, monkeypatch):
     best = BestChoice(tmp_path / "version_0" / "checkpoints" / "best.ckpt", 20, "val/loss", 3.2153, [(20, 3.2153)])
     history = [(s, {"val/loss": v}) for s, v in [(10, 3.5), (20, 3.2153), (30, 3.3), (40, 3.9), (50, 4.2), (60, 4.6612)]]
     with monkeypatch.context() as m:
-        m.setattr(checkpoints, "find_best_checkpoint", lambda root: best)
-        path, why = commands._demo_pick(tmp_path / "last.ckpt", history, str(tmp_path))
+        m.setattr(locate, "find_best_checkpoint", lambda root: best)
+        path, why = demo._demo_pick(tmp_path / "last.ckpt", history, str(tmp_path))
     assert path == best.path
     assert why == "the best checkpoint: step 20 (lowest val/loss 3.2153 of the 6 validations; the last, step 60, had 4.6612)"
-    path, why = commands._demo_pick(tmp_path / "last.ckpt", [], str(tmp_path / "nothing"))
+    path, why = demo._demo_pick(tmp_path / "last.ckpt", [], str(tmp_path / "nothing"))
     assert path.name == "last.ckpt" and "no validation kept a best one" in why
 
 
 def test_the_demo_trains_stops_resumes_and_picks_the_best(tiny_model_dir, write_jsonl, tmp_path, capsys):
     data = write_jsonl(tiny_records(24))
     extra = _args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "4")[3:]  # without "fit --config cpu.yaml"
-    last, datamodule, history = commands._demo_train(str(REPO / "configs" / "cpu.yaml"), extra, str(tmp_path / "logs"))
+    last, datamodule, history = demo._demo_train(str(REPO / "configs" / "cpu.yaml"), extra, str(tmp_path / "logs"))
     assert [step for step, _ in history] == [2, 4]  # step 2 in the stopped run, 4 after the resume
-    chosen, why = commands._demo_pick(last, history, str(tmp_path / "logs"))
+    chosen, why = demo._demo_pick(last, history, str(tmp_path / "logs"))
     losses = {step: m["val/loss"] for step, m in history}
     step = min(losses, key=losses.get)
     assert chosen.name == f"best-step{step:05d}-val_loss{losses[step]:.4f}.ckpt"
     assert why.startswith(f"the best checkpoint: step {step} (lowest val/loss {losses[step]:.4f} of the 2 validations; ")
     # the answers: base, the chosen checkpoint's and, when it is not the last, the last one's too
     capsys.readouterr()
-    commands._demo_answers(chosen, datamodule, GenerationOptions(max_new_tokens=3), last)
+    demo._demo_answers(chosen, datamodule, GenerationOptions(max_new_tokens=3), last)
     out = capsys.readouterr().out
     assert out.count("base model:") == out.count(f"fine-tuned, best (step {step}):") == out.count("fine-tuned, last (step 4):") >= 3

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from amzft.checkpoints import atomic_torch_save, load_checkpoint_file
+from amzft.checkpoints.io import atomic_torch_save, load_checkpoint_file
+from amzft.cli.lightning_cli import cli_main
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
-from amzft.lightning_cli import cli_main
-from amzft.model import LoraCausalLM
+from amzft.model.module import LoraCausalLM
 from conftest import REPO, fit_args
 
 

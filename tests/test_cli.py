@@ -10,17 +10,18 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import amzft.commands as commands
-from amzft.cli import main
-from amzft.lightning_cli import cli_main
-from amzft.selection import ValidationSchedule
+import amzft.cli.commands as commands
+import amzft.cli.demo as demo
+from amzft.cli.lightning_cli import cli_main
+from amzft.cli.main import main
+from amzft.training.validation import ValidationSchedule
 from conftest import REPO, SEED_SHAPED_BATCHES, fit_args, one_line_error
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys, amzft.cli as c; c.main(['--help']); "
+    code = ("import sys, amzft.cli.main as c; c.main(['--help']); "
             "print(sorted(m for m in ('torch','transformers','lightning','unsloth') if m in sys.modules))")
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -156,7 +157,7 @@ def test_every_command_reads_every_config(command, config, monkeypatch):
     class Parsed(Exception):
         pass
 
-    real = commands._parser
+    real = commands.command_parser
 
     def spy(*args, **kwargs):
         parser = real(*args, **kwargs)
@@ -169,10 +170,11 @@ def test_every_command_reads_every_config(command, config, monkeypatch):
         parser.parse_args = parse_and_stop
         return parser
 
-    monkeypatch.setattr(commands, "_parser", spy)
+    home = demo if command == "demo" else commands
+    monkeypatch.setattr(home, "command_parser", spy)
     extra = {"ask": ["Mug"], "export": ["--out", "x"]}.get(command, [])
     with pytest.raises(Parsed):
-        getattr(commands, f"{command}_command")(["--config", str(config), *extra])
+        getattr(home, f"{command}_command")(["--config", str(config), *extra])
     assert seen["cfg"] is not None
 
 

@@ -9,7 +9,7 @@ from amzft.data.encode import IGNORE_INDEX, PromptEncoder, encode_texts, join_ex
 from amzft.data.prompt import PromptFormat
 from amzft.data.split import assign_split
 from amzft.errors import DataError
-from amzft.sources import load_tokenizer
+from amzft.model.sources import load_tokenizer
 from conftest import REAL_400, SHARED_DATA, needs_real_data
 
 

@@ -1,4 +1,4 @@
-"""One default decoding everywhere (amzft.decoding), the ``collapsed`` view, and the decoding
+"""One default decoding everywhere (amzft.inference.decoding), the ``collapsed`` view, and the decoding
 benchmark (tiny models, fast)."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import pytest
 import torch
 import yaml
 
-from amzft import generate as generation
-from amzft.cli import main
+from amzft.cli.main import main
 from amzft.data.prompt import PromptFormat
-from amzft.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions, describe, resolve_decoding
 from amzft.errors import ConfigError
-from amzft.generate import Answer, generate_answers
-from amzft.gguf_export import modelfile
-from amzft.model import LoraCausalLM
-from amzft.scoring import collapsed_share, failure_views
+from amzft.evaluation.scoring import collapsed_share, failure_views
+from amzft.export.gguf import modelfile
+from amzft.inference import generate as generation
+from amzft.inference.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions, describe, resolve_decoding
+from amzft.inference.generate import Answer, generate_answers
+from amzft.model.module import LoraCausalLM
 from conftest import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
 
 SAME = "This comfortable cotton shirt is perfect for everyday wear and easy to wash."
@@ -69,7 +69,7 @@ def test_decoding_presets_and_overrides():
 
 @pytest.fixture
 def record(monkeypatch):
-    """Every command's answers come from amzft.generate.generate: record the options each call
+    """Every command's answers come from amzft.inference.generate.generate: record the options each call
     gets (under the label set in ``calls["now"]``) and answer without a model."""
     calls: dict = {"now": None}
 

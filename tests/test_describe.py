@@ -17,10 +17,10 @@ from amzft.catalogue.plan import PlanSettings, plan_batches, shard
 from amzft.catalogue.run import PartWriter
 from amzft.catalogue.store import OutputStore, row_bytes
 from amzft.catalogue.titles import TitleRecord
-from amzft.cli import main
+from amzft.cli.main import main
 from amzft.data.stats import PipelineStats
-from amzft.generate import generate_answers
-from amzft.model import LoraCausalLM
+from amzft.inference.generate import generate_answers
+from amzft.model.module import LoraCausalLM
 from conftest import fit_tiny_run, one_line_error, tiny_records
 
 # ~55-token prompts + 5 new tokens: 4 rows a batch, so 29 titles make 8 batches.

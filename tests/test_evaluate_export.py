@@ -6,10 +6,10 @@ from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from amzft.cli import main
-from amzft.generate import Answer
-from amzft.model import LoraCausalLM
-from amzft.scoring import failure_views, is_looping, is_title_only, overlap_scores
+from amzft.cli.main import main
+from amzft.evaluation.scoring import failure_views, is_looping, is_title_only, overlap_scores
+from amzft.inference.generate import Answer
+from amzft.model.module import LoraCausalLM
 from conftest import fit_args
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from amzft.checkpoints import datamodule_from_checkpoint
-from amzft.cli import main
+from amzft.checkpoints.restore import datamodule_from_checkpoint
+from amzft.cli.main import main
 from conftest import fit_args, tiny_records
 
 

@@ -7,8 +7,8 @@ from transformers.integrations import sdpa_attention
 
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
-from amzft.generate import _gqa_sdpa_on_cpu, generate_answers
-from amzft.model import LoraCausalLM
+from amzft.inference.generate import _gqa_sdpa_on_cpu, generate_answers
+from amzft.model.module import LoraCausalLM
 
 TITLES = ["Mug", "A much longer product title with many words in it", "Lamp"]
 
@@ -90,5 +90,5 @@ def test_shared_kv_heads_on_cpu_give_transformers_own_answers_and_logits(tiny_mo
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     fmt = PromptFormat()
     with_patch = generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8)
-    monkeypatch.setattr("amzft.generate._gqa_sdpa_on_cpu", contextlib.nullcontext)
+    monkeypatch.setattr("amzft.inference.generate._gqa_sdpa_on_cpu", contextlib.nullcontext)
     assert generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8) == with_patch

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
-from amzft.cli import main
+from amzft.cli.main import main
 from amzft.data.encode import PromptEncoder
 from amzft.data.prompt import PromptFormat, adds_bos, chat_template_for
-from amzft.gguf_export import modelfile
-from amzft.model import LoraCausalLM
-from amzft.sources import load_tokenizer
+from amzft.export.gguf import modelfile
+from amzft.model.module import LoraCausalLM
+from amzft.model.sources import load_tokenizer
 from conftest import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
 
 # Real-looking titles: digits, punctuation, braces, quotes, non-ASCII.

@@ -1,7 +1,7 @@
 """CUDA-only checks of the unsloth backend (skipped without CUDA; see gpu/run_on_device.sh).
 
 Run this file on its own (``python -m pytest tests/test_gpu.py``) so that Unsloth is imported
-before transformers, as ``python -m amzft`` does (amzft.bootstrap); collected after other test
+before transformers, as ``python -m amzft`` does (amzft.cli.import_order); collected after other test
 files it still runs, with Unsloth's "import me first" warning.
 """
 
@@ -17,15 +17,15 @@ import pytest
 import torch
 
 if torch.cuda.is_available():  # before anything imports transformers / peft / lightning
-    from amzft.bootstrap import import_unsloth_if_wanted
+    from amzft.cli.import_order import import_unsloth_if_wanted
 
     import_unsloth_if_wanted(["fit", "--model.backend", "unsloth"])
 
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from amzft.callbacks import StopAtStep  # noqa: E402
-from amzft.cli import main  # noqa: E402
+from amzft.cli.main import main  # noqa: E402
+from amzft.training.callbacks import StopAtStep  # noqa: E402
 from conftest import REPO, fit_args, tiny_records  # noqa: E402
 from test_model import RecordSteps, run_fit  # noqa: E402
 

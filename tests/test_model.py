@@ -11,15 +11,16 @@ from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
 
-import amzft.model as model_module
-from amzft.callbacks import StopAtStep
-from amzft.checkpoints import init_kwargs, load_checkpoint_file
+import amzft.model.module as model_module
+from amzft.checkpoints.adapter import init_kwargs
+from amzft.checkpoints.io import load_checkpoint_file
+from amzft.cli.lightning_cli import cli_main
 from amzft.data.batching import Collator
 from amzft.errors import ConfigError
-from amzft.generate import GenerationOptions, generate
-from amzft.lightning_cli import cli_main
-from amzft.loss import head_loss_sum
-from amzft.model import COMPILE_BREAK_EVEN_STEPS, LoraCausalLM, decide_compile
+from amzft.inference.generate import GenerationOptions, generate
+from amzft.model.loss import head_loss_sum
+from amzft.model.module import COMPILE_BREAK_EVEN_STEPS, LoraCausalLM, decide_compile
+from amzft.training.callbacks import StopAtStep
 from conftest import fit_args, tiny_records
 
 

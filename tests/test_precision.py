@@ -1,4 +1,4 @@
-"""trainer.precision: auto (amzft.precision): the rule on fake /proc/cpuinfo texts, the probe
+"""trainer.precision: auto (amzft.model.precision): the rule on fake /proc/cpuinfo texts, the probe
 and its cap, and the CLI resolving it (logged, recorded in the run's config.yaml, resumable)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import time
 import pytest
 import yaml
 
-import amzft.precision as precision
-from amzft.cli import main
+import amzft.model.precision as precision
+from amzft.cli.lightning_cli import cli_main
+from amzft.cli.main import main
 from amzft.errors import ConfigError
-from amzft.lightning_cli import cli_main
-from amzft.precision import ProbeResult, for_cpu, for_cuda, probe, resolve
+from amzft.model.precision import ProbeResult, for_cpu, for_cuda, probe, resolve
 from conftest import fit_args
 
 

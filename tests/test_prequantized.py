@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from amzft.cli import main
-from amzft.export import DEQUANTIZED_NOTE, full_precision_module
-from amzft.model import LoraCausalLM
+from amzft.cli.main import main
+from amzft.export.formats import DEQUANTIZED_NOTE, full_precision_module
+from amzft.model.module import LoraCausalLM
 from conftest import fit_args, one_line_error, tiny_records
 from test_model import straight_and_resumed
 

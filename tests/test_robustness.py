@@ -19,13 +19,13 @@ import torch
 from lightning.pytorch import Callback
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from amzft.checkpoints import atomic_torch_save, load_checkpoint_file
-from amzft.cli import main
+from amzft.checkpoints.io import atomic_torch_save, load_checkpoint_file
+from amzft.cli.lightning_cli import cli_main
+from amzft.cli.main import main
 from amzft.data import build
 from amzft.data.build import DataSettings, prepare
 from amzft.errors import ConfigError, ModelError
-from amzft.lightning_cli import cli_main
-from amzft.nonfinite import MAX_CONSECUTIVE_SKIPS
+from amzft.training.nonfinite import MAX_CONSECUTIVE_SKIPS
 from conftest import fit_args, one_line_error, tiny_records
 from fault_helpers import ATTEMPTS, NetworkAccess
 
@@ -348,7 +348,7 @@ def test_fit_ask_export_without_network_in_a_fresh_process(tiny_model_dir, tiny_
     """HF offline variables unset: amzft must set them itself and never try the network."""
     script = (
         "import sys; sys.path.insert(0, %r); from fault_helpers import block_network; attempts = block_network();"
-        "from amzft.cli import main; argv = %r;"
+        "from amzft.cli.main import main; argv = %r;"
         "main(argv); main(['ask', 'Item 3 book', '--ckpt_path', %r, '--max_new_tokens', '3', '--compare', 'true']);"
         "main(['export', '--ckpt_path', %r, '--out', %r]);"
         "assert not attempts, attempts; print('OK no network')"

@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from amzft.callbacks import StopAtStep
-from amzft.checkpoints import best_record, load_checkpoint_file
+from amzft.checkpoints.io import load_checkpoint_file
+from amzft.checkpoints.locate import best_record
+from amzft.cli.lightning_cli import cli_main
 from amzft.data.batching import Collator, ResumableBatchSampler, pack_first_fit
 from amzft.data.build import DataSettings, prepare
 from amzft.data.encode import IGNORE_INDEX
 from amzft.data.module import AmazonTitlesDataModule, _EvalExamples, eval_shards
 from amzft.errors import ConfigError, DataError
-from amzft.lightning_cli import cli_main
-from amzft.model import LoraCausalLM
+from amzft.model.module import LoraCausalLM
+from amzft.training.callbacks import StopAtStep
 from conftest import REAL_400, fit_args, tiny_records
 from test_model import RecordSteps, run_fit
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from amzft.cli import main
-from amzft.evaluation import score_predictions_file
-from amzft.scoring import overlap_scores
+from amzft.cli.main import main
+from amzft.evaluation.run import score_predictions_file
+from amzft.evaluation.scoring import overlap_scores
 from conftest import one_line_error
 
 TUTU = "A tutu in neon pink tulle for ballet class and dress-up, sized for girls aged 2 to 8."
@@ -153,7 +153,7 @@ def test_a_gzip_file_is_read(tmp_path):
 
 def test_no_model_is_loaded(write_jsonl, monkeypatch, capsys):
     # A None entry in sys.modules makes importing that module fail: the path must not need them.
-    for name in ("amzft.generate", "amzft.model", "amzft.checkpoints", "amzft.backends", "peft"):
+    for name in ("amzft.inference.generate", "amzft.model.module", "amzft.checkpoints", "amzft.model.backends", "peft"):
         monkeypatch.setitem(sys.modules, name, None)
     path = write_jsonl([described("Girls Ballet Tutu", TUTU, TUTU)])
     main(["evaluate", "--predictions", str(path)])

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from amzft.generate import GREEDY, generate_answers
-from amzft.lightning_cli import cli_main
-from amzft.model import LoraCausalLM
-from amzft.sources import load_tokenizer
+from amzft.cli.lightning_cli import cli_main
+from amzft.inference.generate import GREEDY, generate_answers
+from amzft.model.module import LoraCausalLM
+from amzft.model.sources import load_tokenizer
 from conftest import REPO
 
 pytestmark = pytest.mark.slow

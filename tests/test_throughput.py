@@ -1,5 +1,5 @@
-"""The one throughput meter (amzft.throughput), the step progress bar and the parameter summary
-(amzft.progress), and the output noise amzft.quiet silences, on tiny fits."""
+"""The one throughput meter (amzft.training.throughput), the step progress bar and the parameter summary
+(amzft.training.progress), and the output noise amzft.cli.quiet silences, on tiny fits."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from amzft.cli import main
-from amzft.lightning_cli import cli_main
-from amzft.progress import StepProgressBar
-from amzft.throughput import ThroughputMeter
+from amzft.cli.lightning_cli import cli_main
+from amzft.cli.main import main
+from amzft.training.progress import StepProgressBar
+from amzft.training.throughput import ThroughputMeter
 from conftest import fit_args, tiny_records
 
 PER_STEP = ("train/tokens_per_s", "train/label_tokens_per_s", "train/padding_efficiency", "train/peak_memory_mib")
@@ -44,7 +44,7 @@ def fitted(tiny_model_dir, tmp_path_factory):
     data = tmp / "trn.json"
     data.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(30)))
     summary_path = tmp / "summary.json"
-    meter = json.dumps({"class_path": "amzft.throughput.ThroughputMeter", "init_args": {"summary_path": str(summary_path)}})
+    meter = json.dumps({"class_path": "amzft.training.throughput.ThroughputMeter", "init_args": {"summary_path": str(summary_path)}})
     args = fit_args(tiny_model_dir, data, tmp, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "true",
                     f"--trainer.callbacks+={meter}")
     cli = cli_main(args, run=False)
@@ -117,11 +117,11 @@ NOISE = ("FLOPs", "weights_only", "exists and is not empty", "Loading weights", 
 
 def test_fit_prints_no_noise(tiny_model_dir, tiny_data, tmp_path, capfd, caplog):
     """A fit stopped and resumed the way users do (stop-and-save, then ``--ckpt_path last``),
-    with the progress bar and model summary on, prints none of the lines amzft.quiet drops."""
-    stop = json.dumps({"class_path": "amzft.callbacks.StopAtStep", "init_args": {"step": 2}})
+    with the progress bar and model summary on, prints none of the lines amzft.cli.quiet drops."""
+    stop = json.dumps({"class_path": "amzft.training.callbacks.StopAtStep", "init_args": {"step": 2}})
     shown = ("--trainer.enable_progress_bar", "true", "--trainer.enable_model_summary", "true")
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # what amzft.quiet does not drop reaches `caught`
+        warnings.simplefilter("always")  # what amzft.cli.quiet does not drop reaches `caught`
         main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "3", *shown, f"--trainer.callbacks+={stop}"))
         main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "3", *shown, "--ckpt_path", "last"))
     captured = capfd.readouterr()

@@ -17,8 +17,8 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
-from amzft.decoding import add_decoding_arguments, decoding_from, describe
 from amzft.errors import ConfigError, DataError
+from amzft.inference.decoding import add_decoding_arguments, decoding_from, describe
 
 
 def _parser() -> ArgumentParser:
@@ -53,7 +53,7 @@ def describe_command(argv: list[str]) -> None:
 
     from lightning.pytorch.utilities import rank_zero_only
 
-    from amzft.checkpoints import resolve_ckpt_path
+    from amzft.checkpoints.locate import resolve_ckpt_path
 
     accelerator, precision = _device(cfg.trainer)
     ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root) if cfg.ckpt_path else None
@@ -183,9 +183,10 @@ def _default_precision(accelerator: str) -> str:
 
 def _load(ckpt: str | None, model_args: dict):
     """(module, prompt format, the data settings it was trained with)."""
-    from amzft.checkpoints import init_kwargs, load_checkpoint_file
+    from amzft.checkpoints.adapter import init_kwargs
+    from amzft.checkpoints.io import load_checkpoint_file
     from amzft.data.prompt import prompt_format_from
-    from amzft.model import LoraCausalLM
+    from amzft.model.module import LoraCausalLM
 
     if ckpt:
         module, fmt = LoraCausalLM.from_checkpoint(ckpt)

@@ -23,9 +23,9 @@ from amzft.catalogue.store import OutputStore, row_bytes
 from amzft.catalogue.titles import read_titles
 from amzft.data.encode import PromptEncoder
 from amzft.data.stats import PipelineStats
-from amzft.decoding import GenerationOptions
 from amzft.errors import AmzftError
-from amzft.generate import generate_ids
+from amzft.inference.decoding import GenerationOptions
+from amzft.inference.generate import generate_ids
 
 
 class StoppedBySignal(AmzftError):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from amzft.errors import ConfigError
-from amzft.paths import atomic_write
+from amzft.files import atomic_write
 
 _LINE = re.compile(rb'\{"line": (\d+),')
 

@@ -41,7 +41,7 @@ from amzft.data.reader import check_data_file, is_plain_json_lines, iter_raw_lin
 from amzft.data.split import SPLITS, assign_split
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
-from amzft.paths import cache_root, staging_dir
+from amzft.files import cache_root, staging_dir
 
 # bump when the examples a given setting produces change (2: HTML tags and control characters
 # removed; 3: the cache holds cleaned text, tokenised on demand; 4: cut responses are counted with

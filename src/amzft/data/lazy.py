@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from amzft.data.encode import Encoded, PromptEncoder, encode_texts, join_example
+from amzft.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +198,11 @@ class LazyExamples:
     def _save_counts(self) -> None:
         if self.counts_file is None:
             return
-        tmp = self.counts_file.with_name(f".{self.counts_file.name}.{os.getpid()}.tmp")
+        counts = np.stack([self.lengths, self.num_labels, self.truncated])
         try:
-            with tmp.open("wb") as f:
-                np.save(f, np.stack([self.lengths, self.num_labels, self.truncated]))
-            os.replace(tmp, self.counts_file)  # atomic: a reader sees all the counts or none
+            atomic_write(self.counts_file, lambda f: np.save(f, counts))  # a reader sees all the counts or none
         except OSError as exc:  # a read-only cache still works, it just counts again next time
             log.info("could not keep the token counts in %s: %s", self.counts_file, exc)
-            tmp.unlink(missing_ok=True)
 
     def subset(self, indices) -> LazyExamples:
         """The examples at ``indices`` as their own (in-memory) collection, counts carried over."""

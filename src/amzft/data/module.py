@@ -16,8 +16,9 @@ from amzft.data.clean import FilterSettings
 from amzft.data.prompt import ALPACA_TEMPLATE, SEED_QUESTION, PromptFormat
 from amzft.data.reader import check_data_file
 from amzft.errors import ConfigError
-from amzft.paths import shipped_sample
-from amzft.sources import load_tokenizer
+from amzft.files import shipped_sample
+from amzft.model.sources import load_tokenizer
+from amzft.training.lightning_compat import batches_run_this_epoch, epoch_number
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +263,11 @@ class AmazonTitlesDataModule(LightningDataModule):
     def _batches_consumed(self) -> int:
         # The trainer's own count of training batches run this epoch: loaders fetch ahead, so
         # counting what the sampler yielded would over-count on resume.
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return batches_run_this_epoch(self.trainer)
 
     def _epoch(self) -> int:
         # The value Lightning itself passes to samplers' set_epoch at each epoch start.
-        return self.trainer.fit_loop.epoch_progress.current.processed
+        return epoch_number(self.trainer)
 
     def examples(self, name: str):
         """The split's examples, tokenised on demand (data.lazy.LazyExamples)."""

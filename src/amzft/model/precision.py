@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-# Lightning's own type for Trainer(precision=...), so the CLI still rejects unknown values at parse time.
-from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from amzft.errors import ConfigError
+from amzft.training.lightning_compat import PrecisionInput
 
 PROBE_ENV = "AMZFT_PRECISION_PROBE"
 RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<device kind>:<precision>": what process <pid> chose
@@ -214,5 +213,5 @@ class AmzftTrainer(Trainer):
     checks the value). ``AmzftCLI`` resolves it earlier still, so the run's saved config.yaml
     records the precision actually used."""
 
-    def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs):
+    def __init__(self, *, precision: PrecisionInput | Literal["auto"] | None = None, **kwargs):
         super().__init__(precision=resolve(precision, kwargs.get("accelerator", "auto")), **kwargs)

@@ -5,9 +5,9 @@
 * ``merged`` (``--merge true`` too): LoRA folded into the base weights, a plain transformers
   model in safetensors that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads without peft;
 * ``gguf``: the merged model as one llama.cpp GGUF file (f16 or q8_0) and an Ollama
-  ``Modelfile`` (amzft.gguf_export).
+  ``Modelfile`` (amzft.export.gguf).
 
-Every export decodes as amzft does (``amzft.decoding``, ``DEFAULT_DECODING`` unless
+Every export decodes as amzft does (``amzft.inference.decoding``, ``DEFAULT_DECODING`` unless
 ``--decoding`` says otherwise): ``generation_config.json`` (peft, merged) holds the
 transformers settings, so ``model.generate(ids)`` needs no arguments; the Modelfile holds the
 repetition penalty (llama.cpp and Ollama have no ``no_repeat_ngram_size``).
@@ -28,14 +28,14 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from amzft.backends import prequantized
-from amzft.checkpoints import load_checkpoint_file
+from amzft.checkpoints.io import load_checkpoint_file
 from amzft.data.prompt import PromptFormat, chat_template_for
-from amzft.decoding import DEFAULT_DECODING, GenerationOptions, generation_config
 from amzft.errors import ConfigError
-from amzft.gguf_export import GGUF_TYPES, check_supported, export_gguf
-from amzft.model import LoraCausalLM
-from amzft.paths import staging_dir
+from amzft.export.gguf import GGUF_TYPES, check_supported, export_gguf
+from amzft.files import staging_dir
+from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions, generation_config
+from amzft.model.backends import prequantized
+from amzft.model.module import LoraCausalLM
 
 FORMATS = ("peft", "merged", "gguf")
 DEQUANTIZED_NOTE = "weights are the 4-bit base's, dequantized (not the original full-precision model's)"

@@ -9,51 +9,40 @@
   ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
 * ``sample_answers.*``: answers for a few validation products go to TensorBoard text every N
   steps, and their ROUGE-L is logged as ``val/rougeL`` at every validation.
-* ``validation.every_n_steps``: validation every N optimizer steps (``amzft.selection``).
+* ``validation.every_n_steps``: validation every N optimizer steps (``amzft.training.validation``).
 * ``best.*``: the best-k checkpoints by ``val/loss`` or ``val/rougeL``; ``--ckpt_path best``
   (validate / test / predict, and ``ask`` / ``evaluate`` / ``export``) picks the newest run's best.
 * ``early_stopping.*``: Lightning's EarlyStopping on ``best.monitor``, when ``patience`` > 0.
 * SIGTERM / Ctrl-C: training finishes the accumulation window, writes ``last.ckpt`` and stops.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
-* ``trainer.precision: auto`` is resolved for this machine (``amzft.precision``) before the
+* ``trainer.precision: auto`` is resolved for this machine (``amzft.model.precision``) before the
   trainer is built: the run's saved config.yaml records the precision used.
 * ``--decoding`` / ``--repetition_penalty`` / ``--no_repeat_ngram_size`` / ``--length_decay_*`` (top-level keys, as in
   ``ask`` / ``evaluate`` / ``demo`` / ``export``): how ``predict`` and ``sample_answers``
-  (``val/rougeL``) decode, ``amzft.decoding.DEFAULT_DECODING`` unless said otherwise.
+  (``val/rougeL``) decode, ``amzft.inference.decoding.DEFAULT_DECODING`` unless said otherwise.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from amzft.callbacks import (
-    GracefulStop,
-    PredictionsWriter,
-    Preflight,
-    SampleAnswers,
-)
-from amzft.checkpoints import (
-    LOG_NAME,
-    AtomicCheckpointIO,
-    ResumeMidEpoch,
-    check_writable,
-    resolve_ckpt_path,
-    run_version,
-)
+from amzft.checkpoints.best import BestCheckpoint
+from amzft.checkpoints.io import AtomicCheckpointIO, check_writable
+from amzft.checkpoints.locate import LOG_NAME, resolve_ckpt_path, run_version
 from amzft.data.module import AmazonTitlesDataModule
-from amzft.decoding import add_decoding_arguments, decoding_from
 from amzft.errors import ConfigError
-from amzft.model import LoraCausalLM
-from amzft.nonfinite import NonFiniteGuard
-from amzft.precision import AmzftTrainer, resolve
-from amzft.progress import ParameterSummary, StepProgressBar
-from amzft.selection import BestCheckpoint, EarlyStop, ValidationSchedule
-from amzft.throughput import ThroughputMeter
+from amzft.inference.decoding import add_decoding_arguments, decoding_from
+from amzft.model.module import LoraCausalLM
+from amzft.model.precision import AmzftTrainer, resolve
+from amzft.training.callbacks import SampleAnswers
+from amzft.training.lightning_compat import TrainerBuildHook
+from amzft.training.stack import fit_callbacks
+from amzft.training.validation import ValidationSchedule
 
 
-class AmzftCLI(LightningCLI):
+class AmzftCLI(TrainerBuildHook, LightningCLI):
     """``ckpt_path`` (resolved, ``last`` included) is kept on the instance so that code driving
     the trainer itself (``run=False``: the demo, tests) resumes exactly as ``fit`` does."""
 
@@ -131,13 +120,13 @@ class AmzftCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        # predict's answers and val/rougeL decode as ask / evaluate / demo do (amzft.decoding).
+        # predict's answers and val/rougeL decode as ask / evaluate / demo do (amzft.inference.decoding).
         self.model.decoding = self._decoding or self.model.decoding
         for callback in self.trainer.callbacks:
             if isinstance(callback, SampleAnswers):
                 callback.options = self._decoding or callback.options
 
-    def _instantiate_trainer(self, config, callbacks):
+    def trainer_parts(self, config, callbacks):
         root = config.get("default_root_dir") or "logs"
         if config.get("logger") in (None, True):
             config["logger"] = TensorBoardLogger(
@@ -145,29 +134,13 @@ class AmzftCLI(LightningCLI):
             )
         plugins = config.get("plugins") or []
         config["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
-        callbacks = [
-            *callbacks,
-            Preflight(),
-            ResumeMidEpoch(),
-            NonFiniteGuard(),
-            LearningRateMonitor(logging_interval="step"),
-            PredictionsWriter(),
-            GracefulStop(),
-            *([EarlyStop(**self._early_stop)] if self._early_stop else []),
-        ]
         given = config.get("callbacks") or []
-        given = given if isinstance(given, list) else [given]
-        # One meter per run: gpu/check.py passes its own (with summary_path), which then replaces
-        # this one. The meter comes before the bar, whose tokens/s it logs.
-        if not any(isinstance(c, ThroughputMeter) for c in given):
-            callbacks.append(ThroughputMeter())
-        # Lightning refuses a progress bar callback when the bar is disabled, and two of them.
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            callbacks.append(StepProgressBar())
-        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
-            callbacks.append(ParameterSummary())
-            config["enable_model_summary"] = False  # else Lightning logs that it skips its own summary
-        return super()._instantiate_trainer(config, callbacks)
+        summary = config.get("enable_model_summary") is not False
+        callbacks = fit_callbacks(callbacks, given if isinstance(given, list) else [given], early_stop=self._early_stop,
+                                  progress_bar=config.get("enable_progress_bar") is not False, model_summary=summary)
+        if summary:
+            config["enable_model_summary"] = False  # amzft's summary replaces Lightning's (which would say it skips)
+        return config, callbacks
 
 
 def _selection_settings(config) -> dict | None:
@@ -213,7 +186,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AmzftCLI:
         AmazonTitlesDataModule,
         seed_everything_default=3407,
         save_config_kwargs={"overwrite": True},
-        # Parse errors raise instead of printing the whole usage: amzft.cli makes them one line.
+        # Parse errors raise instead of printing the whole usage: amzft.cli.main makes them one line.
         parser_kwargs={"exit_on_error": False, "prog": "python -m amzft",
                        **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
         args=args,

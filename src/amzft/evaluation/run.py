@@ -2,7 +2,7 @@
 scored and written as report.md / report.json / TensorBoard scalars and text; or, with
 ``--predictions FILE``, answers already written (``describe``, ``predict``) scored the same way.
 
-The model side (amzft.generate, amzft.checkpoints) is imported by the functions that generate:
+The model side (amzft.inference.generate, amzft.checkpoints) is imported by the functions that generate:
 scoring a predictions file loads no model, so it does not import the model backends either.
 """
 
@@ -21,12 +21,12 @@ from torch.utils.tensorboard import SummaryWriter
 from amzft.data.reader import check_data_file, json_object, read_objects
 from amzft.data.split import product_key
 from amzft.data.stats import PipelineStats
-from amzft.decoding import GenerationOptions, describe
 from amzft.errors import ConfigError, DataError
-from amzft.scoring import failure_views, overlap_scores
+from amzft.evaluation.scoring import failure_views, overlap_scores
+from amzft.inference.decoding import GenerationOptions, describe
 
 if TYPE_CHECKING:
-    from amzft.generate import Answer
+    from amzft.inference.generate import Answer
 
 PREDICTIONS_SPLIT = "predictions"
 SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (validation)", "test": "held-out products",
@@ -45,7 +45,7 @@ def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
 
 def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_adapter: bool, batch_size: int,
                    with_base: bool = True) -> dict:
-    from amzft import generate as generation  # noqa: PLC0415 - the model backends (module doc)
+    from amzft.inference import generate as generation  # noqa: PLC0415 - the model backends (module doc)
 
     prompts = [fmt.render(t) for t in rows["title"]]
     models = ({"base": False} if with_base or not with_adapter else {}) | ({"fine-tuned": True} if with_adapter else {})
@@ -140,7 +140,7 @@ def other_file(ckpt: str, dm, path) -> tuple | None:
         return None
     if check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve() and dm.settings.limit is None:
         return None
-    from amzft.checkpoints import datamodule_from_checkpoint  # noqa: PLC0415 - Lightning (module doc)
+    from amzft.checkpoints.restore import datamodule_from_checkpoint  # noqa: PLC0415 - Lightning (module doc
 
     other, _ = datamodule_from_checkpoint(ckpt, path=str(path), val_fraction=0.0, test_fraction=0.0, limit=None)
     return other, split_by_seen(other.split("train"), dm.split("train")["title"])

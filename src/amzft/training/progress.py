@@ -10,9 +10,11 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+
+from amzft.training.lightning_compat import bar_refresh_due, finite_total
 
 # (logged metric, label on the bar, as a whole number): tokens/s reads better without decimals
 SHOWN = (("train/loss", "loss", False), ("val/loss", "val_loss", False), ("train/tokens_per_s", "tokens/s", True))
@@ -28,7 +30,7 @@ class StepProgressBar(TQDMProgressBar):
         trainer = self.trainer
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         return Tqdm(  # Lightning's training bar, in steps; `initial`: a resumed run continues from its step
-            total=convert_inf(total), initial=trainer.global_step, unit="step", bar_format=self.TRAIN_FORMAT,
+            total=finite_total(total), initial=trainer.global_step, unit="step", bar_format=self.TRAIN_FORMAT,
             position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
             file=sys.stdout, smoothing=0,
         )
@@ -39,7 +41,7 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         bar = self.train_progress_bar
         step = trainer.global_step
-        if step == bar.n or not self._should_update(step, bar.total):
+        if step == bar.n or not bar_refresh_due(self, step, bar.total):
             return  # inside an accumulation window, or between refreshes
         bar.n = step
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)

@@ -1,6 +1,6 @@
 """Command line: ``python -m amzft {fit,validate,test,predict,data,ask} …``.
 
-The Lightning subcommands go to a ``LightningCLI`` subclass (amzft.lightning_cli); the others
+The Lightning subcommands go to a ``LightningCLI`` subclass (amzft.cli.lightning_cli); the others
 are small jsonargparse parsers that accept the same ``--config`` files. Heavy imports happen
 only after the subcommand is known (the ``# noqa: PLC0415`` imports in ``_run``), so ``--help``
 is instant. Errors a user can act on (``AmzftError``, bad arguments) print as one line;
@@ -14,8 +14,8 @@ import os
 import sys
 import traceback
 
+from amzft.cli.quiet import quiet_libraries
 from amzft.errors import AmzftError
-from amzft.quiet import quiet_libraries
 
 USAGE = """usage: python -m amzft COMMAND [--config FILE] [options] [--debug]
 
@@ -42,23 +42,23 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def _run(command: str, args: list[str]) -> None:
     if command in LIGHTNING_COMMANDS:
-        from amzft.lightning_cli import cli_main  # noqa: PLC0415 - start-up time (module doc)
+        from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415 - start-up time (module doc)
 
         cli_main([command, *args])
     elif command == "data":
-        from amzft.commands import data_command  # noqa: PLC0415
+        from amzft.cli.commands import data_command  # noqa: PLC0415
 
         data_command(args)
     elif command == "ask":
-        from amzft.commands import ask_command  # noqa: PLC0415
+        from amzft.cli.commands import ask_command  # noqa: PLC0415
 
         ask_command(args)
     elif command == "evaluate":
-        from amzft.commands import evaluate_command  # noqa: PLC0415
+        from amzft.cli.commands import evaluate_command  # noqa: PLC0415
 
         evaluate_command(args)
     elif command == "export":
-        from amzft.commands import export_command  # noqa: PLC0415
+        from amzft.cli.commands import export_command  # noqa: PLC0415
 
         export_command(args)
     elif command == "describe":
@@ -66,7 +66,7 @@ def _run(command: str, args: list[str]) -> None:
 
         describe_command(args)
     elif command == "demo":
-        from amzft.commands import demo_command  # noqa: PLC0415
+        from amzft.cli.demo import demo_command  # noqa: PLC0415
 
         demo_command(args)
     else:

@@ -1,8 +1,8 @@
 """The LightningModule: a causal LM with LoRA adapters, trained on response tokens only.
 
 The loss maths (response-only labels, normalisation over the accumulation window) live in
-``amzft.loss``; checkpoints (adapter only, validated on load, rebuilt by ``from_checkpoint``)
-in ``amzft.checkpoints``; the NaN/inf guard is a callback (``amzft.nonfinite``).
+``amzft.model.loss``; checkpoints (adapter only, validated on load, rebuilt by ``from_checkpoint``)
+in ``amzft.checkpoints``; the NaN/inf guard is a callback (``amzft.training.nonfinite``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_linear_schedule_with_warmup
 
-from amzft import generate as generation
-from amzft.backends import DEFAULT_TARGETS, LoraSettings, build, prequantized, set_mode
-from amzft.checkpoints import AdapterCheckpointing
-from amzft.decoding import DEFAULT_DECODING, GenerationOptions
+from amzft.checkpoints.adapter import AdapterCheckpointing
 from amzft.errors import ConfigError
-from amzft.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
-from amzft.neftune import NEFTune
+from amzft.inference import generate as generation
+from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions
+from amzft.model.backends import DEFAULT_TARGETS, LoraSettings, build, prequantized, set_mode
+from amzft.model.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
+from amzft.model.neftune import NEFTune
+from amzft.training.lightning_compat import attached_trainer
 
 # Optimizer steps from which model.compile=auto compiles: below, the one-time compilation costs
 # more than its speed-up gives back. 150 is the middle of the break-even measured on a 2-core
@@ -137,7 +138,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             ever held (unchunked: ~14 bytes x vocabulary per label token, ~2.5 GiB for the
             longest real micro-batch with Llama-3.2's 128k vocabulary; docs/gpu.md). 0 (default):
             one pass, no recomputation (chunking adds ~4 % FLOPs on a 1B model). Plain-head
-            architectures only (``amzft.loss.PLAIN_HEAD_MODELS``).
+            architectures only (``amzft.model.loss.PLAIN_HEAD_MODELS``).
         compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for training,
             fusing the element-wise work around the matmuls (+4-9 % tokens/s measured on a
             2-core CPU after about a minute of compilation; docs/performance.md). Validation and
@@ -146,7 +147,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             (``COMPILE_BREAK_EVEN_STEPS``) and torch.compile can run here; the decision and its
             reason are logged.
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training or ``skip``s that optimizer
-            step (``amzft.nonfinite.NonFiniteGuard``).
+            step (``amzft.training.nonfinite.NonFiniteGuard``).
         use_dora: DoRA (peft's weight-decomposed LoRA: a trainable magnitude per output
             feature on top of the LoRA direction). ``hf`` backend only.
         use_rslora: rank-stabilised LoRA (peft / Unsloth): scale alpha / sqrt(r) instead of alpha / r.
@@ -240,7 +241,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         if self.hparams.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit or settings.kernels != "none":
             # 4-bit weights are packed on the device they load to: the trainer's (the rank's
             # GPU under DDP), or the first GPU / CPU outside a trainer; GPU kernels need a GPU there.
-            device = self.trainer.strategy.root_device if self._trainer is not None else (
+            device = self.trainer.strategy.root_device if attached_trainer(self) is not None else (
                 torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
             settings = replace(settings, device=str(device))
         self.model, self.tokenizer = build(self.hparams.backend, settings)
@@ -256,7 +257,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         setting = self.hparams.compile
         if setting != "auto":
             return bool(setting)
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or trainer.state.fn != "fit":
             return False  # compiled layers serve training only (evaluation and generation run eagerly)
         chosen, reason = decide_compile(trainer.max_steps, lambda: trainer.estimated_stepping_batches,
@@ -293,7 +294,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self._window_loss += float(loss_sum.detach())
         self._window_tokens = window
         self._window_batches.append(batch_idx)
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         accumulate, world = (trainer.accumulate_grad_batches, trainer.world_size) if trainer is not None else (1, 1)
         return window_scaled(loss_sum, window, accumulate, world)
 

@@ -1,4 +1,5 @@
-"""The commands that are not Lightning loops: ``data`` (report), ``ask``, ``evaluate``, ``export``, ``demo``.
+"""The commands that are not Lightning loops: ``data`` (report), ``ask``, ``evaluate``, ``export``
+(``demo`` is ``amzft.cli.demo``, ``describe`` ``amzft.catalogue.command``).
 
 Modules that import torch, Lightning or transformers are imported inside each command, after
 its arguments are parsed: ``--help`` and argument errors answer at once, not after seconds of
@@ -8,8 +9,6 @@ imports.
 from __future__ import annotations
 
 import json
-import textwrap
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from amzft.data.prompt import prompt_format_from
-from amzft.decoding import (
+from amzft.errors import ConfigError
+from amzft.inference.decoding import (
     DECODING_KEYS,
     DEFAULT_DECODING,
     GenerationOptions,
@@ -25,7 +25,6 @@ from amzft.decoding import (
     decoding_from,
     describe,
 )
-from amzft.errors import ConfigError
 
 # Top-level keys of a training config that a command may not use: accepted, then ignored,
 # so every command reads the same YAML files.
@@ -35,11 +34,11 @@ _TRAINING_KEYS = (
 )
 
 
-def _parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = (), decoding: bool = True):
-    # exit_on_error=False: amzft.cli prints parse errors as one line instead of the usage dump.
+def command_parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = (), decoding: bool = True):
+    # exit_on_error=False: amzft.cli.main prints parse errors as one line instead of the usage dump.
     parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/*.yaml)")
-    if decoding:  # the same options as every command that answers (amzft.decoding)
+    if decoding:  # the same options as every command that answers (amzft.inference.decoding)
         add_decoding_arguments(parser)
     else:
         for key in DECODING_KEYS:
@@ -68,7 +67,7 @@ def _datamodule(cfg):
 
 def data_command(argv: list[str]) -> None:
     """Build (or reopen) the cleaned dataset, count every example's tokens and print the data-quality report."""
-    parser = _parser("amzft data", "Data-quality report: records read, kept, skipped by reason, lengths, examples.",
+    parser = command_parser("amzft data", "Data-quality report: records read, kept, skipped by reason, lengths, examples.",
                      decoding=False)
     parser.add_argument("--model", type=Any, default=None, help="(its name_or_path picks the tokenizer)")
     parser.add_argument("--examples", type=int, default=3, help="cleaned examples to show")
@@ -81,8 +80,8 @@ def data_command(argv: list[str]) -> None:
 
 
 def _base_module(model_args: dict):
-    from amzft.checkpoints import init_kwargs
-    from amzft.model import LoraCausalLM
+    from amzft.checkpoints.adapter import init_kwargs
+    from amzft.model.module import LoraCausalLM
 
     # A training config's model section may hold keys for other tools; keep the module's own.
     module = LoraCausalLM(**init_kwargs(LoraCausalLM, model_args))
@@ -92,7 +91,7 @@ def _base_module(model_args: dict):
 
 def ask_command(argv: list[str]) -> None:
     """Answer "What is the description of product TITLE?" with the base or fine-tuned model."""
-    parser = _parser("amzft ask", "Answer the seed question for one or more product titles.", with_data=False, own=("ckpt_path",))
+    parser = command_parser("amzft ask", "Answer the seed question for one or more product titles.", with_data=False, own=("ckpt_path",))
     parser.add_argument("titles", nargs="+", help="product titles")
     parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`, `best`): answer with the fine-tuned adapter")
     parser.add_argument("--compare", type=bool, default=False, help="with --ckpt_path: print base and fine-tuned answers")
@@ -102,9 +101,9 @@ def ask_command(argv: list[str]) -> None:
     parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
     cfg = parser.parse_args(argv)
     options = decoding_from(cfg)
-    from amzft.checkpoints import resolve_ckpt_path
-    from amzft.generate import generate_answers
-    from amzft.model import LoraCausalLM
+    from amzft.checkpoints.locate import resolve_ckpt_path
+    from amzft.inference.generate import generate_answers
+    from amzft.model.module import LoraCausalLM
 
     if cfg.ckpt_path:
         module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root))
@@ -123,141 +122,9 @@ def ask_command(argv: list[str]) -> None:
         print()
 
 
-SEED_QUESTIONS = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
-
-
-def _wrap(text: str, width: int = 96, indent: str = "      ") -> str:
-    return textwrap.fill(text or "(empty)", width=width, initial_indent=indent, subsequent_indent=indent)
-
-
-def demo_command(argv: list[str]) -> None:
-    """Fine-tune the embedded model on the bundled sample (stopping half-way and resuming, as a
-    real run would after an interruption), then print base vs fine-tuned answers."""
-    parser = _parser("amzft demo", "Fine-tune on the bundled sample, resume, compare answers.", with_data=False)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
-    parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--log_root", default="logs")
-    parser.add_argument("--model", type=Any, default=None)
-    parser.add_argument("--data", type=Any, default=None)
-    cfg = parser.parse_args(argv)
-    options = decoding_from(cfg, max_new_tokens=cfg.max_new_tokens)
-    config = cfg.config[0].absolute if cfg.config else _default_cpu_config()
-    extra = ["--trainer.default_root_dir", cfg.log_root, *_decoding_args(cfg)]  # val/rougeL decodes as the answers
-    if cfg.steps:
-        extra += ["--trainer.max_steps", str(cfg.steps)]
-    started = time.perf_counter()
-    last, datamodule, history = _demo_train(str(config), extra, cfg.log_root)
-    train_minutes = (time.perf_counter() - started) / 60
-    chosen, why = _demo_pick(last, history, cfg.log_root)
-    also_last = " and from the last checkpoint" if chosen != last else ""
-    print(f"\n== 3/3 base vs fine-tuned answers (decoding: {describe(options)}) from {why}{also_last} ==")
-    _demo_answers(chosen, datamodule, options, last if chosen != last else None)
-    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min (training {train_minutes:.1f} min). "
-          f"checkpoint: {chosen} ({chosen.stat().st_size / 2**20:.1f} MiB); last: {last}")
-    print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
-    which = "best" if chosen != last else "last"
-    print(f'ask it yourself: python -m amzft ask "Girls Ballet Tutu Neon Pink" --ckpt_path {which} --compare true')
-
-
-def _decoding_args(cfg) -> list[str]:
-    """The parsed decoding options as command-line arguments (for the demo's ``fit``)."""
-    return [arg for key in DECODING_KEYS if cfg.get(key) is not None for arg in (f"--{key}", str(cfg.get(key)))]
-
-
-def _demo_pick(last: Path, history: list[tuple[int, dict[str, float]]], log_root: str) -> tuple[Path, str]:
-    """The best checkpoint and why (which step, its score among all validations, and the last
-    step's), or the last checkpoint when no validation kept a best one."""
-    from amzft.checkpoints import MONITOR_MODES, find_best_checkpoint
-
-    try:
-        best = find_best_checkpoint(log_root)
-    except ConfigError:
-        return last, "the last checkpoint (no validation kept a best one)"
-    scores = [(step, m[best.monitor]) for step, m in history if best.monitor in m]
-    lowest = "lowest" if MONITOR_MODES.get(best.monitor, "min") == "min" else "highest"
-    why = f"the best checkpoint: step {best.step} ({lowest} {best.monitor} {best.score:.4f}"
-    if not scores:
-        return best.path, why + ")"
-    final_step, final = scores[-1]
-    last_word = "it is the last step" if final_step == best.step else f"the last, step {final_step}, had {final:.4f}"
-    return best.path, f"{why} of the {len(scores)} validations; {last_word})"
-
-
-def _demo_train(config: str, extra: list[str], log_root: str):
-    """Train to half the steps, stop (as an interruption would), resume from last.ckpt to the end.
-    Returns the final checkpoint, the data module and the validations (step, metrics)."""
-    from amzft.callbacks import StopAtStep
-    from amzft.checkpoints import resolve_ckpt_path
-    from amzft.lightning_cli import cli_main
-    from amzft.selection import ValidationSchedule
-
-    first = cli_main(["fit", "--config", config, *extra], run=False)
-    total = first.trainer.max_steps
-    half = max(1, total // 2)
-    print(f"\n== 1/3 fine-tuning {first.model.hparams.name_or_path} on {first.datamodule.settings.path}; "
-          f"interrupting at step {half} of {total} to show an exact resume ==")
-    first.trainer.callbacks.append(StopAtStep(half))
-    first.trainer.fit(first.model, datamodule=first.datamodule)
-    print(f"\n== 2/3 resuming from {resolve_ckpt_path('last', log_root)} ==")
-    second = cli_main(["fit", "--config", config, *extra, "--ckpt_path", "last"], run=False)
-    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=second.ckpt_path)
-    # Each run's validations (the first run's last one comes after its last.ckpt, so the
-    # checkpoint's own record cannot give them all).
-    history = [row for cli in (first, second) for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule) for row in c.history]
-    return Path(second.trainer.checkpoint_callback.last_model_path), second.datamodule, history
-
-
-def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = None) -> None:
-    """Base and fine-tuned answers for the seed's questions and one seen / one held-out product;
-    with ``last``, that checkpoint's answers too. The best checkpoint by validation (held-out
-    products) can come before the products trained on are recalled: on the bundled sample,
-    measured, the best by val/loss recalled far less than the last (docs/performance.md), so the
-    demo shows both rather than hide either."""
-    from amzft.generate import generate_answers
-    from amzft.model import LoraCausalLM
-
-    module, fmt = LoraCausalLM.from_checkpoint(checkpoint)
-    titles = list(SEED_QUESTIONS)
-    references = {}
-    for split in ("train", "test"):
-        rows = datamodule.split(split)
-        if len(rows):
-            row = rows[0]
-            titles.append(row["title"])
-            references[row["title"]] = (split, row["content"])
-    base = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=False, options=options)
-    tuned = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
-    at_last, best_step, last_step = [None] * len(titles), module.checkpoint_step, None
-    if last is not None:
-        del module  # one model in memory at a time
-        final, _ = LoraCausalLM.from_checkpoint(last)
-        at_last = generate_answers(final, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
-        last_step = final.checkpoint_step
-    for title, b, t, f in zip(titles, base, tuned, at_last):
-        split, reference = references.get(title, ("not in the data", None))
-        print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")
-        if reference:
-            print("  reference:")
-            print(_wrap(reference))
-        print("  base model:")
-        print(_wrap(b))
-        print("  fine-tuned:" if f is None else f"  fine-tuned, best (step {best_step}):")
-        print(_wrap(t))
-        if f is not None:
-            print(f"  fine-tuned, last (step {last_step}):")
-            print(_wrap(f))
-
-
-def _default_cpu_config():
-    for candidate in (Path("configs/cpu.yaml"), Path(__file__).resolve().parents[2] / "configs" / "cpu.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError("configs/cpu.yaml not found: run the demo from the amzft checkout or pass --config")
-
-
 def evaluate_command(argv: list[str]) -> None:
     """Score base (and fine-tuned) answers on seen and held-out products."""
-    parser = _parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split. With a "
+    parser = command_parser("amzft evaluate", "ROUGE/BLEU/chrF and failure views, base vs fine-tuned, per split. With a "
                      "checkpoint, --data.path of another file scores its products as seen / unseen by that checkpoint. "
                      "With --predictions FILE, scores answers already written (no model loaded).",
                      own=("ckpt_path",))
@@ -287,7 +154,7 @@ def evaluate_command(argv: list[str]) -> None:
         if cfg.ckpt_path:
             raise ConfigError("evaluate: --predictions scores answers already written, --ckpt_path generates new ones: "
                               "pass one or the other")
-        from amzft.evaluation import predictions_out_dir, predictions_summary, render_table, score_predictions_file, write_report
+        from amzft.evaluation.run import predictions_out_dir, predictions_summary, render_table, score_predictions_file, write_report
 
         report, _ = score_predictions_file(cfg.predictions, cfg.samples, cfg.seed)
         out = Path(cfg.out) if cfg.out else predictions_out_dir(cfg.predictions)
@@ -299,9 +166,10 @@ def evaluate_command(argv: list[str]) -> None:
     if cfg.samples is None:  # generating: a sample per split, 24 unless told (_evaluate_file reads cfg.samples too)
         cfg.samples = 24
     options = decoding_from(cfg, **dict(cfg.gen))
-    from amzft.checkpoints import datamodule_from_checkpoint, resolve_ckpt_path
-    from amzft.evaluation import render_table, run_evaluation, write_report
-    from amzft.model import LoraCausalLM
+    from amzft.checkpoints.locate import resolve_ckpt_path
+    from amzft.checkpoints.restore import datamodule_from_checkpoint
+    from amzft.evaluation.run import render_table, run_evaluation, write_report
+    from amzft.model.module import LoraCausalLM
 
     for split in cfg.splits:
         if split not in ("train", "validation", "test"):
@@ -329,13 +197,13 @@ def evaluate_command(argv: list[str]) -> None:
 def _other_file(cfg, ckpt: str, dm):
     """``--data.path`` of a file other than the one the checkpoint was trained on: its data
     module and its seen / unseen products (``evaluation.other_file``); None otherwise."""
-    from amzft.evaluation import other_file
+    from amzft.evaluation.run import other_file
 
     return other_file(ckpt, dm, (cfg.get("data") or {}).get("path"))
 
 
 def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, other) -> None:
-    from amzft.evaluation import render_table, run_evaluation, write_report
+    from amzft.evaluation.run import render_table, run_evaluation, write_report
 
     datamodule, datasets = other
     if not cfg.out:  # beside the run's own report, not over it
@@ -352,7 +220,7 @@ def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, o
 
 def export_command(argv: list[str]) -> None:
     """Write the adapter as a PEFT directory, a merged transformers model, or a GGUF file + Modelfile."""
-    parser = _parser("amzft export", "Export a trained adapter (PEFT), a merged model (safetensors) or a GGUF file.",
+    parser = command_parser("amzft export", "Export a trained adapter (PEFT), a merged model (safetensors) or a GGUF file.",
                      with_data=False, own=("ckpt_path",))
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of a fine-tuned run (or `last`, `best`)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -364,8 +232,8 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--data", type=Any, default=None)
     cfg = parser.parse_args(argv)
     options = decoding_from(cfg)
-    from amzft.checkpoints import resolve_ckpt_path
-    from amzft.export import export
+    from amzft.checkpoints.locate import resolve_ckpt_path
+    from amzft.export.formats import export
 
     if not cfg.ckpt_path:
         raise ConfigError("export needs --ckpt_path: a base-only run has no adapter to export")
@@ -376,7 +244,7 @@ def export_command(argv: list[str]) -> None:
     if fmt != "gguf":
         print(f"decoding: {describe(options)}, in generation_config.json")
     else:
-        from amzft.gguf_export import not_in_modelfile
+        from amzft.export.gguf import not_in_modelfile
 
         missing = "; ".join(f"{setting} ({why})" for setting, why in not_in_modelfile(options))
         print(f"decoding: {describe(options)}; the Modelfile sets repeat_penalty {options.repetition_penalty:g}"

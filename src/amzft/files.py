@@ -1,4 +1,6 @@
-"""Where amzft keeps files it derives (cleaned datasets, the materialised embedded model)."""
+"""Files amzft writes: where derived files live (cleaned datasets, the materialised embedded
+model), and the one atomic write every file a reader or a kill must never see half-written goes
+through (checkpoints, caches, manifests, results)."""
 
 from __future__ import annotations
 
@@ -40,11 +42,18 @@ def current_umask() -> int:
     return umask
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Fill a temporary file beside ``path`` with ``write(handle)``, sync it and rename it into
-    place: a reader (or a kill) sees the old file or the whole new one, never a part."""
+    """Fill a temporary file beside ``path`` with ``write(handle)``, sync it, rename it into
+    place and sync the folder (so the rename itself survives a power loss): a reader, or a
+    kill, sees the old file or the whole new one, never a part. Raises ``OSError`` as it comes;
+    callers say what it means for their file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -55,3 +64,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by a process killed mid-write (one writer per path:
+    rank 0 under DDP), removed once a newer write of the same file has succeeded."""
+    for stale in Path(path).parent.glob(_temp_prefix(Path(path)) + "*.tmp"):
+        stale.unlink(missing_ok=True)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from amzft.checkpoints import check_writable, save_last_now
-from amzft.decoding import DEFAULT_DECODING, GenerationOptions
+from amzft.checkpoints.best import BestCheckpoint
+from amzft.checkpoints.io import check_writable
+from amzft.checkpoints.resume import save_last_now
 from amzft.errors import ConfigError
-from amzft.generate import generate_answers
-from amzft.scoring import overlap_scores
-from amzft.selection import BestCheckpoint, find_schedule
+from amzft.evaluation.scoring import overlap_scores
+from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions
+from amzft.inference.generate import generate_answers
+from amzft.training.validation import find_schedule
 
 
 class StopAtStep(Callback):

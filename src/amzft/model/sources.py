@@ -9,7 +9,7 @@ Names understood besides a local directory:
   (tokenizer only, used for statistics and for tiny test models with the real vocabulary).
 
 transformers is imported inside the functions that use it, after ``force_offline()``: the Hugging
-Face libraries read the offline switches when they are first imported, and amzft.bootstrap
+Face libraries read the offline switches when they are first imported, and amzft.cli.import_order
 imports this module before Unsloth, which must come before transformers.
 """
 
@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from amzft.errors import ModelError
-from amzft.paths import cache_root, staging_dir
+from amzft.files import cache_root, staging_dir
 
 EMBEDDED = "embedded"
 LLAMA32_TOKENIZER = "llama3.2"

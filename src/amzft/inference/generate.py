@@ -1,5 +1,5 @@
 """Answers from a trained (or base) model: batched, left-padded, each row stopping at its own EOS,
-decoded with ``amzft.decoding``'s options (``DEFAULT_DECODING`` unless told otherwise)."""
+decoded with ``amzft.inference.decoding``'s options (``DEFAULT_DECODING`` unless told otherwise)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.integrations import sdpa_attention
 
-from amzft.backends import set_mode
 from amzft.data.prompt import PromptFormat
-from amzft.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions
+from amzft.inference.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions
+from amzft.model.backends import set_mode
 
 __all__ = ["DEFAULT_DECODING", "GREEDY", "Answer", "GenerationOptions", "generate", "generate_answers", "generate_ids"]
 

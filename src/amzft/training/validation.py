@@ -1,30 +1,26 @@
-"""Keep the best, stop when it stops improving: validation on an optimizer-step schedule, the
-best-k checkpoints by a monitored metric, and early stopping on the same metric.
+"""Validation on an optimizer-step schedule, and early stopping on a monitored metric.
 
 * ``ValidationSchedule`` (``validation.every_n_steps``): validation after every N optimizer
   steps, whatever ``accumulate_grad_batches`` is, and after the last step.
-* ``BestCheckpoint`` (``best.*``): Lightning's ``ModelCheckpoint`` keeping the ``save_top_k``
-  best checkpoints by ``val/loss`` (lowest) or ``val/rougeL`` (highest) as
-  ``best-step00020-val_loss3.2153.ckpt``, beside the periodic step files and ``last.ckpt`` of
-  the ``checkpoint.*`` callback, which stay as they were (resume keeps working unchanged).
+* ``amzft.checkpoints.best.BestCheckpoint`` (``best.*``) keeps the best-k checkpoints by the
+  metric these validations log.
 * ``EarlyStop`` (``early_stopping.*``): Lightning's ``EarlyStopping`` on the best checkpoint's
   metric; added only when ``patience`` > 0.
 
-``--ckpt_path best`` is resolved in ``amzft.checkpoints.find_best_checkpoint``.
+``--ckpt_path best`` is resolved in ``amzft.checkpoints.locate.find_best_checkpoint``.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Literal
 
-import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 
-from amzft.checkpoints import BEST_PREFIX, MONITOR_MODES, best_filename, best_record, save_last_now
+from amzft.checkpoints.locate import MONITOR_MODES
+from amzft.checkpoints.resume import save_last_now
 from amzft.errors import ConfigError
+from amzft.training.lightning_compat import at_last_batch, decide_validation_with, inside_accumulation_window
 
 Monitor = Literal["val/loss", "val/rougeL"]
 
@@ -36,9 +32,8 @@ class ValidationSchedule(Callback):
     Lightning counts ``val_check_interval`` in training batches, not optimizer steps: with
     accumulation, ``n x accumulate`` batches drifts away from step n as soon as an epoch ends on
     a part window (Lightning steps on it), and can land mid-window. Lightning has no hook for
-    "validate after optimizer step N", so this replaces its per-batch decision,
-    ``fit_loop.epoch_loop._should_check_val_fx``, for this trainer only: the one function both
-    its interval and its epoch-end checks go through. Validation then always runs right after an
+    "validate after optimizer step N", so this replaces its per-batch decision, for
+    this trainer only (``lightning_compat.decide_validation_with``). Validation then always runs right after an
     optimizer step, at the same place in the loop as Lightning's own, never mid-window.
 
     Args:
@@ -52,12 +47,12 @@ class ValidationSchedule(Callback):
         self.every_n_steps = every_n_steps
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, val/* metrics) of this process's validations
         self._validated_step = -1
-        self._trainer = None
+        self._fit_trainer = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self.every_n_steps:
-            self._trainer = trainer
-            trainer.fit_loop.epoch_loop._should_check_val_fx = self._should_validate
+            self._fit_trainer = trainer
+            decide_validation_with(trainer, self._should_validate)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # A resumed run does not repeat the validation of the step it resumes at: it ran (when
@@ -78,14 +73,14 @@ class ValidationSchedule(Callback):
         if trainer.max_steps is not None and 0 < trainer.max_steps == trainer.global_step:
             return True
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
-        return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return last_epoch and at_last_batch(trainer)
 
     def _should_validate(self, data_fetcher=None) -> bool:
-        trainer = self._trainer
+        trainer = self._fit_trainer
         # Deterministic from the step counter, so every DDP rank decides the same. Unlike
         # Lightning's own, a stop request (SIGTERM, the demo's stop) does not force a
         # validation: the run stops promptly; a due one still runs.
-        if not trainer.enable_validation or trainer.fit_loop.epoch_loop._should_accumulate() or not self.is_due(trainer):
+        if not trainer.enable_validation or inside_accumulation_window(trainer) or not self.is_due(trainer):
             return False
         self._validated_step = trainer.global_step
         return True
@@ -98,67 +93,6 @@ class ValidationSchedule(Callback):
 
 def find_schedule(trainer) -> ValidationSchedule | None:
     return next((c for c in trainer.callbacks if isinstance(c, ValidationSchedule)), None)
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """The ``save_top_k`` best checkpoints by ``monitor``, written after each validation.
-
-    A second ``ModelCheckpoint`` rather than a monitor on the periodic one: the periodic callback
-    writes at ``on_train_batch_end``, before that step's validation, so it would rank each step
-    by the previous validation's score; and its step files and ``last.ckpt`` are what resume
-    relies on, which stay exactly as before.
-
-    Args:
-        monitor: ``val/loss`` (lowest is best) or ``val/rougeL`` (highest is best; needs
-            ``sample_answers.rouge_products`` > 0); null keeps no best checkpoints.
-        save_top_k: how many best checkpoints to keep.
-    """
-
-    def __init__(self, monitor: Monitor | None = "val/loss", save_top_k: int = 2):
-        if save_top_k < 1:
-            raise ConfigError(f"best.save_top_k must be >= 1 (best.monitor: null keeps none), found {save_top_k}")
-        super().__init__(
-            monitor=monitor,
-            mode=MONITOR_MODES.get(monitor or "val/loss", "min"),
-            save_top_k=save_top_k if monitor else 0,
-            filename=best_filename(monitor) if monitor else None,
-            auto_insert_metric_name=False,
-            save_last=False,
-            save_on_train_epoch_end=False,  # after validation, with that step's fresh metric
-            enable_version_counter=False,  # a resumed run re-creating a step overwrites its file
-        )
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        if self.monitor and trainer.global_step > 0 and self.dirpath:
-            self._adopt_kept_files(trainer)
-
-    def _adopt_kept_files(self, trainer) -> None:
-        """On resume: ``last.ckpt`` is written before its step's validation, so a best file
-        written by that validation is missing from the restored record. Adopt every best file
-        of this folder up to the resumed step (later ones belong to a run beyond the checkpoint,
-        which this one re-creates), forget recorded files that are gone, then keep the top k."""
-        for path in [p for p in self.best_k_models if not Path(p).is_file()]:
-            self.best_k_models.pop(path)
-        for path in Path(self.dirpath).glob(BEST_PREFIX + "step*.ckpt"):
-            match = re.match(re.escape(BEST_PREFIX) + r"step(\d+)", path.name)
-            if str(path) in self.best_k_models or not match or int(match.group(1)) > trainer.global_step:
-                continue
-            record = best_record(path)
-            if record is not None and record[1] == self.monitor:
-                self.best_k_models[str(path)] = torch.tensor(record[2])
-        if not self.best_k_models:
-            self.best_model_path, self.best_model_score, self.kth_best_model_path = "", None, ""
-            self.kth_value = torch.tensor(float("inf") if self.mode == "min" else float("-inf"))
-            return
-        ranked = sorted(self.best_k_models, key=lambda p: float(self.best_k_models[p]), reverse=self.mode == "max")
-        for path in ranked[self.save_top_k :]:
-            self.best_k_models.pop(path)
-            if trainer.is_global_zero:
-                Path(path).unlink(missing_ok=True)
-        kept = ranked[: self.save_top_k]
-        self.best_model_path, self.best_model_score = kept[0], self.best_k_models[kept[0]]
-        self.kth_best_model_path, self.kth_value = kept[-1], self.best_k_models[kept[-1]]
 
 
 class EarlyStop(EarlyStopping):

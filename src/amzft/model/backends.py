@@ -13,7 +13,7 @@ never branches on the backend elsewhere (``set_mode`` is the one other backend-s
 ``kernels: liger`` (``hf`` only, CUDA only) swaps Liger's Triton kernels into a Llama base.
 
 peft (seconds to import), bitsandbytes and liger-kernel are imported by the code that needs them, since
-``fit --help`` imports this module; unsloth only ever on CUDA, after amzft.bootstrap has
+``fit --help`` imports this module; unsloth only ever on CUDA, after amzft.cli.import_order has
 imported it ahead of transformers.
 """
 
@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from amzft.errors import ConfigError, ModelError
-from amzft.sources import force_offline, load_tokenizer, resolve_model_dir
+from amzft.model.sources import force_offline, load_tokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def apply_kernels(model, settings: LoraSettings) -> None:
     """Swap Liger's fused RoPE, RMSNorm and SwiGLU kernels into a loaded Llama base, before the
     adapters go on (the patched MLP forward still calls its projections, LoRA-wrapped later).
     Liger's cross-entropy patches stay off: they replace ``LlamaForCausalLM.forward``, which
-    amzft's loss never calls; ``amzft.loss`` calls Liger's fused linear cross-entropy itself."""
+    amzft's loss never calls; ``amzft.model.loss`` calls Liger's fused linear cross-entropy itself."""
     if settings.kernels == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: PLC0415 - optional, CUDA only
 
@@ -225,7 +225,7 @@ def build_hf(settings: LoraSettings):
 def build_unsloth(settings: LoraSettings):
     """The seed's loader: ``FastLanguageModel.from_pretrained(local_dir, max_seq_length,
     load_in_4bit=True, dtype=None)`` + ``get_peft_model(..., use_gradient_checkpointing=
-    "unsloth", random_state=seed)``. CUDA only; ``amzft.bootstrap`` has imported unsloth
+    "unsloth", random_state=seed)``. CUDA only; ``amzft.cli.import_order`` has imported unsloth
     before transformers/peft/lightning (its patches need that order)."""
     if not torch.cuda.is_available():
         raise ConfigError(

@@ -1,0 +1,1 @@
+"""Checkpoints: atomic files, finding ``last`` / ``best``, adapter-only state, exact resume."""

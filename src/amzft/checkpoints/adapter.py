@@ -1,0 +1,74 @@
+"""Adapter-only checkpoints: a checkpoint holds the trainable (LoRA) parameters and the training
+state, never the frozen base, which is rebuilt from ``model.name_or_path``. Loading checks that
+every adapter tensor is there with the right shape, so a checkpoint of another base or LoRA
+config is a one-line error, not a silently half-loaded model."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+
+from amzft.checkpoints.io import load_checkpoint_file
+from amzft.data.prompt import PromptFormat, prompt_format_from
+from amzft.errors import ModelError
+
+SKIPPED_STEPS_KEY = "amzft_skipped_steps"  # optimizer steps skipped for a non-finite loss
+
+
+def init_kwargs(cls: type, saved: dict) -> dict:
+    """The saved hyper-parameters ``cls(...)`` accepts: drops Lightning's private entries
+    (``_instantiator``) and keys another version or tool added to the section."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in saved.items() if k in accepted and not k.startswith("_")}
+
+
+class AdapterCheckpointing:
+    """Mixed into the LightningModule (before ``LightningModule``): its checkpoints hold the
+    adapter only, are validated against the base on load, and rebuild a whole module."""
+
+    def trainable_keys(self) -> dict[str, torch.Size]:
+        return {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self.model is None:
+            return full
+        keep = {prefix + k for k in self.trainable_keys()}
+        return type(full)((k, v) for k, v in full.items() if k in keep)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[SKIPPED_STEPS_KEY] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_adapter_state(checkpoint.get("state_dict", {}))
+        self.skipped_steps = int(checkpoint.get(SKIPPED_STEPS_KEY, 0))
+
+    def check_adapter_state(self, state: dict) -> None:
+        """A checkpoint must hold exactly this model's adapter: name it clearly if not (the
+        module loads with ``strict_loading=False``, since the frozen base is not in the file)."""
+        expected = self.trainable_keys()
+        missing = [k for k in expected if k not in state]
+        wrong = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
+        if missing or wrong:
+            what = f"{len(missing)} adapter tensors missing" if missing else f"shape mismatch in {wrong[0]}"
+            raise ModelError(
+                f"the checkpoint does not fit this model ({what}): it was made with another base model "
+                f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora_r={self.hparams.lora_r}"
+            )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str | os.PathLike, **overrides) -> tuple[Any, PromptFormat]:
+        """Base model + adapter rebuilt from a checkpoint's saved hyper-parameters (``overrides``
+        replace some, e.g. a full-precision base for merging), in eval mode, and the prompt
+        format it was trained with."""
+        checkpoint = load_checkpoint_file(ckpt_path)
+        module = cls(**{**init_kwargs(cls, checkpoint["hyper_parameters"]), **overrides})
+        module.configure_model()
+        module.check_adapter_state(checkpoint["state_dict"])
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+        module.eval()
+        module.checkpoint_step = int(checkpoint.get("global_step", 0))  # for labels ("best (step 6)")
+        return module, prompt_format_from(checkpoint.get("datamodule_hyper_parameters"))

@@ -1,0 +1,75 @@
+"""Checkpoint files written atomically and read safely.
+
+Lightning's ``TorchCheckpointIO`` writes straight to the final path, so a crash mid-write would
+leave a broken ``last.ckpt``: ``AtomicCheckpointIO`` writes through ``amzft.files.atomic_write``
+(temporary file in the same folder, fsync, rename, fsync of the folder). Loading is
+``weights_only=True``, with one-line errors for missing or corrupt files.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from amzft.errors import ModelError
+from amzft.files import atomic_write, remove_stale_temporaries
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``atomic_write``, its failures as one line saying what was kept."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda handle: torch.save(obj, handle))
+    except OSError as exc:
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        full = " (disk full)" if exc.errno == errno.ENOSPC else ""
+        raise ModelError(f"cannot write checkpoint {path}{full}: {exc.strerror or exc}; {kept}") from None
+    remove_stale_temporaries(path)
+
+
+def check_writable(folder: str | os.PathLike, need_bytes: int = 0, what: str = "log folder") -> None:
+    """Fail before training, not at the first checkpoint, if ``folder`` cannot be created or
+    written, or its disk has less than ``need_bytes`` free."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".amzft-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ModelError(f"the {what} {folder} is not writable: {exc.strerror or exc}") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise ModelError(
+            f"the {what} {folder} has {free / 2**20:.0f} MiB free; checkpoints need about "
+            f"{need_bytes / 2**20:.0f} MiB: free some space or set trainer.default_root_dir elsewhere"
+        )
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """``torch.load(weights_only=True)`` with one-line errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ModelError(f"checkpoint {path} is not an amzft checkpoint (no state_dict / hyper_parameters)")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint_file(path)

@@ -1,0 +1,1 @@
+"""The command line: the entry point, the LightningCLI subclass and the commands that are not Lightning loops."""

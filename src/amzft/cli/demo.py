@@ -1,0 +1,148 @@
+"""``python -m amzft demo``: fine-tune the embedded model on the shipped sample (stopping half-way
+and resuming, as a user would), pick the checkpoint to show, and print base vs fine-tuned answers.
+
+Modules that import torch, Lightning or transformers are imported inside the functions, after
+the arguments are parsed, as in ``amzft.cli.commands``.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from amzft.cli.commands import command_parser
+from amzft.errors import ConfigError
+from amzft.inference.decoding import DECODING_KEYS, decoding_from, describe
+
+SEED_QUESTIONS = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
+
+
+def _wrap(text: str, width: int = 96, indent: str = "      ") -> str:
+    return textwrap.fill(text or "(empty)", width=width, initial_indent=indent, subsequent_indent=indent)
+
+
+def demo_command(argv: list[str]) -> None:
+    """Fine-tune the embedded model on the bundled sample (stopping half-way and resuming, as a
+    real run would after an interruption), then print base vs fine-tuned answers."""
+    parser = command_parser("amzft demo", "Fine-tune on the bundled sample, resume, compare answers.", with_data=False)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--log_root", default="logs")
+    parser.add_argument("--model", type=Any, default=None)
+    parser.add_argument("--data", type=Any, default=None)
+    cfg = parser.parse_args(argv)
+    options = decoding_from(cfg, max_new_tokens=cfg.max_new_tokens)
+    config = cfg.config[0].absolute if cfg.config else _default_cpu_config()
+    extra = ["--trainer.default_root_dir", cfg.log_root, *_decoding_args(cfg)]  # val/rougeL decodes as the answers
+    if cfg.steps:
+        extra += ["--trainer.max_steps", str(cfg.steps)]
+    started = time.perf_counter()
+    last, datamodule, history = _demo_train(str(config), extra, cfg.log_root)
+    train_minutes = (time.perf_counter() - started) / 60
+    chosen, why = _demo_pick(last, history, cfg.log_root)
+    also_last = " and from the last checkpoint" if chosen != last else ""
+    print(f"\n== 3/3 base vs fine-tuned answers (decoding: {describe(options)}) from {why}{also_last} ==")
+    _demo_answers(chosen, datamodule, options, last if chosen != last else None)
+    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min (training {train_minutes:.1f} min). "
+          f"checkpoint: {chosen} ({chosen.stat().st_size / 2**20:.1f} MiB); last: {last}")
+    print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
+    which = "best" if chosen != last else "last"
+    print(f'ask it yourself: python -m amzft ask "Girls Ballet Tutu Neon Pink" --ckpt_path {which} --compare true')
+
+
+def _decoding_args(cfg) -> list[str]:
+    """The parsed decoding options as command-line arguments (for the demo's ``fit``)."""
+    return [arg for key in DECODING_KEYS if cfg.get(key) is not None for arg in (f"--{key}", str(cfg.get(key)))]
+
+
+def _demo_pick(last: Path, history: list[tuple[int, dict[str, float]]], log_root: str) -> tuple[Path, str]:
+    """The best checkpoint and why (which step, its score among all validations, and the last
+    step's), or the last checkpoint when no validation kept a best one."""
+    from amzft.checkpoints.locate import MONITOR_MODES, find_best_checkpoint
+
+    try:
+        best = find_best_checkpoint(log_root)
+    except ConfigError:
+        return last, "the last checkpoint (no validation kept a best one)"
+    scores = [(step, m[best.monitor]) for step, m in history if best.monitor in m]
+    lowest = "lowest" if MONITOR_MODES.get(best.monitor, "min") == "min" else "highest"
+    why = f"the best checkpoint: step {best.step} ({lowest} {best.monitor} {best.score:.4f}"
+    if not scores:
+        return best.path, why + ")"
+    final_step, final = scores[-1]
+    last_word = "it is the last step" if final_step == best.step else f"the last, step {final_step}, had {final:.4f}"
+    return best.path, f"{why} of the {len(scores)} validations; {last_word})"
+
+
+def _demo_train(config: str, extra: list[str], log_root: str):
+    """Train to half the steps, stop (as an interruption would), resume from last.ckpt to the end.
+    Returns the final checkpoint, the data module and the validations (step, metrics)."""
+    from amzft.checkpoints.locate import resolve_ckpt_path
+    from amzft.cli.lightning_cli import cli_main
+    from amzft.training.callbacks import StopAtStep
+    from amzft.training.validation import ValidationSchedule
+
+    first = cli_main(["fit", "--config", config, *extra], run=False)
+    total = first.trainer.max_steps
+    half = max(1, total // 2)
+    print(f"\n== 1/3 fine-tuning {first.model.hparams.name_or_path} on {first.datamodule.settings.path}; "
+          f"interrupting at step {half} of {total} to show an exact resume ==")
+    first.trainer.callbacks.append(StopAtStep(half))
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    print(f"\n== 2/3 resuming from {resolve_ckpt_path('last', log_root)} ==")
+    second = cli_main(["fit", "--config", config, *extra, "--ckpt_path", "last"], run=False)
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=second.ckpt_path)
+    # Each run's validations (the first run's last one comes after its last.ckpt, so the
+    # checkpoint's own record cannot give them all).
+    history = [row for cli in (first, second) for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule) for row in c.history]
+    return Path(second.trainer.checkpoint_callback.last_model_path), second.datamodule, history
+
+
+def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = None) -> None:
+    """Base and fine-tuned answers for the seed's questions and one seen / one held-out product;
+    with ``last``, that checkpoint's answers too. The best checkpoint by validation (held-out
+    products) can come before the products trained on are recalled: on the bundled sample,
+    measured, the best by val/loss recalled far less than the last (docs/performance.md), so the
+    demo shows both rather than hide either."""
+    from amzft.inference.generate import generate_answers
+    from amzft.model.module import LoraCausalLM
+
+    module, fmt = LoraCausalLM.from_checkpoint(checkpoint)
+    titles = list(SEED_QUESTIONS)
+    references = {}
+    for split in ("train", "test"):
+        rows = datamodule.split(split)
+        if len(rows):
+            row = rows[0]
+            titles.append(row["title"])
+            references[row["title"]] = (split, row["content"])
+    base = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=False, options=options)
+    tuned = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
+    at_last, best_step, last_step = [None] * len(titles), module.checkpoint_step, None
+    if last is not None:
+        del module  # one model in memory at a time
+        final, _ = LoraCausalLM.from_checkpoint(last)
+        at_last = generate_answers(final, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
+        last_step = final.checkpoint_step
+    for title, b, t, f in zip(titles, base, tuned, at_last):
+        split, reference = references.get(title, ("not in the data", None))
+        print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")
+        if reference:
+            print("  reference:")
+            print(_wrap(reference))
+        print("  base model:")
+        print(_wrap(b))
+        print("  fine-tuned:" if f is None else f"  fine-tuned, best (step {best_step}):")
+        print(_wrap(t))
+        if f is not None:
+            print(f"  fine-tuned, last (step {last_step}):")
+            print(_wrap(f))
+
+
+def _default_cpu_config():
+    for candidate in (Path("configs/cpu.yaml"), Path(__file__).resolve().parents[2] / "configs" / "cpu.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("configs/cpu.yaml not found: run the demo from the amzft checkout or pass --config")

@@ -1,0 +1,1 @@
+"""Scoring answers against references: sampled products, predictions files, failure views."""

@@ -1,0 +1,1 @@
+"""Generation and the decoding options every answer uses."""

@@ -1,0 +1,1 @@
+"""The LightningModule and what builds it: backends, model sources, loss, NEFTune, precision."""
