@@ -1,5 +1,5 @@
 """Peak memory and time of the LM head + cross-entropy (forward and backward) with and without
-``model.loss_chunk_tokens``, in Llama-3.2-1B's shape (hidden 2048, vocabulary 128,256).
+``model.compute.loss_chunk_tokens``, in Llama-3.2-1B's shape (hidden 2048, vocabulary 128,256).
 
     python benchmarks/loss_memory.py                    # 1,469 label tokens, chunks 0 (one pass), 1024, 256
     python benchmarks/loss_memory.py --tokens 940 --chunks 0,256

@@ -33,8 +33,8 @@ from amzft.model.sources import force_offline, resolve_model_dir
 
 
 def run_amzft(args, variant: str, root: str) -> dict:
-    """``variant`` is a data.layout, optionally with ``+share`` (data.share_prefix, packed only),
-    ``+compile`` (model.compile) and / or ``+bf16`` (trainer.precision bf16-mixed); or
+    """``variant`` is a data.batches.layout, optionally with ``+share`` (data.batches.share_prefix, packed only),
+    ``+compile`` (model.compute.compile) and / or ``+bf16`` (trainer.precision bf16-mixed); or
     ``cpu.yaml`` (``+bf16`` allowed): the shipped config's own layout, shared preamble, row
     length, precision and compile choices (``auto`` resolved for this machine), only the batch
     (2 x 4) and lr set to the HF run's."""
@@ -54,16 +54,16 @@ def run_amzft(args, variant: str, root: str) -> dict:
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--trainer.check_val_every_n_epoch", "1000",
-        "--data.val_fraction", "0.05", "--data.test_fraction", "0.05",
+        "--data.holdout.val_fraction", "0.05", "--data.holdout.test_fraction", "0.05",
         "--data.max_length", str(args.max_length),
         # the HF run's batch and lr (cpu.yaml's own do not change the speed, only the fairness)
-        "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.lr", "2e-4",
-        "--model.warmup_steps", "5",
+        "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.optim.lr", "2e-4",
+        "--model.optim.warmup_steps", "5",
         "--sample_answers.rouge_products", "0",
     ]
     if not shipped:
-        argv += ["--data.layout", layout, "--data.pack_length", "null", "--trainer.precision", "32-true",
-                 "--model.compile", str("compile" in flags).lower(), "--data.share_prefix", str("share" in flags).lower()]
+        argv += ["--data.batches.layout", layout, "--data.batches.pack_length", "null", "--trainer.precision", "32-true",
+                 "--model.compute.compile", str("compile" in flags).lower(), "--data.batches.share_prefix", str("share" in flags).lower()]
     if "bf16" in flags:  # whatever the layout or trainer.precision auto would choose
         argv += ["--trainer.precision", "bf16-mixed"]
     if args.data:
@@ -92,9 +92,10 @@ def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
     )
 
     from amzft.data.module import AmazonTitlesDataModule  # noqa: PLC0415
+    from amzft.data.settings import HoldoutOptions  # noqa: PLC0415
 
     data = AmazonTitlesDataModule(path=args.data, tokenizer=args.model, max_length=args.max_length,
-                                  val_fraction=0.05, test_fraction=0.05)
+                                  holdout=HoldoutOptions(val_fraction=0.05, test_fraction=0.05))
     train = data.split("train")
 
     def with_labels(row):
@@ -176,8 +177,8 @@ def main() -> None:
                         help="also run HF Trainer with the seed's bf16=True for about this long "
                         "(timed per micro-batch; 0: skip)")
     parser.add_argument("--layouts", default="plain,cpu.yaml",
-                        help="data.layout values; '+share' adds data.share_prefix=true (packed), "
-                        "'+compile' model.compile=true, '+bf16' trainer.precision=bf16-mixed, e.g. packed+share+compile; "
+                        help="data.batches.layout values; '+share' adds data.batches.share_prefix=true (packed), "
+                        "'+compile' model.compute.compile=true, '+bf16' trainer.precision=bf16-mixed, e.g. packed+share+compile; "
                         "cpu.yaml: the shipped config as it is")
     args = parser.parse_args()
 

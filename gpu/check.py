@@ -6,7 +6,7 @@ Llama-3.2-1B-shaped model with random weights.
     # on the CUDA machine, from the repository root (installs .whl/, runs this, then tests/test_gpu.py):
     bash gpu/run_on_device.sh
     # or by hand, once the wheels are installed:
-    PYTHONPATH=src python3 gpu/check.py --steps 30 [--only base.yaml,reference] [--amzft-args=--data.layout=grouped]
+    PYTHONPATH=src python3 gpu/check.py --steps 30 [--only base.yaml,reference] [--amzft-args=--data.batches.layout=grouped]
 
 What it does: (1) builds a model with Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads,
 8 KV heads, intermediate 8192, vocab 128256, tied embeddings, llama3 RoPE) and random bf16
@@ -217,11 +217,11 @@ RUNS = {
     "large-batch": ("amzft unsloth: configs/full.yaml, 16 grouped rows a step", "full.yaml",
                     ["--trainer.max_epochs", "-1", "--data.num_proc", "null"]),
     "hf": ("amzft hf + nf4 + Liger kernels (no Unsloth)", "base.yaml",
-           ["--model.backend", "hf", "--model.quantization", "nf4", "--model.kernels", "liger"]),
-    "hf-plain": ("amzft hf + nf4 (no Unsloth, no Liger)", "base.yaml", ["--model.backend", "hf", "--model.quantization", "nf4"]),
+           ["--model.backend", "hf", "--model.compute.quantization", "nf4", "--model.compute.kernels", "liger"]),
+    "hf-plain": ("amzft hf + nf4 (no Unsloth, no Liger)", "base.yaml", ["--model.backend", "hf", "--model.compute.quantization", "nf4"]),
     # The seed's memory saver (Unsloth's offloaded gradient checkpointing) on base.yaml: on request.
     "unsloth-gc": ("amzft unsloth + gradient checkpointing", "base.yaml",
-                   ["--model.backend", "unsloth", "--model.gradient_checkpointing", "true"]),
+                   ["--model.backend", "unsloth", "--model.compute.gradient_checkpointing", "true"]),
 }
 DEFAULT_RUNS = ["base.yaml", "reference", "large-batch", "hf", "hf-plain"]
 FUNCTIONAL = ("evaluate", "export")
@@ -255,7 +255,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--only", default="", help=f"comma-separated runs, in this order: {','.join(RUNS)},"
                         f"{','.join(FUNCTIONAL)} (default: {','.join(DEFAULT_RUNS)}, then evaluate,export)")
     parser.add_argument("--amzft-args", default="", help="extra fit options for every amzft run, e.g. "
-                        "'--data.layout grouped'")
+                        "'--data.batches.layout grouped'")
     return parser.parse_args()
 
 

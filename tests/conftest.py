@@ -35,6 +35,20 @@ def _offline():
     assert not attempts, f"network access attempted during the tests: {attempts}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_amzft_cache(tmp_path_factory):
+    """AMZFT_CACHE (amzft.files.cache_root: data caches built without --data.cache_dir, the
+    embedded model's unpacked files) points at a folder of this test run, never at the user's
+    ~/.cache/amzft; the previous value comes back afterwards."""
+    previous = os.environ.get("AMZFT_CACHE")
+    os.environ["AMZFT_CACHE"] = str(tmp_path_factory.mktemp("amzft-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("AMZFT_CACHE", None)
+    else:
+        os.environ["AMZFT_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _no_inherited_precision():
     """``precision: auto`` leaves its choice in the environment for the processes a run starts
@@ -137,8 +151,12 @@ def fit_args(tiny_model_dir, data_path, tmp_path, *extra):
         "--model.name_or_path", str(tiny_model_dir),
         "--data.path", str(data_path),
         "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.val_fraction", "0",
-        "--data.test_fraction", "0",
+        "--data.holdout.val_fraction", "0",
+        "--data.holdout.test_fraction", "0",
+        # the cache is built in this process (the same code a worker pool runs, without forking one
+        # per core for each of the tests' many fits); tests of the parallel build ask for num_proc 2
+        # themselves (test_scale.py, test_robustness.py, test_data_pipeline.py)
+        "--data.num_proc", "1",
         "--trainer.default_root_dir", str(tmp_path / "logs"),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
@@ -163,8 +181,8 @@ def fit_tiny_run(tiny_model_dir, root: Path, *extra: str) -> Path:
 # steps, examples and checkpoints in it. cpu.yaml's own packed rows are run as shipped by
 # test_cli.py::test_two_steps_of_fit_run_from_every_config and test_scale.py's resume tests.
 SEED_SHAPED_BATCHES = (
-    "--data.layout", "plain", "--data.share_prefix", "false", "--data.pack_length", "null",
-    "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.lr", "1e-3",
+    "--data.batches.layout", "plain", "--data.batches.share_prefix", "false", "--data.batches.pack_length", "null",
+    "--data.batch_size", "2", "--trainer.accumulate_grad_batches", "4", "--model.optim.lr", "1e-3",
     "--trainer.max_steps", "60", "--checkpoint.every_n_train_steps", "20", "--validation.every_n_steps", "10",
 )
 

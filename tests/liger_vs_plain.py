@@ -1,5 +1,5 @@
 """One batch's loss and LoRA gradients on a small random Llama, with transformers' kernels and
-with Liger's (``model.kernels: liger``), in fp32 and under bf16 autocast.
+with Liger's (``model.compute.kernels: liger``), in fp32 and under bf16 autocast.
 
 Run by tests/test_gpu.py in a fresh process: no Unsloth imported there (it patches the Llama
 classes when loaded), and Liger's RoPE patch, which is process-wide, reaches nothing else. The
@@ -16,11 +16,13 @@ import torch
 
 from amzft.data.batching import Collator
 from amzft.model.module import LoraCausalLM
+from amzft.model.settings import ComputeOptions, OptimOptions
 from amzft.model.sources import load_tokenizer
 
 
 def measure(model_dir: str, kernels: str, bf16: bool, batch: dict) -> dict:
-    module = LoraCausalLM(name_or_path=model_dir, backend="hf", kernels=kernels, optimizer="adamw")
+    module = LoraCausalLM(name_or_path=model_dir, backend="hf", compute=ComputeOptions(kernels=kernels),
+                          optim=OptimOptions(optimizer="adamw"))
     module.configure_model()
     module.cuda().train()
     torch.manual_seed(1)  # LoRA B starts at zero (A would get no gradient): the same random B for both

@@ -16,8 +16,8 @@ from test_model import RecordSteps, run_fit, straight_and_resumed
 
 IDS = torch.tensor([[128000, 791, 8415, 7731, 389, 279, 5634]])
 VARIANTS = {
-    "dora": ("--model.use_dora", "true"),
-    "rslora": ("--model.use_rslora", "true"),
+    "dora": ("--model.lora.use_dora", "true"),
+    "rslora": ("--model.lora.use_rslora", "true"),
     "neftune": ("--model.neftune_alpha", "5"),
 }
 
@@ -32,7 +32,7 @@ def test_each_variant_changes_training(tiny_model_dir, write_jsonl, tmp_path):
     for name, extra in {"plain": (), **VARIANTS}.items():
         steps = RecordSteps()
         # No warm-up: the first step (lr 0 under warm-up) must already move the adapter.
-        cli = run_fit(fit_args(tiny_model_dir, data, tmp_path / name, "--trainer.max_steps", "2", "--model.warmup_steps", "0",
+        cli = run_fit(fit_args(tiny_model_dir, data, tmp_path / name, "--trainer.max_steps", "2", "--model.optim.warmup_steps", "0",
                                *extra), steps)
         runs[name] = steps.losses, _adapter(cli)
     plain_losses, plain_adapter = runs["plain"]
@@ -80,7 +80,7 @@ def test_variants_resume_exactly_and_export(tiny_model_dir, write_jsonl, tmp_pat
 
     ckpt = next((tmp_path / "b").rglob("last.ckpt"))
     module, _ = LoraCausalLM.from_checkpoint(ckpt)
-    assert module.hparams.use_dora and module.hparams.use_rslora and module.hparams.neftune_alpha == 5
+    assert module.lora.use_dora and module.lora.use_rslora and module.hparams.neftune_alpha == 5
     with torch.no_grad():  # eval mode: no noise
         expected = module.model(input_ids=IDS).logits
         straight_module = done.model.eval()
@@ -93,7 +93,7 @@ def test_variants_resume_exactly_and_export(tiny_model_dir, write_jsonl, tmp_pat
 
 @pytest.mark.parametrize(("extra", "message"), [
     (("--model.neftune_alpha", "-1"), "model.neftune_alpha must be >= 0"),
-    (("--model.use_dora", "true", "--model.backend", "unsloth"), "model.use_dora works with backend hf only"),
+    (("--model.lora.use_dora", "true", "--model.backend", "unsloth"), "model.lora.use_dora works with backend hf only"),
 ])
 def test_bad_variant_settings_are_one_line(tiny_model_dir, tiny_data, tmp_path, capsys, extra, message):
     assert message in one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, *extra))

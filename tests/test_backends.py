@@ -4,6 +4,7 @@ and the unsloth backend's guards (never imported without CUDA, one-line error)."
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import subprocess
 import sys
 import types
@@ -22,12 +23,13 @@ from amzft.export.formats import export
 from amzft.files import shipped_sample
 from amzft.model.loss import token_loss_sum
 from amzft.model.module import LoraCausalLM
+from amzft.model.settings import ComputeOptions
 from conftest import REPO, fit_args, one_line_error, tiny_records
 from test_model import straight_and_resumed
 
 
 def _nf4(tiny_model_dir) -> LoraCausalLM:
-    module = LoraCausalLM(name_or_path=str(tiny_model_dir), quantization="nf4")
+    module = LoraCausalLM(name_or_path=str(tiny_model_dir), compute=ComputeOptions(quantization="nf4"))
     module.configure_model()
     return module
 
@@ -92,7 +94,7 @@ def test_without_the_workaround_the_bug_shows_on_this_cpu(tiny_model_dir, batch,
 
 def test_nf4_fit_resumes_exactly_and_exports(tiny_model_dir, write_jsonl, tmp_path):
     data = write_jsonl(tiny_records(20))
-    common = ("--trainer.max_steps", "4", "--model.quantization", "nf4")
+    common = ("--trainer.max_steps", "4", "--model.compute.quantization", "nf4")
     straight, _, resumed, _ = straight_and_resumed(tiny_model_dir, data, tmp_path, 2, *common)
     assert resumed.losses == straight.losses[2:]
     ckpt = next((tmp_path / "b").rglob("last.ckpt"))
@@ -115,8 +117,8 @@ def test_packed_rows_are_refused_with_unsloth(tiny_model_dir, tiny_data, tmp_pat
     packing there would silently mix examples, so the combination is a one-line config error
     (raised before any model is built, on CPU as on GPU)."""
     err = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.backend", "unsloth",
-                                          "--data.layout", "packed"))
-    assert "data.layout=packed" in err and "model.backend=unsloth" in err
+                                          "--data.batches.layout", "packed"))
+    assert "data.batches.layout=packed" in err and "model.backend=unsloth" in err
 
 
 def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
@@ -127,12 +129,15 @@ def test_unsloth_is_never_imported_without_cuda_or_when_not_asked():
     assert not wants_unsloth(["evaluate", "--ckpt_path", "/nowhere/version_0/checkpoints/last.ckpt"])
     code = (
         "import sys; from amzft.cli.import_order import import_unsloth_if_wanted as f; "
-        f"r = f(['fit', '--config', {base!r}]); import amzft, amzft.cli.main; "
-        "print(r, 'unsloth' in sys.modules)"
+        f"r = f(['fit', '--config', {cpu!r}]); u = 'unsloth' in sys.modules; "
+        f"r2 = f(['fit', '--config', {base!r}]); import amzft, amzft.cli.main; "
+        "print(r, u, r2, 'unsloth' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    if not torch.cuda.is_available():
-        assert out == ["False", "False"]
+    # Not asked (cpu.yaml): never imported. Asked (base.yaml): imported exactly where CUDA and the
+    # package are there (with CUDA, on an install without the gpu extra, not either).
+    imported = str(torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None)
+    assert out == ["False", "False", imported, imported], out
     assert import_unsloth_if_wanted(["--help"]) is False
 
 
@@ -170,19 +175,19 @@ def test_gpu_check_command_lines_are_valid_on_cpu(tiny_model_dir, tmp_path):
     assert "error" not in large, large.get("error")
     assert large["steps"] == 4 and large["tokens"] > result["tokens"]
     if not torch.cuda.is_available():
-        assert "model.kernels=liger needs a CUDA GPU" in run("hf", 1)["error"]
+        assert "model.compute.kernels=liger needs a CUDA GPU" in run("hf", 1)["error"]
         assert "needs a CUDA GPU" in run("base.yaml", 1)["error"]
 
 
 def test_liger_kernels_on_cpu_are_one_line(tiny_model_dir, tiny_data, tmp_path, capsys):
-    """model.kernels=liger needs CUDA and the optional liger-kernel package: on this CPU a
+    """model.compute.kernels=liger needs CUDA and the optional liger-kernel package: on this CPU a
     one-line error that names the option and the fix, before any weights load."""
     err = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1",
-                                          "--model.kernels", "liger"))
-    assert "model.kernels=liger needs a CUDA GPU" in err and "pip install liger-kernel" in err
+                                          "--model.compute.kernels", "liger"))
+    assert "model.compute.kernels=liger needs a CUDA GPU" in err and "pip install liger-kernel" in err
     err = one_line_error(capsys, *fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.backend", "unsloth",
-                                          "--model.kernels", "liger"))
-    assert "model.kernels=liger works with backend hf only" in err
+                                          "--model.compute.kernels", "liger"))
+    assert "model.compute.kernels=liger works with backend hf only" in err
 
 
 def _fake_liger(monkeypatch) -> dict:

@@ -37,7 +37,7 @@ class CountValidations(Callback):
 
 def _args(tiny_model_dir, data, tmp_path, *extra):
     # A validation split (fit_args turns it off), validation every 2 steps, short answers.
-    return fit_args(tiny_model_dir, data, tmp_path, "--data.val_fraction", "0.25", "--validation.every_n_steps", "2",
+    return fit_args(tiny_model_dir, data, tmp_path, "--data.holdout.val_fraction", "0.25", "--validation.every_n_steps", "2",
                     "--sample_answers.every_n_steps", "0", "--sample_answers.max_new_tokens", "4",
                     "--sample_answers.rouge_products", "3", *extra)
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from amzft.checkpoints.io import atomic_torch_save, load_checkpoint_file
+from amzft.checkpoints.restore import datamodule_from_checkpoint
 from amzft.cli.lightning_cli import cli_main
+from amzft.data.clean import FilterSettings
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
 from amzft.model.module import LoraCausalLM
@@ -43,6 +45,11 @@ def test_a_checkpoint_written_by_amzft_0_1_0_still_loads_answers_and_resumes(tin
         logits = module.model(input_ids=torch.tensor(reference["input_ids"])).logits[0].float()
     assert torch.allclose(logits[:, :16], torch.tensor(reference["logits_first16"]), atol=1e-5)
     assert torch.allclose(torch.logsumexp(logits, -1), torch.tensor(reference["logsumexp"]), atol=1e-5)
+    # its flat hyper-parameters (lora_r, layout, val_fraction, …) are read into today's groups
+    assert (module.lora.r, module.optim.lr, module.compute.quantization) == (16, 1e-3, "none")
+    datamodule, step = datamodule_from_checkpoint(OLD_CHECKPOINT)
+    assert step == 2 and datamodule.batches.layout == "plain" and datamodule.holdout.val_fraction == 0.0
+    assert datamodule.settings.filters == FilterSettings() and datamodule.settings.prompt == PromptFormat()
 
     # and training resumes from it (optimizer, schedule, loops and sampler state) to step 3
     cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "3",

@@ -109,7 +109,7 @@ def test_every_command_decodes_with_the_one_default(record, tiny_model_dir, writ
     assert "collapsed" in report["splits"]["train"]["models"]["base"]
     assert "decoding: default (" in capsys.readouterr().out
     record["now"] = "val/rougeL"
-    split = ("--data.val_fraction", "0.25", "--data.test_fraction", "0.25")
+    split = ("--data.holdout.val_fraction", "0.25", "--data.holdout.test_fraction", "0.25")
     main(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "1", *split, "--validation.every_n_steps", "1",
                   "--sample_answers.rouge_products", "2", "--sample_answers.every_n_steps", "0"))
     record["now"] = "predict"
@@ -142,7 +142,7 @@ def test_decoding_greedy_and_overrides_reach_every_command(record, tiny_model_di
     assert set(record["evaluate"]) == {replace(GREEDY, repetition_penalty=1.3, max_new_tokens=2)}
     assert "custom (repetition_penalty 1.3, no_repeat_ngram_size 0" in capsys.readouterr().out
     record["now"] = "predict"
-    split = ("--data.val_fraction", "0.25", "--data.test_fraction", "0.25")
+    split = ("--data.holdout.val_fraction", "0.25", "--data.holdout.test_fraction", "0.25")
     main(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "1", *split, "--validation.every_n_steps", "1",
                   "--sample_answers.rouge_products", "2", "--sample_answers.max_new_tokens", "2",
                   "--decoding", "greedy", "--no_repeat_ngram_size", "3"))
@@ -157,7 +157,7 @@ def test_decoding_greedy_and_overrides_reach_every_command(record, tiny_model_di
 def trained(tiny_model_dir, tmp_path_factory):
     """One step of fit on tiny_records(30) with train / validation / test splits: its last.ckpt."""
     return str(fit_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("trained"), "--trainer.max_steps", "1",
-                            "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
+                            "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
 
 
 def test_exports_carry_the_decoding(trained, tmp_path, capsys):

@@ -39,7 +39,7 @@ def test_failure_views():
 @pytest.fixture
 def trained(tiny_model_dir, tiny_data, tmp_path):
     main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2",
-                  "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
+                  "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
     return next((tmp_path / "logs").rglob("last.ckpt"))
 
 
@@ -97,7 +97,7 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_sample_answers_reach_tensorboard(tiny_model_dir, tiny_data, tmp_path):
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--data.val_fraction", "0.2",
+    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--data.holdout.val_fraction", "0.2",
                   "--sample_answers.every_n_steps", "1", "--sample_answers.max_new_tokens", "3"))
     acc = EventAccumulator(str(tmp_path / "logs" / "amzft" / "version_0"), size_guidance={"tensors": 0})
     acc.Reload()

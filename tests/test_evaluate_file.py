@@ -12,7 +12,7 @@ from conftest import fit_args, tiny_records
 
 def test_evaluate_on_another_file_reports_seen_and_unseen(tiny_model_dir, tiny_data, write_jsonl, tmp_path, capsys):
     main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1",
-                  "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
+                  "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     dm, _ = datamodule_from_checkpoint(ckpt)
     trained, held_out = list(dm.split("train")["title"]), list(dm.split("test")["title"])
@@ -46,7 +46,7 @@ def test_evaluate_on_the_training_file_read_up_to_a_limit_scores_the_rest_as_uns
                                                                                       tmp_path, capsys):
     data = write_jsonl(tiny_records(30))
     main(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "1", "--data.limit", "12",
-                  "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"))
+                  "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     dm, _ = datamodule_from_checkpoint(ckpt)
     trained = set(dm.split("train")["title"])

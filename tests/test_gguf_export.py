@@ -191,7 +191,7 @@ def test_embedded_gguf_answers_equal_the_merged_export(tmp_path):
     data = tmp_path / "trn.json"
     data.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(16)))
     main(["fit", "--config", str(REPO / "configs" / "cpu.yaml"), "--data.path", str(data),
-          "--data.cache_dir", str(tmp_path / "cache"), "--data.val_fraction", "0", "--data.test_fraction", "0",
+          "--data.cache_dir", str(tmp_path / "cache"), "--data.holdout.val_fraction", "0", "--data.holdout.test_fraction", "0",
           "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "logs"),
           "--trainer.enable_progress_bar", "false"])
     ckpt = str(next((tmp_path / "logs").rglob("last.ckpt")))

@@ -50,7 +50,7 @@ def gpu_llama_dir(tmp_path_factory, llama_tokenizer):
 
 
 def test_liger_kernels_give_the_plain_loss_and_lora_gradients(gpu_llama_dir, tmp_path):
-    """model.kernels=liger (RoPE, RMSNorm, SwiGLU kernels and the fused linear cross-entropy of
+    """model.compute.kernels=liger (RoPE, RMSNorm, SwiGLU kernels and the fused linear cross-entropy of
     the label-only loss) against transformers' own path: same loss and LoRA gradients on one
     batch, to fp32 rounding in fp32 and to bf16 rounding under bf16 autocast. In a fresh
     process (tests/liger_vs_plain.py): Unsloth, imported by this file, patches Llama too."""
@@ -83,8 +83,8 @@ def test_unsloth_fit_resumes_exactly_then_evaluates_and_exports(gpu_llama_dir, w
     and exports as a PEFT adapter."""
     data = write_jsonl(tiny_records(24))
     common = ("--model.backend", "unsloth", "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
-              "--trainer.max_steps", "4", "--model.lr", "1e-2",  # big steps, so a wrong resume shows
-              "--data.val_fraction", "0.2", "--data.test_fraction", "0.2", "--sample_answers.every_n_steps", "0")
+              "--trainer.max_steps", "4", "--model.optim.lr", "1e-2",  # big steps, so a wrong resume shows
+              "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2", "--sample_answers.every_n_steps", "0")
     straight = RecordSteps()
     run_fit(fit_args(gpu_llama_dir, data, tmp_path / "a", *common), straight)
     run_fit(fit_args(gpu_llama_dir, data, tmp_path / "b", *common), RecordSteps(), StopAtStep(2))

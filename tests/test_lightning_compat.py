@@ -129,14 +129,28 @@ def test_the_callbacks_run_in_the_stated_order(early):
     from amzft.training.throughput import ThroughputMeter  # noqa: PLC0415
     from amzft.training.validation import EarlyStop  # noqa: PLC0415
 
-    sentinel = Callback()
-    callbacks = fit_callbacks([sentinel], [], early_stop=early, progress_bar=True, model_summary=True)
+    grouped, given = Callback(), Callback()
+    callbacks = fit_callbacks([grouped], [given], early_stop=early, progress_bar=True, model_summary=True)
     kinds = [type(c) for c in callbacks]
-    assert isinstance(callbacks[0], NonFiniteGuard) and callbacks[1] is sentinel
+    assert isinstance(callbacks[0], NonFiniteGuard) and callbacks[1:3] == [grouped, given]
     assert kinds.index(ThroughputMeter) < kinds.index(StepProgressBar)
     assert (EarlyStop in kinds) == bool(early)
     # Nothing before the guard could look at a step's gradients first.
     assert all(type(c).on_before_optimizer_step is Callback.on_before_optimizer_step for c in callbacks[1:])
-    given = [ThroughputMeter()]
-    assert ThroughputMeter not in {type(c) for c in fit_callbacks([], given, early_stop=None, progress_bar=False,
-                                                                   model_summary=False)}
+    meter = ThroughputMeter()  # one given (the GPU check's) replaces the default one
+    alone = fit_callbacks([], [meter], early_stop=None, progress_bar=False, model_summary=False)
+    assert [c for c in alone if isinstance(c, ThroughputMeter)] == [meter]
+
+
+def test_a_fit_runs_the_guard_before_the_callbacks_a_user_gives(tiny_model_dir, tiny_data, tmp_path):
+    import json  # noqa: PLC0415
+
+    from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415
+    from amzft.training.callbacks import StopAtStep  # noqa: PLC0415
+    from amzft.training.nonfinite import NonFiniteGuard  # noqa: PLC0415
+    from conftest import fit_args  # noqa: PLC0415
+
+    given = json.dumps({"class_path": "amzft.training.callbacks.StopAtStep", "init_args": {"step": 2}})
+    cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.callbacks", given), run=False)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert kinds[0] is NonFiniteGuard and kinds.count(StopAtStep) == 1 and kinds.count(NonFiniteGuard) == 1

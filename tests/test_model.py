@@ -12,7 +12,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch._dynamo.utils import counters
 
 import amzft.model.module as model_module
-from amzft.checkpoints.adapter import init_kwargs
 from amzft.checkpoints.io import load_checkpoint_file
 from amzft.cli.lightning_cli import cli_main
 from amzft.data.batching import Collator
@@ -20,6 +19,8 @@ from amzft.errors import ConfigError
 from amzft.inference.generate import GenerationOptions, generate
 from amzft.model.loss import head_loss_sum
 from amzft.model.module import COMPILE_BREAK_EVEN_STEPS, LoraCausalLM, decide_compile
+from amzft.model.settings import ComputeOptions
+from amzft.settings import init_kwargs
 from amzft.training.callbacks import StopAtStep
 from conftest import fit_args, tiny_records
 
@@ -98,7 +99,7 @@ def test_accumulation_2x4_equals_8x1(tiny_model_dir, write_jsonl, tmp_path):
         run_fit(
             fit_args(tiny_model_dir, data, tmp_path / f"b{batch}", "--trainer.max_steps", "1",
                      "--data.batch_size", str(batch), "--trainer.accumulate_grad_batches", str(accumulate),
-                     "--data.shuffle", "false", "--trainer.gradient_clip_val", "null"),
+                     "--data.batches.shuffle", "false", "--trainer.gradient_clip_val", "null"),
             rec,
         )
         grads.append(rec.grads[0])
@@ -109,7 +110,7 @@ def test_accumulation_2x4_equals_8x1(tiny_model_dir, write_jsonl, tmp_path):
 
 # bf16-mixed with cpu.yaml's packed rows and shared preamble: what `precision: auto` trains on a
 # CPU where bf16 autocast is the faster (AMX, or AVX512-BF16 when its probe says so).
-SHIPPED_BF16 = ("--trainer.precision", "bf16-mixed", "--data.layout", "packed", "--data.share_prefix", "true")
+SHIPPED_BF16 = ("--trainer.precision", "bf16-mixed", "--data.batches.layout", "packed", "--data.batches.share_prefix", "true")
 
 
 @pytest.mark.parametrize("records, accumulate, stop, extra", [(30, 2, 3, ()), (10, 2, 4, ()), (16, 4, 2, ()),
@@ -170,7 +171,7 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
         lrs.append(sched.get_last_lr()[0])
         sched.optimizer.step()
         sched.step()
-    peak = cli.model.hparams.lr
+    peak = cli.model.optim.lr
     assert lrs[0] == 0 and math.isclose(lrs[5], peak) and math.isclose(lrs[1], peak / 5)
     assert math.isclose(lrs[30], peak * 30 / 55) and lrs[60] == 0
 
@@ -178,7 +179,7 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resume(sig, tiny_model_dir, tiny_data, tmp_path):
     # compile off: cpu.yaml's compile auto would compile a 100000-step run before its first step
-    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000", "--model.compile", "false",
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000", "--model.compute.compile", "false",
                     "--trainer.accumulate_grad_batches", "3", "--checkpoint.every_n_train_steps", "2")
     proc = subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -213,7 +214,7 @@ def test_each_epoch_is_reshuffled_under_the_trainer(tiny_model_dir, write_jsonl,
 
 
 def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, write_jsonl, tmp_path):
-    """model.compile: the same losses and adapter as eager (to float tolerance: the fused
+    """model.compute.compile: the same losses and adapter as eager (to float tolerance: the fused
     kernels sum in another order), checkpoints with the same keys, and generation still works
     (it runs the layers eagerly, so no recompilation per decoded length)."""
     data = write_jsonl(tiny_records(16))
@@ -221,7 +222,7 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
     for name in ("eager", "compiled"):
         rec = RecordSteps()
         cli = run_fit(fit_args(tiny_model_dir, data, tmp_path / name, "--trainer.max_steps", "3",
-                               "--model.compile", str(name == "compiled").lower()), rec)
+                               "--model.compute.compile", str(name == "compiled").lower()), rec)
         runs[name] = (rec, cli)
     (eager, a), (compiled, b) = runs["eager"], runs["compiled"]
     layer = b.model.model.get_base_model().get_decoder().layers[0]
@@ -232,7 +233,7 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5) for k in wa)
     ckpt = load_checkpoint_file(b.trainer.checkpoint_callback.last_model_path)
-    assert ckpt["state_dict"].keys() == wa.keys() and ckpt["hyper_parameters"]["compile"] is True
+    assert ckpt["state_dict"].keys() == wa.keys() and ckpt["hyper_parameters"]["compute"]["compile"] is True
 
     graphs = counters["stats"]["unique_graphs"]
     answers = generate(b.model, ["What is the description of product Tutu?"] * 2, GenerationOptions(max_new_tokens=5))
@@ -240,9 +241,9 @@ def test_compiled_layers_train_like_eager_and_generate_eagerly(tiny_model_dir, w
 
 
 def test_compile_is_for_the_hf_backend_only():
-    with pytest.raises(ConfigError, match="model.compile works with backend hf only"):
-        LoraCausalLM(backend="unsloth", compile=True)
-    LoraCausalLM(backend="unsloth", compile="auto")  # auto decides "off" for it (below)
+    with pytest.raises(ConfigError, match="model.compute.compile works with backend hf only"):
+        LoraCausalLM(backend="unsloth", compute=ComputeOptions(compile=True))
+    LoraCausalLM(backend="unsloth", compute=ComputeOptions(compile="auto"))  # auto decides "off" for it (below)
 
 
 def never():
@@ -280,19 +281,19 @@ def test_compile_auto_in_a_fit(tiny_model_dir, tiny_data, tmp_path, caplog, monk
     break-even the layers are compiled (the compilation itself is test_compiled_layers_…'s);
     checkpoints of old runs (compile true / false) still build a module."""
     cli = run_fit(fit_args(tiny_model_dir, tiny_data, tmp_path / "short", "--trainer.max_steps", "2"))
-    assert cli.model.hparams.compile == "auto"
+    assert cli.model.compute.compile == "auto"
     assert cli.model.model.get_base_model().get_decoder().layers[0]._compiled_call_impl is None
-    assert "model.compile auto -> off: max_steps 2 < " in caplog.text
+    assert "model.compute.compile auto -> off: max_steps 2 < " in caplog.text
     compiled = []
     monkeypatch.setattr(model_module, "COMPILE_BREAK_EVEN_STEPS", 2)
     monkeypatch.setattr(LoraCausalLM, "_compile_layers", lambda self: compiled.append(self))
     run_fit(fit_args(tiny_model_dir, tiny_data, tmp_path / "long", "--trainer.max_steps", "2"))
-    assert len(compiled) == 1 and "model.compile auto -> on: max_steps 2 >= 2" in caplog.text
+    assert len(compiled) == 1 and "model.compute.compile auto -> on: max_steps 2 >= 2" in caplog.text
 
     saved = load_checkpoint_file(cli.trainer.checkpoint_callback.last_model_path)["hyper_parameters"]
     for old in (True, False):
-        module = LoraCausalLM(**{**init_kwargs(LoraCausalLM, saved), "compile": old})
-        assert module.hparams.compile is old
+        module = LoraCausalLM(**{**init_kwargs(LoraCausalLM, saved), "compute": ComputeOptions(compile=old)})
+        assert module.compute.compile is old
 
 
 def test_chunked_head_loss_equals_one_pass(tiny_model_dir, llama_tokenizer):

@@ -45,7 +45,7 @@ def fake_probe(bf16_s: float | None):
 
 @pytest.mark.parametrize("text, expected, words", [
     (SAPPHIRE, "bf16-mixed", "has AMX (amx_bf16)"),
-    (AVX2, "32-true", "CPU 'AMD EPYC' has no AMX (avx2 only); bf16 autocast measured ~30x slower than fp32"),
+    (AVX2, "32-true", "CPU 'AMD EPYC' has no AMX (avx2 only); bf16 autocast is many times slower than fp32"),
 ], ids=["amx", "avx2"])
 def test_cpu_rule_reads_the_flags(text, expected, words):
     choice = for_cpu(text, no_probe)
@@ -63,8 +63,8 @@ def test_without_flags_the_probe_decides(text, bf16_s, expected):
 
 @pytest.mark.parametrize("bf16_s, expected", [(0.6, "bf16-mixed"), (1.7, "32-true"), (None, "32-true")])
 def test_avx512_bf16_without_amx_is_probed(bf16_s, expected):
-    """bf16 autocast measured 1.7x slower than fp32 on a Xeon with AVX512-BF16 and 1.6x faster on
-    an AMD EPYC with it: on such a CPU the probe decides."""
+    """bf16 autocast is slower than fp32 on some CPUs with AVX512-BF16 and faster on others
+    (docs/performance.md, "The machines"): on such a CPU the probe decides."""
     run, calls = fake_probe(bf16_s)
     choice = for_cpu(XEON_BF16, run)
     assert calls == [1] and choice.precision == expected
@@ -114,16 +114,22 @@ def test_auto_on_an_unknown_accelerator_asks_for_an_explicit_value():
 
 
 def test_probe_stops_a_slow_bf16_at_the_cap():
-    """A bf16 step 30x slower than fp32 is cut off at 1.5x fp32's time, not run to the end."""
+    """A bf16 step 30x slower than fp32 is cut off at 1.5x fp32's time, not run to the end
+    (counted in steps, not timed: the bound holds on a machine of any speed or load)."""
+    ran = {"fp32": 0, "bf16": 0}
 
     def step_of(dtype):
-        return lambda: time.sleep(0.3 if dtype is not None else 0.01)
+        kind, seconds = ("bf16", 0.3) if dtype is not None else ("fp32", 0.01)
 
-    start = time.perf_counter()
+        def step():
+            ran[kind] += 1
+            time.sleep(seconds)
+
+        return step
+
     result = probe(step_factory=step_of, fp32_seconds=0.1)
-    took = time.perf_counter() - start
     assert result.bf16_s is None and not result.bf16_faster and result.steps >= 3
-    assert took < result.fp32_s + 0.6  # fp32, then one bf16 step past the cap: not steps x 0.3 s
+    assert ran["fp32"] == result.steps and 1 <= ran["bf16"] < result.steps  # stopped past the cap: not all steps
     assert "stopped past 1.5x fp32" in result.figures()
 
 
@@ -135,11 +141,16 @@ def test_probe_keeps_a_faster_bf16_and_its_figures():
     assert result.bf16_faster and result.bf16_s < result.fp32_s and "bf16 autocast" in result.figures()
 
 
-def test_the_real_probe_runs_in_about_a_second():
-    start = time.perf_counter()
+def test_the_real_probe_times_fp32_then_bf16_within_the_cap():
+    """The real Linear-stack probe on this machine: fp32 timed for at least PROBE_FP32_SECONDS and
+    PROBE_MIN_STEPS steps, then bf16 autocast either finished within the cap, stopped past it, or
+    failed with a note; figures() says which (no wall-time bound: that is the cap's own test above)."""
     result = probe()
-    assert result.steps >= 3 and result.fp32_s > 0
-    assert time.perf_counter() - start < 10  # fp32 0.3 s + bf16 capped at 1.5x that (+ one step)
+    assert result.steps >= precision.PROBE_MIN_STEPS and result.fp32_s >= precision.PROBE_FP32_SECONDS
+    if result.bf16_s is not None:
+        assert 0 < result.bf16_s and " s (" in result.figures()
+    else:
+        assert result.note.startswith("failed (") or "stopped past 1.5x fp32" in result.figures()
 
 
 def logged(caplog) -> str:
@@ -170,7 +181,7 @@ def test_fit_resolves_auto_logs_why_records_it_and_resumes(tiny_model_dir, tiny_
     main(shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last"))
     assert "precision auto -> 32-true" in logged(caplog)
     assert run_config(tmp_path)["trainer"]["precision"] == "32-true"
-    validate = shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last", "--data.val_fraction", "0.3")
+    validate = shipped_precision_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last", "--data.holdout.val_fraction", "0.3")
     validate[0] = "validate"
     main(validate)
     assert "precision auto -> 32-true" in logged(caplog)

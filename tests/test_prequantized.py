@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from amzft.cli.main import main
 from amzft.export.formats import DEQUANTIZED_NOTE, full_precision_module
 from amzft.model.module import LoraCausalLM
+from amzft.model.settings import ComputeOptions
 from conftest import fit_args, one_line_error, tiny_records
 from test_model import straight_and_resumed
 
@@ -45,7 +46,7 @@ def test_prequantized_folder_trains_in_4bit_as_saved(prequantized_dir):
     quantisation would change them), with LoRA on top and the CPU workaround applied."""
     saved = _four_bit(AutoModelForCausalLM.from_pretrained(prequantized_dir, device_map={"": "cpu"}))
     for quantization in ("none", "nf4"):
-        module = LoraCausalLM(name_or_path=str(prequantized_dir), quantization=quantization)
+        module = LoraCausalLM(name_or_path=str(prequantized_dir), compute=ComputeOptions(quantization=quantization))
         module.configure_model()
         loaded = _four_bit(module.model)
         assert len(loaded) == len(saved) == 2 * 7
@@ -72,7 +73,7 @@ def test_other_quantisation_methods_are_one_line(prequantized_dir, tmp_path, cap
 
 def test_prequantized_fit_resumes_exactly_evaluates_and_exports_dequantized(prequantized_dir, write_jsonl, tmp_path, capsys):
     data = write_jsonl(tiny_records(20))
-    common = ("--trainer.max_steps", "3", "--data.test_fraction", "0.2")
+    common = ("--trainer.max_steps", "3", "--data.holdout.test_fraction", "0.2")
     straight, _, resumed, _ = straight_and_resumed(prequantized_dir, data, tmp_path, 1, *common)
     assert resumed.losses == straight.losses[1:]
     ckpt = next((tmp_path / "b").rglob("last.ckpt"))

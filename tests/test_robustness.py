@@ -37,7 +37,7 @@ TESTS = Path(__file__).resolve().parent
     "extra, message",
     [
         (["--model.nope", "3"], "unrecognized arguments: --model.nope 3 (see: python -m amzft fit --help)"),
-        (["--model.lr", "abc"], 'Parser key "model.lr": Expected a <class \'float\'>. Got value: abc'),
+        (["--model.optim.lr", "abc"], 'Parser key "model.optim.lr": Expected a <class \'float\'>. Got value: abc'),
         (["--data.batch_size", "-2"], "data.batch_size and eval_batch_size must be >= 1, found -2"),
         (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),
         (["--model.on_nonfinite", "ignore"], "model.on_nonfinite"),
@@ -66,8 +66,8 @@ def test_other_commands_reject_unknown_options_in_one_line(capsys):
 
 
 def test_debug_shows_the_traceback_instead(tiny_model_dir, tiny_data, tmp_path):
-    with pytest.raises(ConfigError, match="model.lr must be a positive number"):
-        main([*fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.lr", "-1"), "--debug"])
+    with pytest.raises(ConfigError, match="model.optim.lr must be a positive number"):
+        main([*fit_args(tiny_model_dir, tiny_data, tmp_path, "--model.optim.lr", "-1"), "--debug"])
     with pytest.raises(Exception, match="max_steps"):
         main([*fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "-5"), "--debug"])
 
@@ -232,7 +232,7 @@ def test_nan_loss_with_skip_leaves_the_weights_untouched_and_goes_on(tiny_model_
             snapshots[trainer.global_step] = _lora_state(pl_module)
 
     cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "6",
-                            "--model.on_nonfinite", "skip", "--model.optimizer", "adamw"), run=False)
+                            "--model.on_nonfinite", "skip", "--model.optim.optimizer", "adamw"), run=False)
     cli.trainer.callbacks.append(Snapshot())
     cli.model.configure_model()
     cli.model.token_loss_sum = _PoisonAt(cli.model, 4)

@@ -23,6 +23,7 @@ from amzft.data.batching import Collator, ResumableBatchSampler, pack_first_fit
 from amzft.data.build import DataSettings, prepare
 from amzft.data.encode import IGNORE_INDEX
 from amzft.data.module import AmazonTitlesDataModule, _EvalExamples, eval_shards
+from amzft.data.settings import BatchOptions, HoldoutOptions
 from amzft.errors import ConfigError, DataError
 from amzft.model.module import LoraCausalLM
 from amzft.training.callbacks import StopAtStep
@@ -121,9 +122,9 @@ def test_a_big_packed_split_starts_without_counting_every_example(write_jsonl, t
     the same whether or not the counts are already known (a warm cache)."""
     monkeypatch.setattr("amzft.data.module.COUNT_ALL_UP_TO", 50)
     monkeypatch.setattr("amzft.data.batching.ESTIMATE_SAMPLE", 40)
-    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(400)), tokenizer=str(tiny_model_dir), layout="packed",
-                                max_length=160, pack_length=160, batch_size=1, mega_batch=2, val_fraction=0.05,
-                                test_fraction=0.05)
+    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(400)), tokenizer=str(tiny_model_dir), max_length=160,
+                                batches=BatchOptions(layout="packed", pack_length=160, mega_batch=2), batch_size=1,
+                                holdout=HoldoutOptions(val_fraction=0.05, test_fraction=0.05))
     dm.setup("fit")
     examples = dm.examples("train")
     assert len(examples) > 200
@@ -134,7 +135,7 @@ def test_a_big_packed_split_starts_without_counting_every_example(write_jsonl, t
     assert 0 < counted <= 40 + 2 * 2 * 8, counted  # the sample and the first packing chunk
     examples.ensure_counts()
     assert len(dm.train_dataloader()) == estimated
-    true_length = len(ResumableBatchSampler(examples.num_labels, 1, lengths=examples.lengths, seed=dm.seed,
+    true_length = len(ResumableBatchSampler(examples.num_labels, 1, lengths=examples.lengths, seed=dm.batches.seed,
                                             layout="packed", max_length=160, mega_batch=2))
     assert abs(estimated - true_length) <= max(2, 0.1 * true_length), (estimated, true_length)
 
@@ -225,7 +226,7 @@ def test_packed_batch_gives_the_same_per_example_losses(tiny_model_dir, llama_to
 
 
 def test_shared_prefix_packing_gives_each_example_its_own_loss_and_gradients(tiny_model_dir, llama_tokenizer):
-    """data.share_prefix: the common preamble stored once per row, a 4-D mask, position ids
+    """data.batches.share_prefix: the common preamble stored once per row, a 4-D mask, position ids
     continuing from it: per-example losses, the batch's loss sum and the LoRA gradients are
     those of the unpacked batch, with fewer tokens processed."""
     rng = np.random.default_rng(1)
@@ -279,10 +280,10 @@ def test_shared_prefix_packing_gives_each_example_its_own_loss_and_gradients(tin
 
 
 def test_share_prefix_needs_packed_rows():
-    with pytest.raises(ConfigError, match="data.share_prefix needs data.layout=packed"):
-        AmazonTitlesDataModule(layout="grouped", share_prefix=True)
-    with pytest.raises(ConfigError, match="data.pack_length needs data.layout=packed"):
-        AmazonTitlesDataModule(layout="plain", pack_length=512)
+    with pytest.raises(ConfigError, match="data.batches.share_prefix needs data.batches.layout=packed"):
+        AmazonTitlesDataModule(batches=BatchOptions(layout="grouped", share_prefix=True))
+    with pytest.raises(ConfigError, match="data.batches.pack_length needs data.batches.layout=packed"):
+        AmazonTitlesDataModule(batches=BatchOptions(layout="plain", pack_length=512))
 
 
 def test_pack_length_sets_the_row_capacity(write_jsonl, tiny_model_dir):
@@ -290,8 +291,8 @@ def test_pack_length_sets_the_row_capacity(write_jsonl, tiny_model_dir):
     set gets several optimizer steps per epoch."""
     lengths = {}
     for pack_length in (None, 200):
-        dm = AmazonTitlesDataModule(write_jsonl(tiny_records(40)), tokenizer=str(tiny_model_dir), layout="packed",
-                                    max_length=1024, batch_size=1, pack_length=pack_length)
+        dm = AmazonTitlesDataModule(write_jsonl(tiny_records(40)), tokenizer=str(tiny_model_dir), max_length=1024,
+                                    batch_size=1, batches=BatchOptions(layout="packed", pack_length=pack_length))
         dm.setup("fit")
         batches = dm.train_dataloader().batch_sampler.batches(0)
         data = dm.split("train")
@@ -307,10 +308,10 @@ def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, w
         monkeypatch.setattr("amzft.data.module.COUNT_ALL_UP_TO", 0)
         layout = layout.removesuffix("+lazy")
     layout, _, share = layout.partition("+")
-    common = ("--trainer.max_steps", "6", "--data.layout", layout, "--data.max_length", "160", "--data.mega_batch", "4",
-              "--data.share_prefix", str(bool(share)).lower())
-    if share.endswith("rows"):  # rows shorter than max_length (data.pack_length): the shipped CPU config's layout
-        common += ("--data.pack_length", "120")
+    common = ("--trainer.max_steps", "6", "--data.batches.layout", layout, "--data.max_length", "160", "--data.batches.mega_batch", "4",
+              "--data.batches.share_prefix", str(bool(share)).lower())
+    if share.endswith("rows"):  # rows shorter than max_length (data.batches.pack_length): the shipped CPU config's layout
+        common += ("--data.batches.pack_length", "120")
     straight = RecordSteps()
     a = run_fit(fit_args(tiny_model_dir, data, tmp_path / "a", *common), straight)
     first = RecordSteps()
@@ -330,7 +331,7 @@ def _fit_subprocess(tiny_model_dir, data, tmp_path, name, *extra):
     losses, last.ckpt's adapter, the output and the run's log folder."""
     losses = tmp_path / f"{name}.jsonl"
     args = fit_args(tiny_model_dir, data, tmp_path / name, "--trainer.max_steps", "4",
-                    "--model.optimizer", "adamw", "--trainer.default_root_dir", str(tmp_path / name / "logs"),
+                    "--model.optim.optimizer", "adamw", "--trainer.default_root_dir", str(tmp_path / name / "logs"),
                     "--trainer.callbacks+=" + json.dumps({"class_path": "fault_helpers.RecordLosses",
                                                           "init_args": {"path": str(losses)}}), *extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -410,8 +411,8 @@ def test_ddp_eval_loaders_give_every_rank_a_batch_and_the_single_process_sums(wr
     rank's validation and test loader has a batch, a filler batch scores 0 loss over 0 label
     tokens (no NaN), and the ranks' loss and token sums, as the module adds them up, are the
     single-process ones."""
-    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(30)), tokenizer=str(tiny_model_dir), val_fraction=0.05,
-                                test_fraction=0.2)
+    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(30)), tokenizer=str(tiny_model_dir),
+                                holdout=HoldoutOptions(val_fraction=0.05, test_fraction=0.2))
     dm.setup("fit")
     assert (len(dm.split("validation")), len(dm.split("test"))) == (1, 5)
     module = LoraCausalLM(name_or_path=str(tiny_model_dir))
@@ -448,7 +449,7 @@ def test_ddp_fit_with_fewer_validation_batches_than_ranks(tiny_model_dir, write_
     val/loss is the single-process one; before, rank 1 had no validation batch and Lightning
     stopped the run before its first step ("`DataLoader` within local rank has zero length")."""
     data = write_jsonl(tiny_records(40))  # 32 train (4 steps of 8), 8 validation products
-    split = ("--data.val_fraction", "0.2")
+    split = ("--data.holdout.val_fraction", "0.2")
     single, _, _, single_logs = _fit_subprocess(tiny_model_dir, data, tmp_path, "single", "--data.batch_size", "2",
                                                 *split)
     ddp, _, log, ddp_logs = _fit_subprocess(tiny_model_dir, data, tmp_path, "ddp", "--data.batch_size", "1", *split,
@@ -463,7 +464,7 @@ def test_ddp_fit_with_fewer_validation_batches_than_ranks(tiny_model_dir, write_
 def test_epoch_based_run_and_validation_sample(tiny_model_dir, write_jsonl, tmp_path):
     data = write_jsonl(tiny_records(40))
     cli = cli_main(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "-1", "--trainer.max_epochs", "2",
-                            "--data.val_fraction", "0.3", "--data.val_max_examples", "3",
+                            "--data.holdout.val_fraction", "0.3", "--data.holdout.val_max_examples", "3",
                             "--trainer.check_val_every_n_epoch", "1"), run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     train = len(cli.datamodule.split("train"))
@@ -504,8 +505,9 @@ def test_parallel_build_strict_names_the_first_bad_line(write_jsonl, llama_token
 def test_a_train_split_too_small_for_every_process_is_one_line(write_jsonl, tiny_model_dir):
     """3 short examples pack into one row: 2 processes would each get none, and Lightning would
     stop without a step or a checkpoint, saying only "No training batches"."""
-    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(3)), tokenizer=str(tiny_model_dir), val_fraction=0,
-                                test_fraction=0, layout="packed", max_length=512)
+    dm = AmazonTitlesDataModule(write_jsonl(tiny_records(3)), tokenizer=str(tiny_model_dir), max_length=512,
+                                holdout=HoldoutOptions(val_fraction=0, test_fraction=0),
+                                batches=BatchOptions(layout="packed"))
     dm.trainer = SimpleNamespace(world_size=2, global_rank=0, accumulate_grad_batches=1)
     with pytest.raises(ConfigError, match=r"the train split \(3 examples\) makes no batch for each of 2 processes"):
         dm.train_dataloader()

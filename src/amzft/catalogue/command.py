@@ -17,8 +17,10 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from amzft.data.settings import GROUPS, RENAMED
 from amzft.errors import ConfigError, DataError
 from amzft.inference.decoding import add_decoding_arguments, decoding_from, describe
+from amzft.settings import nested
 
 
 def _parser() -> ArgumentParser:
@@ -130,7 +132,7 @@ def _settings(cfg, module, fmt, data_settings: dict, source: Path, ckpt: str | N
         "use_adapter": bool(cfg.use_adapter and ckpt),
         "decoding": asdict(options),
         "prompt": asdict(fmt),
-        "strip_boilerplate": bool(data_settings.get("strip_boilerplate", True)),
+        "strip_boilerplate": bool(nested(data_settings, RENAMED, GROUPS).get("filters", {}).get("strip_boilerplate", True)),
         "plan": asdict(plan),
         "precision": str(precision),
     }
@@ -177,16 +179,16 @@ def _default_precision(accelerator: str) -> str:
     if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     # On a CPU fp32: bf16 autocast is slower than fp32 on some CPUs and faster on others
-    # (docs/performance.md), and the answers must not depend on a timing probe.
+    # (docs/performance.md, "The machines"), and the answers must not depend on a timing probe.
     return "32-true"
 
 
 def _load(ckpt: str | None, model_args: dict):
     """(module, prompt format, the data settings it was trained with)."""
-    from amzft.checkpoints.adapter import init_kwargs
     from amzft.checkpoints.io import load_checkpoint_file
     from amzft.data.prompt import prompt_format_from
     from amzft.model.module import LoraCausalLM
+    from amzft.settings import init_kwargs
 
     if ckpt:
         module, fmt = LoraCausalLM.from_checkpoint(ckpt)

@@ -105,7 +105,7 @@ class OutputStore:
     def merge(self, summary: dict) -> int:
         """Every part's rows, one per input line, in input order, into ``out`` (atomically), and
         ``meta``; the partial folder is removed. Rows are copied by offset: only an index of
-        (line, part, offset, length), ~24 bytes a product, is held in memory, never the text."""
+        (line, part, offset, length) per product is held in memory, never the text."""
         parts = self.parts()
         index = [(line, p, offset, length) for p, part in enumerate(parts) for line, offset, length in _complete_rows(part)]
         table = np.asarray(index, dtype=np.int64).reshape(-1, 4)

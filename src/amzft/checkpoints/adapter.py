@@ -5,7 +5,6 @@ config is a one-line error, not a silently half-loaded model."""
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
@@ -14,15 +13,9 @@ import torch
 from amzft.checkpoints.io import load_checkpoint_file
 from amzft.data.prompt import PromptFormat, prompt_format_from
 from amzft.errors import ModelError
+from amzft.settings import init_kwargs
 
 SKIPPED_STEPS_KEY = "amzft_skipped_steps"  # optimizer steps skipped for a non-finite loss
-
-
-def init_kwargs(cls: type, saved: dict) -> dict:
-    """The saved hyper-parameters ``cls(...)`` accepts: drops Lightning's private entries
-    (``_instantiator``) and keys another version or tool added to the section."""
-    accepted = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in saved.items() if k in accepted and not k.startswith("_")}
 
 
 class AdapterCheckpointing:
@@ -56,7 +49,7 @@ class AdapterCheckpointing:
             what = f"{len(missing)} adapter tensors missing" if missing else f"shape mismatch in {wrong[0]}"
             raise ModelError(
                 f"the checkpoint does not fit this model ({what}): it was made with another base model "
-                f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora_r={self.hparams.lora_r}"
+                f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora.r={self.lora.r}"
             )
 
     @classmethod

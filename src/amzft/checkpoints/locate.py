@@ -92,7 +92,7 @@ def find_best_checkpoint(root: str | os.PathLike) -> BestChoice:
     runs = list(Path(root, LOG_NAME).glob("version_*/checkpoints"))
     newest = {run: max((p.stat().st_mtime for p in run.glob("*.ckpt")), default=None) for run in runs}
     newest = {run: t for run, t in newest.items() if t is not None}
-    how = ("set validation.every_n_steps > 0 (with a validation split: data.val_fraction > 0) and best.monitor "
+    how = ("set validation.every_n_steps > 0 (with a validation split: data.holdout.val_fraction > 0) and best.monitor "
            "(val/loss or val/rougeL), then fit again")
     if not newest:
         raise ConfigError(f"--ckpt_path best: no checkpoint under {root}/{LOG_NAME}/version_*/checkpoints; {how}")

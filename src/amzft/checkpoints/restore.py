@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from amzft.checkpoints.adapter import init_kwargs
 from amzft.checkpoints.io import load_checkpoint_file
 from amzft.data.module import AmazonTitlesDataModule
+from amzft.settings import init_kwargs
 
 
 def datamodule_from_checkpoint(ckpt_path: str | os.PathLike, **overrides) -> tuple[AmazonTitlesDataModule, int]:

@@ -55,8 +55,9 @@ def command_parser(prog: str, description: str, with_data: bool = True, own: tup
 
 def _datamodule(cfg):
     from amzft.data.module import AmazonTitlesDataModule
+    from amzft.settings import init_kwargs
 
-    data = dict(cfg.data)
+    data = init_kwargs(AmazonTitlesDataModule, cfg.data)
     model = cfg.get("model") or {}
     init_args = model.get("init_args", model) if isinstance(model, dict) else {}
     # In `fit` the tokenizer is linked from the model; here we mirror that link.
@@ -80,8 +81,8 @@ def data_command(argv: list[str]) -> None:
 
 
 def _base_module(model_args: dict):
-    from amzft.checkpoints.adapter import init_kwargs
     from amzft.model.module import LoraCausalLM
+    from amzft.settings import init_kwargs
 
     # A training config's model section may hold keys for other tools; keep the module's own.
     module = LoraCausalLM(**init_kwargs(LoraCausalLM, model_args))
@@ -91,7 +92,8 @@ def _base_module(model_args: dict):
 
 def ask_command(argv: list[str]) -> None:
     """Answer "What is the description of product TITLE?" with the base or fine-tuned model."""
-    parser = command_parser("amzft ask", "Answer the seed question for one or more product titles.", with_data=False, own=("ckpt_path",))
+    parser = command_parser("amzft ask", "Answer the notebook's question for one or more product titles.", with_data=False,
+                            own=("ckpt_path",))
     parser.add_argument("titles", nargs="+", help="product titles")
     parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`, `best`): answer with the fine-tuned adapter")
     parser.add_argument("--compare", type=bool, default=False, help="with --ckpt_path: print base and fine-tuned answers")

@@ -16,7 +16,8 @@ from amzft.cli.commands import command_parser
 from amzft.errors import ConfigError
 from amzft.inference.decoding import DECODING_KEYS, decoding_from, describe
 
-SEED_QUESTIONS = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
+# The titles the notebook (configs/base.yaml's recipe) asks about after training.
+NOTEBOOK_TITLES = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
 
 
 def _wrap(text: str, width: int = 96, indent: str = "      ") -> str:
@@ -101,16 +102,16 @@ def _demo_train(config: str, extra: list[str], log_root: str):
 
 
 def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = None) -> None:
-    """Base and fine-tuned answers for the seed's questions and one seen / one held-out product;
+    """Base and fine-tuned answers for the notebook's titles and one seen / one held-out product;
     with ``last``, that checkpoint's answers too. The best checkpoint by validation (held-out
-    products) can come before the products trained on are recalled: on the bundled sample,
-    measured, the best by val/loss recalled far less than the last (docs/performance.md), so the
-    demo shows both rather than hide either."""
+    products) can come before the products trained on are recalled: on the bundled sample the
+    best by val/loss recalled far less than the last (docs/performance.md, "Fine-tuning runs
+    (CPU)"), so the demo shows both rather than hide either."""
     from amzft.inference.generate import generate_answers
     from amzft.model.module import LoraCausalLM
 
     module, fmt = LoraCausalLM.from_checkpoint(checkpoint)
-    titles = list(SEED_QUESTIONS)
+    titles = list(NOTEBOOK_TITLES)
     references = {}
     for split in ("train", "test"):
         rows = datamodule.split(split)

@@ -103,13 +103,14 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
                 config.ckpt_path = self.ckpt_path
             self._resume_version = run_version(self.ckpt_path)
         model, data = config.get("model"), config.get("data")
-        if model is not None and data is not None and model.get("backend") == "unsloth" and data.get("layout") == "packed":
+        layout = (data.get("batches") or {}).get("layout") if data is not None else None
+        if model is not None and model.get("backend") == "unsloth" and layout == "packed":
             # Unsloth's attention keeps packed examples apart only for single-row batches without
             # a mask (it reads the boundaries from position ids then); amzft's packed rows would
-            # attend across examples there: a silently wrong loss. Measured on an H200, grouped
-            # batches gain Unsloth nothing either (docs/gpu.md).
-            raise ConfigError("data.layout=packed does not work with model.backend=unsloth (its attention would "
-                              "cross example boundaries in packed rows); use data.layout=plain or grouped")
+            # attend across examples there: a silently wrong loss. Grouped batches gain Unsloth
+            # nothing either (docs/gpu.md, "Measured on an NVIDIA H200").
+            raise ConfigError("data.batches.layout=packed does not work with model.backend=unsloth (its attention would "
+                              "cross example boundaries in packed rows); use data.batches.layout=plain or grouped")
         # Before the config is saved into the run's folder, which then records the precision used.
         config.trainer.precision = resolve(config.trainer.get("precision"), config.trainer.get("accelerator") or "auto")
         accumulate = config.trainer.accumulate_grad_batches
@@ -135,6 +136,7 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
         plugins = config.get("plugins") or []
         config["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         given = config.get("callbacks") or []
+        config["callbacks"] = []  # placed by fit_callbacks, after the non-finite guard
         summary = config.get("enable_model_summary") is not False
         callbacks = fit_callbacks(callbacks, given if isinstance(given, list) else [given], early_stop=self._early_stop,
                                   progress_bar=config.get("enable_progress_bar") is not False, model_summary=summary)

@@ -38,7 +38,7 @@ def quiet_libraries() -> None:
     # We pass argv to LightningCLI explicitly (the `python -m amzft fit …` argv minus the
     # subcommand routing), which Lightning flags as a possible mistake.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for users to do.
+    # Lightning calls a torch pytree API that newer torch deprecates; nothing for users to do.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     for name, line_filter in _LIGHTNING_LINES.items():
         logging.getLogger(name).addFilter(line_filter)  # the same object: added once, however often this runs

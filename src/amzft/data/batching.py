@@ -311,8 +311,8 @@ class Collator:
     each example starts with its (unlabelled) prompt.
 
     Packed with ``share_prefix``: the tokens every example of the batch starts with (the
-    Alpaca preamble: 39 of ~200 tokens per example on the real records, SmolLM2 tokenizer) are
-    stored once at the head of each row, each example follows without them, its position ids
+    Alpaca preamble, a sizeable share of each example on the real records; docs/performance.md,
+    "Training throughput (CPU)") are stored once at the head of each row, each example follows without them, its position ids
     continuing from the prefix's, and a 4-D boolean mask lets every token see the prefix and,
     causally, its own example only. Each example's loss and gradients are those of the example
     alone (tested); a row of k examples processes (k - 1) x prefix fewer tokens. The prefix is

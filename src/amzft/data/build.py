@@ -7,7 +7,8 @@ not minutes. The skip report stays exact: a record is skipped when its prompt al
 fit ``max_length``, which only a title of nearly ``max_length`` bytes can cause (a token covers
 at least one byte), so only those few prompts are tokenised during the build. Whether a long
 response is cut is known when its example is tokenised (``LazyExamples.truncated``; the data
-report counts them): tokenising every long description here cost a third of the build.
+report counts them): tokenising every long description here would be a large part of the
+build's work (docs/performance.md, "Time to the first step").
 
 The cache key covers the data file (path, size, mtime), every setting that changes the
 examples, the tokenizer's full definition and the pipeline version, so a stale cache is never
@@ -37,7 +38,7 @@ from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder
 from amzft.data.lazy import PROBE, LazyExamples, default_num_proc, settled_encoder
 from amzft.data.prompt import PromptFormat
-from amzft.data.reader import check_data_file, is_plain_json_lines, iter_raw_lines, parse_line, read_records
+from amzft.data.reader import check_data_file, is_plain_json_lines, iter_raw_lines, parse_line
 from amzft.data.split import SPLITS, assign_split
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
@@ -74,7 +75,7 @@ class DataSettings:
 class TokenisedSplits(Mapping):
     """Split name -> its ``datasets.Dataset`` whose rows come with their tokens (``input_ids``,
     ``prompt_len``, ``num_labels``; a format transform tokenises the rows read). Made on first
-    use: setting a transform costs ~0.2 s (datasets fingerprints it) that training never needs."""
+    use: setting a transform costs time (datasets fingerprints it) that training never needs."""
 
     def __init__(self, prepared: PreparedData):
         self.prepared = prepared
@@ -143,7 +144,7 @@ def cache_key(settings: DataSettings, tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-# `datasets` (~2 s to import) is imported where it is used: `fit --help` imports this module,
+# `datasets` (slow to import) is imported where it is used: `fit --help` imports this module,
 # and so does each worker process of a spawn-started build, which never needs it.
 
 
@@ -174,7 +175,7 @@ def prepare(
     tmp = staging_dir(root, ".build-")
     try:
         procs = default_num_proc() if num_proc is None else max(1, num_proc)
-        stats = _build_parallel(settings, tokenizer, tmp, procs) if procs > 1 else _build(settings, tokenizer, tmp)
+        stats = _build(settings, tokenizer, tmp, procs)
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
         try:
             os.replace(tmp, directory)
@@ -212,40 +213,6 @@ class PromptCheck:
         return [line for (line, _, _), ids in zip(unsure, prompts) if len(ids) >= self.settings.max_length]
 
 
-def _build(settings: DataSettings, tokenizer, out: Path) -> PipelineStats:
-    stats = PipelineStats()
-    keep = RecordFilter(settings.filters)
-    check = PromptCheck(settings, tokenizer)
-    writers = _writers(out)
-
-    def flush(chunk: list[tuple[int, str, str]]) -> None:
-        too_long = check(chunk)
-        refused = set(too_long)
-        rows = [(*record, _split_of(record[1], settings)) for record in chunk if record[0] not in refused]
-        for line in too_long:
-            stats.skip("prompt_too_long", line)
-        for name, columns in _split_columns(rows).items():
-            writers[name].write_batch(columns)
-        stats.kept += len(rows)
-
-    chunk: list[tuple[int, str, str]] = []
-    for record in read_records(settings.path, stats, settings.strict):
-        if settings.limit is not None and stats.records_read > settings.limit:
-            stats.records_read -= 1  # that line was not ours to read
-            break
-        title, content, reason = keep(record.title, record.content)
-        if reason is not None:
-            stats.skip(reason, record.line)
-            continue
-        chunk.append((record.line, title, content))
-        if len(chunk) >= CHUNK:
-            flush(chunk)
-            chunk = []
-    if chunk:
-        flush(chunk)
-    return _finish(settings, writers, stats)
-
-
 def _finish(settings: DataSettings, writers: dict, stats: PipelineStats) -> PipelineStats:
     for name, writer in writers.items():
         stats.split_sizes[name] = writer.finalize()[0]
@@ -272,21 +239,21 @@ def _split_columns(rows: list[tuple]) -> dict[str, dict]:
         titles.append(title)
         contents.append(content)
         lines.append(line)
-    # typed Arrow arrays: datasets' own inference from Python lists cost a fifth of the parallel
-    # build's parent process
+    # typed Arrow arrays: datasets' own type inference from Python lists is a large part of the
+    # parallel build's parent process, its bottleneck (docs/performance.md, "Time to the first step")
     return {name: {"title": pa.array(titles, pa.string()), "content": pa.array(contents, pa.string()),
                    "line": pa.array(lines, pa.int64())}
             for name, (titles, contents, lines) in lists.items() if lines}
 
 
 def _writers(out: Path) -> dict:
-    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time (~2 s)
+    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time (slow to import)
 
     return {name: ArrowWriter(features=_features(), path=str(out / f"{name}.arrow")) for name in SPLITS}
 
 
-# ------------------------------------------------------------------ several processes
-_WORKER: dict = {}
+# ------------------------------------------------------------------ the workers
+_WORKER: dict = {}  # a worker's filter, prompt check and settings (this process's, with one worker)
 
 
 def _worker_init(settings: DataSettings, tokenizer) -> None:
@@ -306,8 +273,9 @@ def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
     bytes) block of them). Returns the number of records read, the chunk's skips (a
     ``PipelineStats``), the first unreadable line's one-line error (``strict`` raises it) and,
     per split, the kept records' Arrow columns (``_split_columns``) with their dedupe keys
-    (None without dedupe). Arrow columns, not Python tuples, go back to the parent: pickling
-    ~1 M records' strings one by one cost as much CPU as cleaning them."""
+    (None without dedupe). Arrow columns, not Python tuples, go back to the parent: unpickling
+    records' strings one by one is costly work for the parent, the build's bottleneck
+    (docs/performance.md, "Time to the first step")."""
     w = _WORKER
     settings: DataSettings = w["settings"]
     if isinstance(lines, tuple):
@@ -368,7 +336,7 @@ def _deduped(parts: dict, seen: set[bytes], stats: PipelineStats) -> dict[str, d
 def _raw_blocks(path: Path, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
     """(first line number, bytes) blocks of about ``size`` bytes of whole lines of a plain JSON
     Lines file: the parent process only reads and counts newlines (memchr speed), the workers
-    split the lines, so the parent is no longer the build's bottleneck. A leading UTF-8 BOM is
+    split the lines, so the parent does not become the build's bottleneck. A leading UTF-8 BOM is
     dropped, as ``iter_raw_lines`` does."""
     line = 1
     with path.open("rb") as handle:
@@ -378,7 +346,7 @@ def _raw_blocks(path: Path, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
             if line == 1 and block.startswith(codecs.BOM_UTF8):
                 block = block[len(codecs.BOM_UTF8):]
             yield line, block
-            line += int(np.count_nonzero(np.frombuffer(block, np.uint8) == 10))  # 4x bytes.count
+            line += int(np.count_nonzero(np.frombuffer(block, np.uint8) == 10))  # faster than bytes.count
 
 
 def _reads_blocks(settings: DataSettings) -> bool:
@@ -404,13 +372,40 @@ def _raw_lines(settings: DataSettings, stats: PipelineStats) -> Iterator[list[tu
         yield chunk
 
 
-def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> PipelineStats:
-    """The same records as ``_build``, with parsing, cleaning, prompt checks and the Arrow
-    columns spread over ``num_proc`` processes. The parent only reads blocks of lines, dedupes
-    and writes, consuming results in file order, so the output (and the first lines listed per
-    skip reason) do not depend on the number of processes. At most 2 x num_proc chunks are in
-    flight (16 x while datasets is being imported): memory stays bounded whatever the file
-    size."""
+class _Done:
+    """A result already computed, read as a pool's ``AsyncResult`` is."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+class _InProcess:
+    """The pool's interface run in this process: ``num_proc`` 1 takes the very path several
+    workers do (one build path), without forking."""
+
+    def __init__(self, settings: DataSettings, tokenizer):
+        _worker_init(settings, tokenizer)
+
+    def apply_async(self, function, args):
+        return _Done(function(*args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _WORKER.clear()
+
+
+def _build(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> PipelineStats:
+    """Parse, clean, filter, prompt-check and split the records into the Arrow files, the work
+    spread over ``num_proc`` worker processes (1: in this process, by the same code). The parent
+    only reads blocks of lines, dedupes and writes, consuming results in file order, so the
+    output (and the first lines listed per skip reason) do not depend on the number of
+    processes. At most 2 x num_proc chunks are in flight (16 x while datasets is being
+    imported): memory stays bounded whatever the file size."""
     stats = PipelineStats()
     writers: dict = {}
     seen: set[bytes] = set()
@@ -436,9 +431,11 @@ def _build_parallel(settings: DataSettings, tokenizer, out: Path, num_proc: int)
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes, not Rust threads; no fork warning
     chunks = _raw_blocks(check_data_file(settings.path)) if blocks else _raw_lines(settings, stats)
+    pool = (context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) if num_proc > 1
+            else _InProcess(settings, tokenizer))
     try:
-        with context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) as pool:
-            # datasets (~2 s to import, needed for the writers) is imported in a thread while the
+        with pool:
+            # datasets (slow to import, needed for the writers) is imported in a thread while the
             # workers start on the first blocks, which may run further ahead until it is done.
             # Started after the workers are forked: a fork during an import could leave them
             # a half-imported module.

@@ -81,12 +81,13 @@ def clean_text(text: str, strip_boilerplate: bool = True) -> str:
 
 
 def _strip_boilerplate(text: str) -> str:
-    r"""``_BOILERPLATE.sub(" ", text)``, ~5x faster on the real records, where the note ends a
-    long description. The regex's leading ``\s*-*\s*`` makes ``re`` try a match at every
-    position of the text; no match can begin before the whitespace and dashes that precede the
-    first "This text refers to", so the regex runs on the text from there only."""
+    r"""``_BOILERPLATE.sub(" ", text)``, faster on the real records, where the note ends a long
+    description (docs/performance.md, "Time to the first step"). The regex's leading
+    ``\s*-*\s*`` makes ``re`` try a match at every position of the text; no match can begin
+    before the whitespace and dashes that precede the first "This text refers to", so the regex
+    runs on the text from there only."""
     if text.isascii():  # lower() keeps positions, and IGNORECASE matches ASCII only to ASCII
-        start = text.lower().find("this text refers to")  # a plain find: ~10x the regex's speed
+        start = text.lower().find("this text refers to")  # a plain find: much faster than the regex
         if start < 0:
             return text
     else:
@@ -101,11 +102,27 @@ def _strip_boilerplate(text: str) -> str:
 
 @dataclass(frozen=True)
 class FilterSettings:
-    min_content_chars: int = 1  # the seed only drops empty descriptions
-    drop_title_only: bool = True  # content that repeats the title
-    drop_junk: bool = True  # "VHS Tape", "Book by", language-only notes
+    """Which records are kept (``data.filters.*``).
+
+    Args:
+        min_content_chars: drop descriptions shorter than this (1: only empty ones, as the
+            notebook does).
+        drop_title_only: drop descriptions that just repeat the title.
+        drop_junk: drop descriptions such as "VHS Tape", "Book by", "Text: English".
+        strip_boilerplate: remove Amazon's "--This text refers to … edition." notes.
+        dedupe: drop repeated identical (title, description) pairs (after cleaning).
+    """
+
+    min_content_chars: int = 1
+    drop_title_only: bool = True
+    drop_junk: bool = True
     strip_boilerplate: bool = True
-    dedupe: bool = True  # identical (title, content) pairs after cleaning
+    dedupe: bool = True
+
+    def problems(self) -> list[str]:
+        if self.min_content_chars < 1:
+            return [f"data.filters.min_content_chars must be >= 1, found {self.min_content_chars}"]
+        return []
 
 
 def dedupe_key(title: str, content: str) -> bytes:

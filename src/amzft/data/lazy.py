@@ -1,13 +1,14 @@
 """Tokenisation on demand: a split's cleaned records become examples when a batch asks for them.
 
 The cache holds cleaned text (title, description, line), not token ids, so building it is one
-read-clean-filter pass and training starts without tokenising the whole file (~180 s for the
-2.2 M-record trn.json on 2 cores). ``LazyExamples`` tokenises the records a batch needs (a few
-hundred microseconds each with a fast tokenizer) and remembers every example's token and label
+read-clean-filter pass and training starts without tokenising the whole file (minutes for the
+full trn.json; docs/performance.md, "Data pipeline"). ``LazyExamples`` tokenises the records a
+batch needs (cheap with a fast tokenizer) and remembers every example's token and label
 counts, which the batch sampler asks for (label totals per accumulation window; lengths for
 grouped / packed batches, one chunk of the epoch at a time). ``ensure_counts`` tokenises all
 the records whose counts are still unknown (a small packed split, evaluation, the report) and
-keeps them beside the cache, so the next run that needs all of them reads them in milliseconds.
+keeps them beside the cache, so the next run that needs all of them reads them back instead
+of tokenising again.
 
 Examples are a pure function of (record, tokenizer, settings): the same whoever asks first, so
 batches and exact resume do not depend on timing.

@@ -1,4 +1,7 @@
-"""The prompt: the seed's question inside the Alpaca template (instruction / input / response)."""
+"""The prompt: the notebook's question inside the Alpaca template (instruction / input / response).
+
+"The notebook" is the Unsloth + TRL notebook amzft replaces; its recipe is ``configs/base.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ from dataclasses import dataclass
 
 from amzft.errors import ConfigError
 
-SEED_QUESTION = "What is the description of product {title}?"
-# The Alpaca template as used by the seed notebook (Unsloth's alpaca_prompt), up to and
+NOTEBOOK_QUESTION = "What is the description of product {title}?"
+# The Alpaca template as used by the notebook (Unsloth's alpaca_prompt), up to and
 # including the response header; the response text (and EOS) follows it directly.
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -30,16 +33,24 @@ def _go_literal(text: str) -> str:
 
 @dataclass(frozen=True)
 class PromptFormat:
-    question: str = SEED_QUESTION
+    """The prompt every example, answer and export uses (``data.prompt.*``).
+
+    Args:
+        question: the instruction; ``{title}`` is replaced by the cleaned product title.
+        template: prompt template with ``{instruction}`` and ``{input}``; the response follows it.
+        input_text: the Alpaca "Input" field (empty in the notebook).
+    """
+
+    question: str = NOTEBOOK_QUESTION
     template: str = ALPACA_TEMPLATE
-    input_text: str = ""  # Alpaca's "Input" field; the seed leaves it empty
+    input_text: str = ""  # Alpaca's "Input" field; the notebook leaves it empty
 
     def __post_init__(self):
         if "{title}" not in self.question:
-            raise ConfigError(f"data.question must contain {{title}}, found {self.question!r}")
+            raise ConfigError(f"data.prompt.question must contain {{title}}, found {self.question!r}")
         for slot in ("{instruction}", "{input}"):
             if slot not in self.template:
-                raise ConfigError(f"data.template must contain {slot}, found {self.template[:60]!r}…")
+                raise ConfigError(f"data.prompt.template must contain {slot}, found {self.template[:60]!r}…")
 
     def question_for(self, title: str) -> str:
         # str.replace, not str.format: product titles contain braces now and then.
@@ -82,10 +93,13 @@ class PromptFormat:
 
 def prompt_format_from(settings: dict | None) -> PromptFormat:
     """The prompt a data section or a checkpoint's data hyper-parameters describe (defaults:
-    the seed's question in the Alpaca template)."""
+    the notebook's question in the Alpaca template)."""
     settings = settings or {}
+    group = settings.get("prompt")  # data.prompt.* (a dict, a namespace or a PromptFormat), or flat (older checkpoints)
+    group = vars(group) if hasattr(group, "__dict__") else dict(group or {})
+    settings = {**settings, **group}
     return PromptFormat(
-        question=settings.get("question", SEED_QUESTION),
+        question=settings.get("question", NOTEBOOK_QUESTION),
         template=settings.get("template", ALPACA_TEMPLATE),
         input_text=settings.get("input_text", ""),
     )

@@ -1,12 +1,14 @@
 """Deterministic split by product: a hash of the normalised cleaned title picks the split.
 
 The same product (same title, even with different spacing or case) always lands in the same
-split whatever the file order, seed or machine, so held-out products are truly unseen.
+split whatever the file order, RNG seed or machine, so held-out products are truly unseen.
 """
 
 from __future__ import annotations
 
 import hashlib
+
+import numpy as np
 
 SPLITS = ("train", "validation", "test")
 
@@ -23,3 +25,11 @@ def assign_split(title: str, val_fraction: float, test_fraction: float, salt: st
     if u < test_fraction + val_fraction:
         return "validation"
     return "train"
+
+
+def seeded_sample(population: int, k: int, seed: int) -> list[int]:
+    """``k`` distinct indices of ``range(population)`` (all of them when fewer), in an order
+    fixed by ``seed`` on every machine. The one sampler of products: the products ``evaluate``
+    scores, the validation subset of a big split and the ``sample_answers`` products."""
+    k = min(k, population)
+    return [int(i) for i in np.random.default_rng(seed).choice(population, size=k, replace=False)] if k > 0 else []

@@ -19,7 +19,7 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from amzft.data.reader import check_data_file, json_object, read_objects
-from amzft.data.split import product_key
+from amzft.data.split import product_key, seeded_sample
 from amzft.data.stats import PipelineStats
 from amzft.errors import ConfigError, DataError
 from amzft.evaluation.scoring import failure_views, overlap_scores
@@ -37,9 +37,7 @@ VIEWS = ("empty", "title_only", "never_stopped", "looping", "collapsed", "facts_
 
 
 def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
-    n = min(n, len(dataset))
-    picks = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)) if n else []
-    rows = dataset.select([int(i) for i in picks]).select_columns(["title", "content"])
+    rows = dataset.select(sorted(seeded_sample(len(dataset), n, seed))).select_columns(["title", "content"])
     return {"title": list(rows["title"]), "content": list(rows["content"])}
 
 

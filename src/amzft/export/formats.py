@@ -15,9 +15,9 @@ repetition penalty (llama.cpp and Ollama have no ``no_repeat_ngram_size``).
 Every export carries the prompt the model was trained on, needed to ask it: as the
 tokenizer's chat template (``apply_chat_template`` on the question gives exactly the training
 prompt's ids) and as ``amzft_prompt.json``. A base folder saved in 4-bit (bitsandbytes, e.g. the
-seed's ``…-bnb-4bit``) is dequantised for exports (``full_precision_module``): merged and GGUF
-weights are the 4-bit base's, dequantised, not the original full-precision model's, and
-``amzft_base.json`` says so.
+Unsloth + TRL notebook's ``…-bnb-4bit``) is dequantised for exports (``full_precision_module``):
+merged and GGUF weights are the 4-bit base's, dequantised, not the original full-precision
+model's, and ``amzft_base.json`` says so.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ commands resolve their options before the heavy imports."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from amzft.errors import ConfigError
 
@@ -59,16 +59,17 @@ class GenerationOptions:
 
 
 # Greedy with a repetition penalty, an n-gram ban and a length decay, chosen side by side on
-# real-record checkpoints (docs/performance.md, Decoding): raw greedy looped in every
-# fine-tuned answer; of the settings that kept looping and never-stopped answers <= 0.10, a
-# 1.15 penalty scored the best ROUGE-L (1.1 scored higher but left 0.15-0.20 never stopping,
-# 1.3 lower). The 4-gram ban changed nothing there; it stays as the guard against verbatim
-# loops a penalty lets through. A checkpoint that recalls its products also runs on past
-# them in 0.30-0.35 of answers; ending encouraged from token 96 (x1.1 a token) ended all of
-# them with the same ROUGE-L (from 64, x1.05: a little lower). The one place to change them.
+# real-record checkpoints (docs/performance.md, "Decoding"): raw greedy makes fine-tuned
+# answers loop; of the settings that keep looping and never-stopped answers rare, this
+# penalty scored the best ROUGE-L (a weaker one scored higher but left answers running to the
+# token cap, a stronger one scored lower). The 4-gram ban changed nothing there; it stays as
+# the guard against verbatim loops a penalty lets through. A checkpoint that recalls its
+# products also runs on past them; encouraging the end from ``length_decay_start`` on ends
+# those answers at no cost in ROUGE-L (an earlier, gentler decay cost a little). The one place
+# to change them.
 DEFAULT_DECODING = GenerationOptions(repetition_penalty=1.15, no_repeat_ngram_size=4,
                                      length_decay_start=96, length_decay_factor=1.1)
-# Raw greedy (the figures before the default decoding existed).
+# Raw greedy: no penalty, ban or decay (how docs/performance.md's older figures were decoded).
 GREEDY = GenerationOptions()
 PRESETS = {"default": DEFAULT_DECODING, "greedy": GREEDY}
 # The options, also YAML keys (the length decay's two are GenerationOptions fields of the same names).
@@ -133,10 +134,10 @@ def describe(options: GenerationOptions) -> str:
 def generation_config(options: GenerationOptions, eos_token_id: int, pad_token_id: int | None) -> dict:
     """The options as transformers ``GenerationConfig`` fields (export's generation_config.json),
     so ``model.generate(ids)`` of an exported model decodes as amzft does."""
-    fields = asdict(options)
-    config = {key: fields[key] for key in ("max_new_tokens", "repetition_penalty", "no_repeat_ngram_size", "do_sample")}
-    if options.length_decay:
-        config["exponential_decay_length_penalty"] = list(options.length_decay)
-    if options.do_sample:
-        config.update(temperature=options.temperature, top_p=options.top_p)
+    # generate()'s keywords (the one map from options to transformers' names), with the two
+    # penalties written even when off, so the file states them.
+    config = {"repetition_penalty": options.repetition_penalty, "no_repeat_ngram_size": options.no_repeat_ngram_size,
+              **options.generate_kwargs()}
+    if "exponential_decay_length_penalty" in config:
+        config["exponential_decay_length_penalty"] = list(config["exponential_decay_length_penalty"])
     return config | {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}

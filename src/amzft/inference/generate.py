@@ -68,10 +68,9 @@ def _gqa_sdpa_on_cpu():
     without a mask, because on CUDA a mask sends it to the slow math kernel; otherwise it
     copies every key/value head ``num_key_value_groups`` times (``repeat_kv``), the whole KV
     cache at every decoding step. On CPU, with the mask of a left-padded batch, SDPA's GQA gives
-    the same bits and took a quarter of the time (64 rows x 200 cached tokens, SmolLM2's 9/3
-    heads; docs/performance.md, Describing a catalogue): the copy was an eighth of a batch's
-    generation time. Only here, while generating; tests/test_generate.py checks the patch point
-    still exists and that answers are unchanged.
+    the same bits in less time, and the copy is a sizeable share of a batch's generation time
+    (docs/performance.md, "Describing a catalogue"). Only here, while generating;
+    tests/test_generate.py checks the patch point still exists and that answers are unchanged.
     """
     original = sdpa_attention.use_gqa_in_sdpa
 
@@ -103,7 +102,7 @@ def generate_ids(module, ids: list[list[int]], options: GenerationOptions | None
     if options.do_sample:
         torch.manual_seed(options.seed)
     try:
-        # model.compile'd layers are for training; decoding with a KV cache would recompile them
+        # model.compute.compile'd layers are for training; decoding with a KV cache would recompile them
         # for every new length, so generation runs them eagerly.
         with switch, torch.compiler.set_stance("force_eager"), _gqa_sdpa_on_cpu():
             width = max(map(len, ids))

@@ -6,9 +6,9 @@ never branches on the backend elsewhere (``set_mode`` is the one other backend-s
 * ``hf``: transformers + peft, on CPU or GPU. ``quantization: nf4`` loads the frozen base in
   4-bit (bitsandbytes NF4, double quantisation, bf16 compute: QLoRA), on CPU too. A folder
   saved already quantised (``config.json`` with a bitsandbytes ``quantization_config``, as the
-  seed's ``unsloth/Llama-3.2-1B-Instruct-bnb-4bit``) loads 4-bit as saved, whatever
-  ``quantization`` says; ``dequantize`` (exports) turns it into a full-precision base.
-* ``unsloth``: Unsloth's 4-bit loader and fused kernels, CUDA only, as in the seed notebook.
+  Unsloth + TRL notebook's ``unsloth/Llama-3.2-1B-Instruct-bnb-4bit``) loads 4-bit as saved,
+  whatever ``quantization`` says; ``dequantize`` (exports) turns it into a full-precision base.
+* ``unsloth``: Unsloth's 4-bit loader and fused kernels, CUDA only, as in the notebook.
 
 ``kernels: liger`` (``hf`` only, CUDA only) swaps Liger's Triton kernels into a Llama base.
 
@@ -28,15 +28,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from amzft.errors import ConfigError, ModelError
+from amzft.model.settings import DEFAULT_TARGETS
 from amzft.model.sources import force_offline, load_tokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 @dataclass(frozen=True)
 class LoraSettings:
+    """Everything a backend needs to build the base and its adapters (from the model's groups)."""
+
     name_or_path: str = "embedded"
     r: int = 16
     alpha: int = 16
@@ -86,7 +86,7 @@ def prequantized(config) -> dict | None:
     if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit"):
         method = quant.get("quant_method"), "8-bit" if quant.get("load_in_8bit") else ""
         raise ModelError(f"the model folder is quantised with {' '.join(m for m in method if m)}: amzft trains on "
-                         "full-precision folders or bitsandbytes 4-bit ones (model.quantization=nf4 quantises a full one)")
+                         "full-precision folders or bitsandbytes 4-bit ones (model.compute.quantization=nf4 quantises a full one)")
     return quant
 
 
@@ -111,21 +111,22 @@ def dequantize_base(model) -> None:
 
 
 def check_kernels(settings: LoraSettings, model_type: str) -> None:
-    """A one-line error, before any weights load, when ``model.kernels`` cannot run here: Liger's
+    """A one-line error, before any weights load, when ``model.compute.kernels`` cannot run here: Liger's
     kernels are Triton GPU kernels, liger-kernel is an optional package (the ``gpu`` extra), and
     amzft wires them for Llama only (``apply_liger_kernel_to_llama``)."""
     if settings.kernels not in KERNELS:
-        raise ConfigError(f"model.kernels must be one of {KERNELS}, found {settings.kernels!r}")
+        raise ConfigError(f"model.compute.kernels must be one of {KERNELS}, found {settings.kernels!r}")
     if settings.kernels == "none":
         return
     why = ("no CUDA device here" if not settings.device.startswith("cuda")
            else "the liger-kernel package is not installed" if importlib.util.find_spec("liger_kernel") is None
            else None)
     if why:
-        raise ConfigError(f"model.kernels=liger needs a CUDA GPU and the liger-kernel package ({why}): pip install "
-                          "liger-kernel (or 'amzft[gpu]') on a CUDA machine, or use model.kernels=none")
+        raise ConfigError(f"model.compute.kernels=liger needs a CUDA GPU and the liger-kernel package ({why}): pip install "
+                          "liger-kernel (or 'amzft[gpu]') on a CUDA machine, or use model.compute.kernels=none")
     if model_type != "llama":
-        raise ConfigError(f"model.kernels=liger is wired for Llama models, this one is {model_type!r}: use model.kernels=none")
+        raise ConfigError(f"model.compute.kernels=liger is wired for Llama models, this one is {model_type!r}: "
+                          "use model.compute.kernels=none")
 
 
 def apply_kernels(model, settings: LoraSettings) -> None:
@@ -143,11 +144,11 @@ def apply_kernels(model, settings: LoraSettings) -> None:
 def _load_kwargs(settings: LoraSettings, config, directory) -> tuple[dict, bool, bool]:
     """``from_pretrained`` arguments, whether the base will be 4-bit, and whether it was saved so."""
     if settings.quantization not in QUANTIZATIONS:
-        raise ConfigError(f"model.quantization must be one of {QUANTIZATIONS}, found {settings.quantization!r}")
+        raise ConfigError(f"model.compute.quantization must be one of {QUANTIZATIONS}, found {settings.quantization!r}")
     saved_4bit = prequantized(config) is not None
     if saved_4bit:
         if not settings.dequantize and settings.quantization == "none":
-            log.info("%s is saved in 4-bit (bitsandbytes): training on it as saved, as with model.quantization=nf4", directory)
+            log.info("%s is saved in 4-bit (bitsandbytes): training on it as saved, as with model.compute.quantization=nf4", directory)
         # The folder's own quantization_config applies (no second BitsAndBytesConfig: no double
         # quantisation). Non-4-bit weights load in fp32 for training, as prepare_model_for_kbit_training would.
         return {"dtype": torch.float32, "device_map": {"": settings.device}}, not settings.dequantize, True
@@ -177,7 +178,7 @@ def build_hf(settings: LoraSettings):
     except Exception as exc:
         raise ModelError(f"cannot read the model config in {directory}: {exc}") from exc
     if settings.dequantize and settings.quantization == "nf4":
-        raise ConfigError("a dequantised base cannot also be quantised: use model.quantization=none with dequantize")
+        raise ConfigError("a dequantised base cannot also be quantised: use model.compute.quantization=none with dequantize")
     check_kernels(settings, config.model_type)
     load, quantized, saved_4bit = _load_kwargs(settings, config, directory)
     try:
@@ -200,7 +201,7 @@ def build_hf(settings: LoraSettings):
     missing = [t for t in settings.target_modules if t not in present]
     if missing:
         raise ConfigError(
-            f"model.target_modules {missing} are not modules of the {config.model_type} model in {directory} "
+            f"model.lora.target_modules {missing} are not modules of the {config.model_type} model in {directory} "
             f"(it has e.g. {sorted(n for n in present if n.endswith('proj'))[:8]})"
         )
     if settings.gradient_checkpointing and not quantized:
@@ -223,14 +224,14 @@ def build_hf(settings: LoraSettings):
 
 
 def build_unsloth(settings: LoraSettings):
-    """The seed's loader: ``FastLanguageModel.from_pretrained(local_dir, max_seq_length,
+    """The notebook's loader: ``FastLanguageModel.from_pretrained(local_dir, max_seq_length,
     load_in_4bit=True, dtype=None)`` + ``get_peft_model(..., use_gradient_checkpointing=
     "unsloth", random_state=seed)``. CUDA only; ``amzft.cli.import_order`` has imported unsloth
     before transformers/peft/lightning (its patches need that order)."""
     if not torch.cuda.is_available():
         raise ConfigError(
             "model.backend=unsloth needs a CUDA GPU and none is visible; use model.backend=hf "
-            "(add model.quantization=nf4 for the same 4-bit QLoRA without Unsloth)"
+            "(add model.compute.quantization=nf4 for the same 4-bit QLoRA without Unsloth)"
         )
     if importlib.util.find_spec("unsloth") is None:
         raise ConfigError("model.backend=unsloth needs the unsloth package: pip install 'amzft[gpu]' (see docs/gpu.md)")

@@ -1,8 +1,8 @@
 """The training loss: next-token cross-entropy on response tokens, normalised per accumulation window.
 
 Normalisation. Lightning averages per-micro-batch losses, which weights the tokens of short
-answers more than those of long ones (a 39 % gradient error against one big batch was measured
-before this was fixed). Instead each micro-batch returns
+answers more than those of long ones, so the update is not that of one big batch of the same
+examples. Instead each micro-batch returns
 
     sum of its token losses / label tokens in the whole accumulation window x accumulate x world
 
@@ -13,7 +13,7 @@ token count comes with each batch (``window_label_tokens``, counted by the batch
 sees every rank's batches).
 
 Only label positions go through the LM head where the architecture allows it (see
-``PLAIN_HEAD_MODELS``): the prompt is ~30-50 % of each sequence and its logits are never used.
+``PLAIN_HEAD_MODELS``): the prompt is a large share of each sequence and its logits are never used.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 
 def fused_head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``head_loss_sum`` by Liger's fused linear cross-entropy (``model.kernels: liger``, CUDA):
+    """``head_loss_sum`` by Liger's fused linear cross-entropy (``model.compute.kernels: liger``, CUDA):
     the same label-only rows, but the head's matmul and the loss run in one chunked Triton pass
     that computes the gradient during the forward, so the fp32 logits are never held and
     nothing is recomputed in backward (``loss_chunk_tokens`` does not apply: Liger sizes its
@@ -76,7 +76,7 @@ def model_inputs(batch: dict, attention: str) -> dict:
             inputs["attention_mask"] = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
                 ~mask, torch.finfo(torch.float32).min)
         elif attention != "sdpa":
-            raise ConfigError(f"data.share_prefix needs the model's sdpa or eager attention, not {attention!r}")
+            raise ConfigError(f"data.batches.share_prefix needs the model's sdpa or eager attention, not {attention!r}")
     return inputs
 
 

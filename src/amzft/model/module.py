@@ -21,22 +21,23 @@ from amzft.checkpoints.adapter import AdapterCheckpointing
 from amzft.errors import ConfigError
 from amzft.inference import generate as generation
 from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions
-from amzft.model.backends import DEFAULT_TARGETS, LoraSettings, build, prequantized, set_mode
+from amzft.model.backends import LoraSettings, build, prequantized, set_mode
 from amzft.model.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
 from amzft.model.neftune import NEFTune
+from amzft.model.settings import GROUPS, RENAMED, ComputeOptions, LoraOptions, OptimOptions
+from amzft.settings import hyperparameters
 from amzft.training.lightning_compat import attached_trainer
 
-# Optimizer steps from which model.compile=auto compiles: below, the one-time compilation costs
-# more than its speed-up gives back. 150 is the middle of the break-even measured on a 2-core
-# Xeon (20-65 s of compilation for +4-9 % tokens/s: 100-200 steps; docs/performance.md,
-# "Layouts and model.compile"); on a 2-core AMD EPYC ~80 steps of cpu.yaml's rows (one run,
-# "The shipped configs/cpu.yaml vs HF Trainer").
+# Optimizer steps from which model.compute.compile=auto compiles: below, the one-time compilation
+# costs more than its speed-up gives back. 150 lies within the break-even measured on 2-core CPUs
+# (docs/performance.md, "Layouts and model.compute.compile" and "The shipped configs/cpu.yaml vs
+# HF Trainer").
 COMPILE_BREAK_EVEN_STEPS = 150
 
 
 def decide_compile(max_steps: int | None, estimate: Callable[[], float], device: str,
                    backend: str = "hf") -> tuple[bool, str]:
-    """model.compile=auto: (compile?, why). ``estimate()`` gives the planned optimizer steps of
+    """model.compute.compile=auto: (compile?, why). ``estimate()`` gives the planned optimizer steps of
     an epoch-based run (max_steps -1), called only then."""
     if backend != "hf":
         return False, f"backend {backend} brings its own kernels"
@@ -56,7 +57,7 @@ def decide_compile(max_steps: int | None, estimate: Callable[[], float], device:
 
 def compile_blocker(device: str) -> str | None:
     """Why torch.compile cannot train on ``device`` here (None: it can). Checked up front: an
-    explicit model.compile=true on such a machine fails at the first step instead."""
+    explicit model.compute.compile=true on such a machine fails at the first step instead."""
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile does not support this Python / platform"
     if device == "cpu":
@@ -84,29 +85,17 @@ class WindowSummary:
     batches: list[int]  # batch indices, for error messages
 
 
-def option_problems(*, lr, lora_r, lora_alpha, lora_dropout, warmup_steps, weight_decay, max_new_tokens,
-                    loss_chunk_tokens, neftune_alpha, use_dora, kernels, compile, backend) -> list[str]:
+def option_problems(backend: str, lora: LoraOptions, optim: OptimOptions, compute: ComputeOptions,
+                    max_new_tokens: int, neftune_alpha: float) -> list[str]:
     """What is wrong with LoraCausalLM's options, each as one line (all of them at once, so a
-    user fixes a config in one go)."""
-    problems = []
-    if not (lr > 0 and math.isfinite(lr)):
-        problems.append(f"model.lr must be a positive number, found {lr}")
-    if lora_r < 1 or lora_alpha <= 0:
-        problems.append(f"model.lora_r must be >= 1 and lora_alpha > 0, found {lora_r}, {lora_alpha}")
-    if not 0 <= lora_dropout < 1:
-        problems.append(f"model.lora_dropout must be in [0, 1), found {lora_dropout}")
-    if warmup_steps < 0 or weight_decay < 0 or max_new_tokens < 1:
-        problems.append("model.warmup_steps, weight_decay must be >= 0 and max_new_tokens >= 1")
-    if loss_chunk_tokens < 0:
-        problems.append(f"model.loss_chunk_tokens must be >= 0 (0: no chunking), found {loss_chunk_tokens}")
+    user fixes a config in one go): each group's own checks, then those across groups."""
+    problems = [*lora.problems(), *optim.problems(), *compute.problems(backend)]
+    if max_new_tokens < 1:
+        problems.append(f"model.max_new_tokens must be >= 1, found {max_new_tokens}")
     if not (neftune_alpha >= 0 and math.isfinite(neftune_alpha)):
         problems.append(f"model.neftune_alpha must be >= 0 (0: off), found {neftune_alpha}")
-    if use_dora and backend != "hf":
-        problems.append("model.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
-    if kernels != "none" and backend != "hf":
-        problems.append(f"model.kernels={kernels} works with backend hf only (Unsloth brings its own Triton kernels)")
-    if compile is True and backend != "hf":
-        problems.append("model.compile works with backend hf only (Unsloth compiles its own kernels)")
+    if lora.use_dora and backend != "hf":
+        problems.append("model.lora.use_dora works with backend hf only (Unsloth's fused LoRA kernels have no DoRA)")
     return problems
 
 
@@ -116,105 +105,58 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     Args:
         name_or_path: ``embedded`` (the bundled SmolLM2-135M-Instruct) or a local model directory.
         backend: how the model is built: ``hf`` (transformers + peft, CPU or GPU) or
-            ``unsloth`` (the seed's 4-bit Unsloth loader and kernels; CUDA only).
+            ``unsloth`` (the notebook's 4-bit Unsloth loader and kernels; CUDA only).
         max_length: longest sequence in tokens (linked from ``data.max_length``).
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (scale = alpha / r).
-        lora_dropout: dropout on the LoRA input (0 in the seed; 0 keeps resume bit-exact).
-        target_modules: module names that get adapters.
-        gradient_checkpointing: recompute activations in backward to save memory.
-        optimizer: ``adamw_8bit`` (bitsandbytes, as the seed) or ``adamw`` (torch).
-        lr: peak learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: optimizer steps of linear warm-up, then linear decay to 0 at max_steps.
-        lora_seed: seed for the LoRA initialisation.
+        lora: the adapters (``amzft.model.settings.LoraOptions``).
+        optim: optimizer and schedule (``amzft.model.settings.OptimOptions``).
+        compute: how the base is held and the step computed (``amzft.model.settings.ComputeOptions``).
         max_new_tokens: longest generated answer (ask / predict).
-        quantization: ``none`` (full-precision base) or ``nf4`` (4-bit base, QLoRA; backend
-            ``hf``). The ``unsloth`` backend always loads 4-bit.
-        loss_chunk_tokens: run the LM head and cross-entropy over the label tokens this many
-            at a time, each chunk recomputed in backward, so only one chunk's fp32 logits are
-            ever held (unchunked: ~14 bytes x vocabulary per label token, ~2.5 GiB for the
-            longest real micro-batch with Llama-3.2's 128k vocabulary; docs/gpu.md). 0 (default):
-            one pass, no recomputation (chunking adds ~4 % FLOPs on a 1B model). Plain-head
-            architectures only (``amzft.model.loss.PLAIN_HEAD_MODELS``).
-        compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for training,
-            fusing the element-wise work around the matmuls (+4-9 % tokens/s measured on a
-            2-core CPU after about a minute of compilation; docs/performance.md). Validation and
-            generation run the layers eagerly. ``hf`` backend only (Unsloth has its own kernels).
-            ``auto``: compile when the fit is long enough to pay the compilation back
-            (``COMPILE_BREAK_EVEN_STEPS``) and torch.compile can run here; the decision and its
-            reason are logged.
         on_nonfinite: a NaN/inf loss or gradient ``stop``s training or ``skip``s that optimizer
             step (``amzft.training.nonfinite.NonFiniteGuard``).
-        use_dora: DoRA (peft's weight-decomposed LoRA: a trainable magnitude per output
-            feature on top of the LoRA direction). ``hf`` backend only.
-        use_rslora: rank-stabilised LoRA (peft / Unsloth): scale alpha / sqrt(r) instead of alpha / r.
         neftune_alpha: NEFTune noise on the input embeddings while training (uniform,
             alpha / sqrt(length x hidden) at most; 5 in the NEFTune paper); 0: off. Validation,
             generation and exports are noise-free. Seeded per step, so resume stays exact.
-        dequantize_base: a base folder saved in 4-bit (bitsandbytes) is dequantised to fp32
-            before the adapters go on (merged exports do this); without it such a folder trains
-            in 4-bit as saved, whatever ``quantization`` says.
-        kernels: ``liger``: Liger's Triton kernels for a Llama base (fused RoPE, RMSNorm, SwiGLU,
-            and its fused linear cross-entropy for the label-only loss instead of the chunked
-            head: ``loss_chunk_tokens`` is then unused). ``hf`` backend on CUDA only, with the
-            optional liger-kernel package (``pip install liger-kernel``); ``none``: transformers' own.
     """
+
+    RENAMED = RENAMED  # the flat layout's option names -> their group (amzft.settings)
+    GROUPS = GROUPS
 
     def __init__(
         self,
         name_or_path: str = "embedded",
         backend: Literal["hf", "unsloth"] = "hf",
         max_length: int = 2048,
-        lora_r: int = 16,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.0,
-        target_modules: list[str] | None = None,
-        gradient_checkpointing: bool = False,
-        optimizer: Literal["adamw_8bit", "adamw"] = "adamw_8bit",
-        lr: float = 2e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 5,
-        lora_seed: int = 3407,
+        lora: LoraOptions = LoraOptions(),
+        optim: OptimOptions = OptimOptions(),
+        compute: ComputeOptions = ComputeOptions(),
         max_new_tokens: int = 256,
         on_nonfinite: Literal["stop", "skip"] = "stop",
-        quantization: Literal["none", "nf4"] = "none",
-        compile: bool | Literal["auto"] = False,
-        loss_chunk_tokens: int = 0,
-        use_dora: bool = False,
-        use_rslora: bool = False,
         neftune_alpha: float = 0.0,
-        dequantize_base: bool = False,
-        kernels: Literal["none", "liger"] = "none",
     ):
         super().__init__()
-        problems = option_problems(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                   warmup_steps=warmup_steps, weight_decay=weight_decay, max_new_tokens=max_new_tokens,
-                                   loss_chunk_tokens=loss_chunk_tokens, neftune_alpha=neftune_alpha, use_dora=use_dora,
-                                   kernels=kernels, compile=compile, backend=backend)
-        if backend == "unsloth" and quantization == "nf4":
-            quantization = "none"  # unsloth quantises itself; "nf4" would mean the same thing
+        if backend == "unsloth" and compute.quantization == "nf4":
+            compute = replace(compute, quantization="none")  # unsloth quantises itself; "nf4" means the same
+        problems = option_problems(backend, lora, optim, compute, max_new_tokens, neftune_alpha)
         if problems:
             raise ConfigError("; ".join(problems))
-        self.save_hyperparameters()
-        self.lora = LoraSettings(
+        self.save_hyperparameters(hyperparameters(dict(
+            name_or_path=name_or_path, backend=backend, max_length=max_length, lora=lora, optim=optim, compute=compute,
+            max_new_tokens=max_new_tokens, on_nonfinite=on_nonfinite, neftune_alpha=neftune_alpha)))
+        self.lora, self.optim, self.compute = lora, optim, compute
+        self.build_settings = LoraSettings(
             name_or_path=name_or_path,
-            r=lora_r,
-            alpha=lora_alpha,
-            dropout=lora_dropout,
-            target_modules=list(target_modules or DEFAULT_TARGETS),
-            gradient_checkpointing=gradient_checkpointing,
-            seed=lora_seed,
-            quantization=quantization,
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            gradient_checkpointing=compute.gradient_checkpointing,
+            seed=lora.seed,
+            quantization=compute.quantization,
             max_seq_length=max_length,
-            use_dora=use_dora,
-            use_rslora=use_rslora,
-            dequantize=dequantize_base,
-            kernels=kernels,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            dequantize=compute.dequantize_base,
+            kernels=compute.kernels,
         )
         self.model = None
         self.tokenizer = None
@@ -236,9 +178,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning calls this once per fit/validate/test
             return
-        settings = self.lora
+        settings = self.build_settings
         saved_4bit = self.hparams.backend == "hf" and not settings.dequantize and prequantized(settings.name_or_path)
-        if self.hparams.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit or settings.kernels != "none":
+        if self.compute.quantization != "none" or self.hparams.backend == "unsloth" or saved_4bit or settings.kernels != "none":
             # 4-bit weights are packed on the device they load to: the trainer's (the rank's
             # GPU under DDP), or the first GPU / CPU outside a trainer; GPU kernels need a GPU there.
             device = self.trainer.strategy.root_device if attached_trainer(self) is not None else (
@@ -254,7 +196,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self._neftune = NEFTune.attach(self.model, self.hparams.neftune_alpha, self.lora.seed)
 
     def _should_compile(self) -> bool:
-        setting = self.hparams.compile
+        setting = self.compute.compile
         if setting != "auto":
             return bool(setting)
         trainer = attached_trainer(self)
@@ -262,7 +204,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             return False  # compiled layers serve training only (evaluation and generation run eagerly)
         chosen, reason = decide_compile(trainer.max_steps, lambda: trainer.estimated_stepping_batches,
                                         trainer.strategy.root_device.type, self.hparams.backend)
-        rank_zero_info(f"model.compile auto -> {'on' if chosen else 'off'}: {reason}")
+        rank_zero_info(f"model.compute.compile auto -> {'on' if chosen else 'off'}: {reason}")
         return chosen
 
     def _compile_layers(self) -> None:
@@ -272,15 +214,15 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         sequence length instead of recompiling per batch shape."""
         layers = getattr(self.model.get_base_model().get_decoder(), "layers", None)
         if layers is None:
-            raise ConfigError("model.compile: this model has no decoder .layers to compile")
+            raise ConfigError("model.compute.compile: this model has no decoder .layers to compile")
         for layer in layers:
             layer.compile(dynamic=True)
 
     # ------------------------------------------------------------------ loss
     def token_loss_sum(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over the label (response) tokens, and their count."""
-        return token_loss_sum(self.model, batch, self._plain_head, self.hparams.loss_chunk_tokens,
-                              fused=self.lora.kernels == "liger")
+        return token_loss_sum(self.model, batch, self._plain_head, self.compute.loss_chunk_tokens,
+                              fused=self.compute.kernels == "liger")
 
     def forward(self, batch: dict) -> torch.Tensor:
         loss_sum, n = self.token_loss_sum(batch)
@@ -368,7 +310,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        h = self.hparams
+        h = self.optim
         kwargs = dict(lr=h.lr, betas=tuple(h.betas), eps=h.eps, weight_decay=h.weight_decay)
         if h.optimizer == "adamw_8bit":
             import bitsandbytes as bnb  # noqa: PLC0415 - heavy, and only this optimizer needs it
@@ -390,7 +332,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             self.print(
-                f"amzft: {self.hparams.name_or_path} with LoRA r={self.hparams.lora_r}: "
+                f"amzft: {self.hparams.name_or_path} with LoRA r={self.lora.r}: "
                 f"{self.trainable_share:.2%} of parameters trainable"
             )
         for logger in self.loggers:

@@ -3,14 +3,15 @@
 * CUDA: ``bf16-mixed`` where the GPU has native bf16 (compute capability >= 8), else
   ``16-mixed`` (fp16 with loss scaling).
 * CPU with AMX (``amx_bf16`` in ``/proc/cpuinfo``): ``bf16-mixed``. Without AVX512-BF16:
-  ``32-true`` (bf16 autocast measured ~30x *slower* than fp32 on an AMD EPYC with AVX2 only).
-* CPU with AVX512-BF16 but no AMX: the flags do not decide, a probe does. Measured
-  (docs/performance.md): bf16 autocast ~1.7x slower than fp32 in training on a Xeon with
-  AVX512-BF16, ~1.6x faster on an AMD EPYC with AVX512-BF16.
+  ``32-true``: with no bf16 instructions, bf16 autocast is many times *slower* than fp32.
+* CPU with AVX512-BF16 but no AMX: the flags do not decide, a probe does: in training, bf16
+  autocast is slower than fp32 on some such CPUs and faster on others.
 * CPU without readable x86 flags (macOS, ARM) and Apple GPUs (MPS): the probe.
   The probe (about a second) times fp32 against bf16 autocast on a small Linear stack and
   keeps the faster.
   ``AMZFT_PRECISION_PROBE=1`` runs the probe on any CPU instead of reading the flags.
+
+The measurements behind these rules, per CPU: docs/performance.md, "The machines".
 
 The functions below take the cpuinfo text and the probe as arguments, so tests feed them fake
 machines. Any other precision value is passed through untouched: an explicit one wins.
@@ -34,7 +35,7 @@ from amzft.training.lightning_compat import PrecisionInput
 PROBE_ENV = "AMZFT_PRECISION_PROBE"
 RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<device kind>:<precision>": what process <pid> chose
 # The probe stops timing bf16 once it has taken this many times fp32's time: it lost, and a
-# 30x slower bf16 must not hold a run for a minute.
+# bf16 many times slower than fp32 (module doc) must not hold a run for a minute.
 PROBE_CAP = 1.5
 PROBE_FP32_SECONDS = 0.3  # how long fp32 is timed (at least PROBE_MIN_STEPS steps)
 PROBE_MIN_STEPS = 3
@@ -146,11 +147,11 @@ def for_cpu(cpuinfo: str | None, run_probe: Callable[[], ProbeResult], force_pro
     flags = set(flags_line.split())
     if "amx_bf16" in flags:
         return Choice("bf16-mixed", f"CPU '{name}' has AMX (amx_bf16): bf16 matrix units")
-    if "avx512_bf16" in flags:  # bf16 measured both ways on such CPUs (module doc): measure this one
-        return _from_probe(run_probe(), f"CPU '{name}' has AVX512-BF16 but no AMX (bf16 autocast measured 1.7x "
-                                        "slower than fp32 on one such CPU, 1.6x faster on another)")
+    if "avx512_bf16" in flags:  # bf16 wins on some such CPUs and loses on others (module doc): measure this one
+        return _from_probe(run_probe(), f"CPU '{name}' has AVX512-BF16 but no AMX (bf16 autocast is slower "
+                                        "than fp32 on some such CPUs, faster on others)")
     best = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
-    return Choice("32-true", f"CPU '{name}' has no AMX ({best} only); bf16 autocast measured ~30x slower "
+    return Choice("32-true", f"CPU '{name}' has no AMX ({best} only); bf16 autocast is many times slower "
                              "than fp32 on such CPUs")
 
 

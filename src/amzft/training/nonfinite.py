@@ -55,5 +55,5 @@ class NonFiniteGuard(Callback):
         also = f" ({MAX_CONSECUTIVE_SKIPS} steps in a row were skipped)" if skip else ""
         raise ModelError(
             f"{what} {where}{also}; training stopped before the update, the last checkpoint "
-            f"({checkpoint}) is intact: lower model.lr, look at those records, or set model.on_nonfinite=skip"
+            f"({checkpoint}) is intact: lower model.optim.lr, look at those records, or set model.on_nonfinite=skip"
         )

@@ -10,8 +10,9 @@ The order matters in three places:
 3. ``EarlyStop`` before the best-checkpoint callback (a ``ModelCheckpoint``, so last): both act
    after a validation, and the best file of the step early stopping ends on is still written.
 
-The config's own callbacks (``checkpoint.*``, ``sample_answers.*``, ``validation.*``,
-``best.*`` and ``trainer.callbacks``) come between the guard and the rest.
+The config's callback groups (``checkpoint.*``, ``sample_answers.*``, ``validation.*``,
+``best.*``), then the ``trainer.callbacks`` a user or a benchmark gives, come between the guard
+and the rest (LightningCLI on its own would put ``trainer.callbacks`` first).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def fit_callbacks(from_config: list[Callback], given: list[Callback], *, early_s
     callbacks = [
         NonFiniteGuard(),
         *from_config,
+        *given,
         Preflight(),
         ResumeMidEpoch(),
         LearningRateMonitor(logging_interval="step"),

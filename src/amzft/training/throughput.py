@@ -6,7 +6,7 @@ Token kinds, per batch (amzft.data.batching writes them):
 
 * real: ``batch["real_tokens"]``, the examples' non-pad tokens; tokens/s counts these.
 * processed: ``batch["input_tokens"]``, the positions the model computes that are not padding
-  (fewer than real with ``data.share_prefix``, which stores the shared preamble once per row).
+  (fewer than real with ``data.batches.share_prefix``, which stores the shared preamble once per row).
 * padded: ``batch["input_ids"].numel()``, every position, padding included.
 * label: ``batch["label_tokens"]``, the response tokens the loss is taken on.
 """
