@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from amzft.data.batching import Collator
+from amzft.data.collate import Collator
 from amzft.model.module import LoraCausalLM
 from amzft.model.settings import ComputeOptions, OptimOptions
 from amzft.model.sources import load_tokenizer

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from amzft.model.module import LoraCausalLM
-from conftest import fit_args, one_line_error, tiny_records
-from test_evaluate_export import exports_give_the_logits
-from test_model import RecordSteps, run_fit, straight_and_resumed
+from helpers import RecordSteps, exports_give_the_logits, fit_args, one_line_error, run_fit, straight_and_resumed, tiny_records
 
 IDS = torch.tensor([[128000, 791, 8415, 7731, 389, 279, 5634]])
 VARIANTS = {

@@ -18,14 +18,13 @@ from transformers import AutoModelForCausalLM
 import amzft.model.backends
 from amzft.cli.import_order import import_unsloth_if_wanted, wants_unsloth
 from amzft.cli.main import main
-from amzft.data.batching import Collator
+from amzft.data.collate import Collator
 from amzft.export.formats import export
 from amzft.files import shipped_sample
 from amzft.model.loss import token_loss_sum
 from amzft.model.module import LoraCausalLM
 from amzft.model.settings import ComputeOptions
-from conftest import REPO, fit_args, one_line_error, tiny_records
-from test_model import straight_and_resumed
+from helpers import REPO, fit_args, one_line_error, straight_and_resumed, tiny_records
 
 
 def _nf4(tiny_model_dir) -> LoraCausalLM:

@@ -18,8 +18,7 @@ from amzft.cli.main import main
 from amzft.inference.generate import GenerationOptions
 from amzft.training.callbacks import StopAtStep
 from amzft.training.validation import EarlyStop, ValidationSchedule
-from conftest import REPO, fit_args, one_line_error, tiny_records
-from test_model import RecordSteps, run_fit
+from helpers import REPO, RecordSteps, fit_args, one_line_error, run_fit, tiny_records
 
 
 class CountValidations(Callback):
@@ -146,7 +145,8 @@ def test_bad_selection_options_are_one_line(tiny_model_dir, tiny_data, tmp_path,
     assert "needs sample_answers.rouge_products > 0" in err
     err = one_line_error(capsys, *args, "--trainer.val_check_interval", "5")
     assert "either validation.every_n_steps" in err
-    one_line_error(capsys, *args, "--best.monitor", "train/loss")
+    err = one_line_error(capsys, *args, "--best.monitor", "train/loss", code=2)  # the parser's: says what it takes
+    assert '"best.monitor"' in err and "'val/loss', 'val/rougeL'" in err and "train/loss" in err
     assert "validation.every_n_steps must be >= 0" in one_line_error(capsys, *args, "--validation.every_n_steps", "-1")
 
 

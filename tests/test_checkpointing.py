@@ -11,7 +11,7 @@ from amzft.data.clean import FilterSettings
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
 from amzft.model.module import LoraCausalLM
-from conftest import REPO, fit_args
+from helpers import REPO, fit_args
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import amzft.model.precision as precision
 from amzft.cli.lightning_cli import cli_main
 from amzft.cli.main import main
 from amzft.training.validation import ValidationSchedule
-from conftest import REPO, SEED_SHAPED_BATCHES, fit_args, one_line_error
+from helpers import REPO, SEED_SHAPED_BATCHES, fit_args, one_line_error
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

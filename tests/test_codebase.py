@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 SRC = REPO / "src"
 PACKAGE = SRC / "amzft"

@@ -3,14 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from amzft.data.batching import Collator, ResumableBatchSampler
 from amzft.data.build import DataSettings, prepare
+from amzft.data.collate import Collator
 from amzft.data.encode import IGNORE_INDEX, PromptEncoder, encode_texts, join_example
 from amzft.data.prompt import PromptFormat
+from amzft.data.sampler import ResumableBatchSampler
 from amzft.data.split import assign_split
 from amzft.errors import DataError
 from amzft.model.sources import load_tokenizer
-from conftest import REAL_400, SHARED_DATA, needs_real_data
+from helpers import REAL_400, SHARED_DATA, needs_real_data
 
 
 def _records(n):

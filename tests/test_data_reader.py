@@ -11,7 +11,7 @@ from amzft.data.build import DataSettings, prepare
 from amzft.data.reader import read_records
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
-from conftest import tiny_records
+from helpers import tiny_records
 
 GOOD = {"uid": "1", "title": "Mug", "content": "A blue mug.", "target_ind": [1], "target_rel": [1.0]}
 

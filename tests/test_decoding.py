@@ -20,7 +20,7 @@ from amzft.inference import generate as generation
 from amzft.inference.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions, describe, resolve_decoding
 from amzft.inference.generate import Answer, generate_answers
 from amzft.model.module import LoraCausalLM
-from conftest import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
+from helpers import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
 
 SAME = "This comfortable cotton shirt is perfect for everyday wear and easy to wash."
 

@@ -21,7 +21,7 @@ from amzft.cli.main import main
 from amzft.data.stats import PipelineStats
 from amzft.inference.generate import generate_answers
 from amzft.model.module import LoraCausalLM
-from conftest import fit_tiny_run, one_line_error, tiny_records
+from helpers import fit_tiny_run, one_line_error, tiny_records
 
 # ~55-token prompts + 5 new tokens: 4 rows a batch, so 29 titles make 8 batches.
 SMALL_BATCHES = ("--max_new_tokens", "5", "--token_budget", "250", "--progress_every", "0")

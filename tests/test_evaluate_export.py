@@ -2,15 +2,13 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForCausalLM
 
 from amzft.cli.main import main
 from amzft.evaluation.scoring import failure_views, is_looping, is_title_only, overlap_scores
 from amzft.inference.generate import Answer
 from amzft.model.module import LoraCausalLM
-from conftest import fit_args
+from helpers import exports_give_the_logits, fit_args
 
 
 def test_overlap_scores_are_torchmetrics_values():
@@ -74,20 +72,6 @@ def test_exported_adapter_and_merged_model_match_the_module(trained, tmp_path):
     exports_give_the_logits(trained, ids, expected, tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "adapter" / "amzft_prompt.json").read_text())["question"].startswith("What is")
-
-
-def exports_give_the_logits(ckpt, ids, expected, out):
-    """``export`` of ``ckpt`` as a PEFT adapter (on its base) and as a merged model (no LoRA
-    left) gives ``expected`` logits for ``ids`` (1e-5 and 1e-4)."""
-    main(["export", "--ckpt_path", str(ckpt), "--out", str(out / "adapter")])
-    main(["export", "--ckpt_path", str(ckpt), "--out", str(out / "merged"), "--merge", "true"])
-    base_dir = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter")
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    assert not any("lora" in n for n, _ in merged.named_parameters())
-    with torch.no_grad():
-        assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-5)
-        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
 
 
 def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 
 from amzft.checkpoints.restore import datamodule_from_checkpoint
 from amzft.cli.main import main
-from conftest import fit_args, tiny_records
+from helpers import fit_args, tiny_records
 
 
 def test_evaluate_on_another_file_reports_seen_and_unseen(tiny_model_dir, tiny_data, write_jsonl, tmp_path, capsys):

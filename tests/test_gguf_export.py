@@ -18,7 +18,7 @@ from amzft.data.prompt import PromptFormat, adds_bos, chat_template_for
 from amzft.export.gguf import modelfile
 from amzft.model.module import LoraCausalLM
 from amzft.model.sources import load_tokenizer
-from conftest import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
+from helpers import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
 
 # Real-looking titles: digits, punctuation, braces, quotes, non-ASCII.
 TITLES = [

@@ -26,8 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from amzft.cli.main import main  # noqa: E402
 from amzft.training.callbacks import StopAtStep  # noqa: E402
-from conftest import REPO, fit_args, tiny_records  # noqa: E402
-from test_model import RecordSteps, run_fit  # noqa: E402
+from helpers import REPO, RecordSteps, fit_args, run_fit, tiny_records  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

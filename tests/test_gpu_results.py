@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 sys.path.insert(0, str(REPO / "gpu"))
 import check  # noqa: E402 - gpu/ is put on sys.path just above

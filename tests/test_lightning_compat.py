@@ -148,7 +148,7 @@ def test_a_fit_runs_the_guard_before_the_callbacks_a_user_gives(tiny_model_dir, 
     from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415
     from amzft.training.callbacks import StopAtStep  # noqa: PLC0415
     from amzft.training.nonfinite import NonFiniteGuard  # noqa: PLC0415
-    from conftest import fit_args  # noqa: PLC0415
+    from helpers import fit_args  # noqa: PLC0415
 
     given = json.dumps({"class_path": "amzft.training.callbacks.StopAtStep", "init_args": {"step": 2}})
     cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.callbacks", given), run=False)

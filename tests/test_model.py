@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 import amzft.model.module as model_module
 from amzft.checkpoints.io import load_checkpoint_file
 from amzft.cli.lightning_cli import cli_main
-from amzft.data.batching import Collator
+from amzft.data.collate import Collator
 from amzft.errors import ConfigError
 from amzft.inference.generate import GenerationOptions, generate
 from amzft.model.loss import head_loss_sum
@@ -22,39 +22,7 @@ from amzft.model.module import COMPILE_BREAK_EVEN_STEPS, LoraCausalLM, decide_co
 from amzft.model.settings import ComputeOptions
 from amzft.settings import init_kwargs
 from amzft.training.callbacks import StopAtStep
-from conftest import fit_args, tiny_records
-
-
-class RecordSteps(Callback):
-    """Per optimizer step: the logged window loss and a copy of the LoRA gradients."""
-
-    def __init__(self):
-        self.losses, self.grads = [], []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        # Callbacks run before the module's hook, which logs this same value as train/loss.
-        self.losses.append(pl_module._window_loss / pl_module._window_tokens)
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters() if p.grad is not None})
-
-
-def run_fit(args, *callbacks, resumed_from_last=False):
-    cli = cli_main(args, run=False)
-    cli.trainer.callbacks.extend(callbacks)
-    assert (cli.ckpt_path is not None) == resumed_from_last
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
-    return cli
-
-
-def straight_and_resumed(model_dir, data, tmp_path, stop_at: int, *extra):
-    """The same fit run straight (in tmp_path/a) and stopped after ``stop_at`` optimizer steps
-    then resumed with ``--ckpt_path last`` (in tmp_path/b). Returns both recorders and CLIs:
-    ``straight, straight_cli, resumed, resumed_cli``."""
-    straight, resumed = RecordSteps(), RecordSteps()
-    straight_cli = run_fit(fit_args(model_dir, data, tmp_path / "a", *extra), straight)
-    run_fit(fit_args(model_dir, data, tmp_path / "b", *extra), RecordSteps(), StopAtStep(stop_at))
-    resumed_cli = run_fit(fit_args(model_dir, data, tmp_path / "b", *extra, "--ckpt_path", "last"), resumed,
-                          resumed_from_last=True)
-    return straight, straight_cli, resumed, resumed_cli
+from helpers import RecordSteps, fit_args, run_fit, tiny_records
 
 
 def test_trainable_share_and_lora_targets(tiny_model_dir):

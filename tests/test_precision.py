@@ -14,7 +14,7 @@ from amzft.cli.lightning_cli import cli_main
 from amzft.cli.main import main
 from amzft.errors import ConfigError
 from amzft.model.precision import ProbeResult, for_cpu, for_cuda, probe, resolve
-from conftest import fit_args
+from helpers import fit_args
 
 
 def cpuinfo(name: str, *flags: str) -> str:

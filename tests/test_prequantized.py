@@ -15,8 +15,7 @@ from amzft.cli.main import main
 from amzft.export.formats import DEQUANTIZED_NOTE, full_precision_module
 from amzft.model.module import LoraCausalLM
 from amzft.model.settings import ComputeOptions
-from conftest import fit_args, one_line_error, tiny_records
-from test_model import straight_and_resumed
+from helpers import fit_args, one_line_error, straight_and_resumed, tiny_records
 
 IDS = torch.tensor([[128000, 791, 8415, 7731, 389, 279, 5634]])
 

@@ -26,8 +26,8 @@ from amzft.data import build
 from amzft.data.build import DataSettings, prepare
 from amzft.errors import ConfigError, ModelError
 from amzft.training.nonfinite import MAX_CONSECUTIVE_SKIPS
-from conftest import fit_args, one_line_error, tiny_records
 from fault_helpers import ATTEMPTS, NetworkAccess
+from helpers import fit_args, one_line_error, tiny_records
 
 TESTS = Path(__file__).resolve().parent
 

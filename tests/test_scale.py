@@ -19,16 +19,17 @@ from transformers import AutoModelForCausalLM
 from amzft.checkpoints.io import load_checkpoint_file
 from amzft.checkpoints.locate import best_record
 from amzft.cli.lightning_cli import cli_main
-from amzft.data.batching import Collator, ResumableBatchSampler, pack_first_fit
+from amzft.data.batch_order import pack_first_fit
 from amzft.data.build import DataSettings, prepare
+from amzft.data.collate import Collator
 from amzft.data.encode import IGNORE_INDEX
 from amzft.data.module import AmazonTitlesDataModule, _EvalExamples, eval_shards
+from amzft.data.sampler import ResumableBatchSampler
 from amzft.data.settings import BatchOptions, HoldoutOptions
 from amzft.errors import ConfigError, DataError
 from amzft.model.module import LoraCausalLM
 from amzft.training.callbacks import StopAtStep
-from conftest import REAL_400, fit_args, tiny_records
-from test_model import RecordSteps, run_fit
+from helpers import REAL_400, RecordSteps, fit_args, run_fit, tiny_records
 
 TESTS = Path(__file__).resolve().parent
 
@@ -121,7 +122,7 @@ def test_a_big_packed_split_starts_without_counting_every_example(write_jsonl, t
     (the epoch length estimate) and the chunks it reaches, not the whole split; the estimate is
     the same whether or not the counts are already known (a warm cache)."""
     monkeypatch.setattr("amzft.data.module.COUNT_ALL_UP_TO", 50)
-    monkeypatch.setattr("amzft.data.batching.ESTIMATE_SAMPLE", 40)
+    monkeypatch.setattr("amzft.data.batch_order.ESTIMATE_SAMPLE", 40)
     dm = AmazonTitlesDataModule(write_jsonl(tiny_records(400)), tokenizer=str(tiny_model_dir), max_length=160,
                                 batches=BatchOptions(layout="packed", pack_length=160, mega_batch=2), batch_size=1,
                                 holdout=HoldoutOptions(val_fraction=0.05, test_fraction=0.05))
@@ -184,7 +185,7 @@ def test_ddp_shards_are_the_single_process_batches(layout):
         assert a.window_label_tokens == b.window_label_tokens
     if layout == "plain":
         single = list(ResumableBatchSampler(lengths, batch_size=2, **kw))
-        assert [sorted(a + b) for a, b in zip(*shards)] == [sorted(s) for s in single[: len(shards[0])]]
+        assert [sorted([*a, *b]) for a, b in zip(*shards)] == [sorted(s) for s in single[: len(shards[0])]]
         assert [a.window_label_tokens for a in shards[0]] == [s.window_label_tokens for s in single[: len(shards[0])]]
 
 

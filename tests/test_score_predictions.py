@@ -13,7 +13,7 @@ import pytest
 from amzft.cli.main import main
 from amzft.evaluation.run import score_predictions_file
 from amzft.evaluation.scoring import overlap_scores
-from conftest import one_line_error
+from helpers import one_line_error
 
 TUTU = "A tutu in neon pink tulle for ballet class and dress-up, sized for girls aged 2 to 8."
 MUG = "A white ceramic mug that holds 12 ounces, safe in the dishwasher and the microwave."

@@ -3,14 +3,25 @@
 import math
 
 import pytest
+import torch
+from lightning.pytorch import Callback
 
-from amzft.cli.lightning_cli import cli_main
+from amzft.checkpoints.io import load_checkpoint_file
 from amzft.inference.generate import GREEDY, generate_answers
 from amzft.model.module import LoraCausalLM
 from amzft.model.sources import load_tokenizer
-from conftest import REPO
+from amzft.training.callbacks import StopAtStep
+from helpers import REPO, run_fit
 
 pytestmark = pytest.mark.slow
+
+
+class AtTrainStart(Callback):
+    """The optimizer step and the adapter (the LoRA tensors) a fit starts from."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+        self.adapter = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if "lora_" in k}
 
 
 def test_embedded_tokenizer_is_fixed_up():
@@ -25,9 +36,19 @@ def test_embedded_fit_resume_and_ask(tmp_path):
         "--trainer.enable_progress_bar", "false", "--data.cache_dir", str(tmp_path / "cache"),
         "--checkpoint.every_n_train_steps", "2",
     ]
-    cli = cli_main(args, run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 4
+    # Stopped after step 2 (last.ckpt written there, as the demo does), then `--ckpt_path last` to step 4.
+    stopped = run_fit(args, StopAtStep(2))
+    assert stopped.trainer.global_step == 2
+    saved = load_checkpoint_file(stopped.trainer.checkpoint_callback.last_model_path)
+    start = AtTrainStart()
+    cli = run_fit([*args, "--ckpt_path", "last"], start, resumed_from_last=True)
+    # The resumed fit starts at step 2 from the saved adapter (a fit that ignored the checkpoint
+    # would start at step 0 from a fresh one, whose lora_B are all 0) and goes on to step 4.
+    assert saved["global_step"] == start.step == 2
+    assert saved["state_dict"].keys() == start.adapter.keys()
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved["state_dict"].items())
+    assert all(torch.equal(start.adapter[k], v) for k, v in saved["state_dict"].items())
+    assert cli.trainer.global_step == 4 and cli.trainer.logger.version == 0  # the same TensorBoard run
     assert 0.02 < cli.model.trainable_share < 0.05  # 4.9 M of 139 M
     loss = float(cli.trainer.callback_metrics["train/loss"])
     assert math.isfinite(loss) and loss < 6

@@ -15,7 +15,7 @@ from amzft.cli.lightning_cli import cli_main
 from amzft.cli.main import main
 from amzft.training.progress import StepProgressBar
 from amzft.training.throughput import ThroughputMeter
-from conftest import fit_args, tiny_records
+from helpers import fit_args, tiny_records
 
 PER_STEP = ("train/tokens_per_s", "train/label_tokens_per_s", "train/padding_efficiency", "train/peak_memory_mib")
 

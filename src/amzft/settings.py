@@ -27,11 +27,11 @@ def as_dict(value: Any) -> dict:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
-def nested(saved: Mapping, renamed: Mapping[str, str], groups: Mapping[str, type]) -> dict:
+def nested(saved: Any, renamed: Mapping[str, str], groups: Mapping[str, type]) -> dict:
     """``saved`` with each option of the flat layout moved into its group (``renamed``: ``lr``
     -> ``optim.lr``) and each of ``groups`` a plain dict; other keys as they were."""
     out: dict = {}
-    for key, value in dict(saved).items():
+    for key, value in as_dict(saved).items():
         if key in groups:
             out.setdefault(key, {}).update(as_dict(value))
         elif key in renamed:
@@ -42,7 +42,7 @@ def nested(saved: Mapping, renamed: Mapping[str, str], groups: Mapping[str, type
     return out
 
 
-def init_kwargs(cls: type, saved: Mapping) -> dict:
+def init_kwargs(cls: type, saved: Any) -> dict:
     """The arguments ``cls(...)`` accepts, from a section in any of its shapes (module doc):
     groups become their types; Lightning's private entries (``_instantiator``) and keys another
     version or tool added to the section are dropped."""

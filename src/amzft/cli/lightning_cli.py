@@ -80,7 +80,7 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
                 "checkpoint.enable_version_counter": False,
                 "trainer.default_root_dir": "logs",
                 "trainer.log_every_n_steps": 1,
-                # amzft's batch sampler shards itself across ranks (see data.batching).
+                # amzft's batch sampler shards itself across ranks (see data.sharding).
                 "trainer.use_distributed_sampler": False,
             }
         )

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
-from amzft.data.batching import Collator, ResumableBatchSampler, TokenizedDataset
 from amzft.data.build import DataSettings, PreparedData, prepare
 from amzft.data.clean import FilterSettings
+from amzft.data.collate import Collator, TokenizedDataset
 from amzft.data.prompt import PromptFormat
 from amzft.data.reader import check_data_file
+from amzft.data.sampler import ResumableBatchSampler
 from amzft.data.settings import GROUPS, RENAMED, BatchOptions, HoldoutOptions
 from amzft.data.split import seeded_sample
 from amzft.errors import ConfigError

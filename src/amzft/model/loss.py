@@ -66,7 +66,7 @@ def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
 def model_inputs(batch: dict, attention: str) -> dict:
     """The model's keyword inputs for a batch. Unpacked batches carry an attention mask; packed
     ones carry per-example position ids instead, from which transformers builds the
-    block-diagonal mask (see data.batching); packed ones with a shared prefix carry a ready 4-D
+    block-diagonal mask (see data.collate); packed ones with a shared prefix carry a ready 4-D
     boolean mask (True = may attend), which eager attention needs as an additive mask."""
     keys = ("input_ids", "attention_mask", "position_ids")
     inputs = {k: batch[k] for k in keys if batch.get(k) is not None}

@@ -2,7 +2,7 @@
 benchmarks/train_throughput.py and gpu/check.py alike, so that every number amzft reports
 counts the same tokens over the same time.
 
-Token kinds, per batch (amzft.data.batching writes them):
+Token kinds, per batch (amzft.data.collate writes them):
 
 * real: ``batch["real_tokens"]``, the examples' non-pad tokens; tokens/s counts these.
 * processed: ``batch["input_tokens"]``, the positions the model computes that are not padding
