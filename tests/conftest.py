@@ -117,6 +117,22 @@ def tiny_model_dir(tmp_path_factory, llama_tokenizer):
     return directory
 
 
+@pytest.fixture(scope="session")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """One short fit shared by the tests that only need a trained checkpoint: 2 steps of the shrunk
+    cpu.yaml on tiny_records(30) with validation and test splits (0.2 each); its last.ckpt. Read
+    only: a test that writes into the run's folder (evaluate's report) or changes the checkpoint
+    works on a copy (helpers.copy_run), and the session checks at its end that nobody wrote there."""
+    from helpers import fit_tiny_run, tree_digest  # noqa: PLC0415 - helpers imports Lightning (module doc)
+
+    ckpt = fit_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("trained-run"), "--trainer.max_steps", "2",
+                        "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2")
+    run = ckpt.parents[2]  # logs/amzft/version_0
+    before = tree_digest(run)
+    yield ckpt
+    assert tree_digest(run) == before, f"a test wrote into the shared run {run}: copy it first (helpers.copy_run)"
+
+
 @pytest.fixture
 def tiny_data(write_jsonl):
     from helpers import tiny_records  # noqa: PLC0415 - helpers imports Lightning (module doc)

@@ -1,7 +1,8 @@
 """What several test files share (test files import from here, never from each other nor from
 conftest.py, which holds the fixtures): where things are, the tiny records, the shrunk
-cpu.yaml command line and a fit run in this process with per-step recorders, the one-line error
-check, and the exports' logits check.
+cpu.yaml command line, a fit run in this process with per-step recorders (straight and
+stopped-then-resumed), private copies of a shared trained run, the one-line error check, and the
+exports' logits check.
 
 The callbacks a ``python -m amzft`` subprocess loads by class path, and the network guard, live
 in fault_helpers.py: a child process imports that light module before amzft, this one imports
@@ -10,7 +11,9 @@ Unsloth (conftest.py imports it inside its fixtures, for the same reason)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,21 @@ def fit_tiny_run(tiny_model_dir, root: Path, *extra: str) -> Path:
     data.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(30)))
     main(fit_args(tiny_model_dir, data, root, *extra))
     return next((root / "logs").rglob("last.ckpt"))
+
+
+def copy_run(ckpt: Path, to: Path) -> Path:
+    """A private copy of the run folder ``fit_tiny_run`` wrote ``ckpt`` in (its ``logs``, placed at
+    ``to / "logs"``), for a test that writes beside the checkpoint or changes it: the copy's
+    last.ckpt. (The training file and data cache stay where the checkpoint names them.)"""
+    logs = next(p for p in Path(ckpt).parents if p.name == "logs")
+    shutil.copytree(logs, to / "logs")
+    return to / Path(ckpt).relative_to(logs.parent)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the SHA-256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def one_line_error(capsys, *args, code: int | None = None) -> str:

@@ -8,6 +8,7 @@ import importlib.util
 import subprocess
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import bitsandbytes as bnb
 import pytest
@@ -167,15 +168,19 @@ def test_gpu_check_command_lines_are_valid_on_cpu(tiny_model_dir, tmp_path):
         return check.run_amzft(name, tiny_model_dir, str(shipped_sample()), tmp_path, steps, [*options, *cpu, *more],
                                config=config)
 
-    result = run("hf-plain", 3)
+    # Each run is its own process: two at a time (the cores a CPU test machine has).
+    runs = [("hf-plain", 3), ("large-batch", 4, "--model.backend", "hf")]  # large: 4 steps of 16 rows, past the sample's first epoch
+    if not torch.cuda.is_available():
+        runs += [("hf", 1), ("base.yaml", 1)]
+    with ThreadPoolExecutor(2) as pool:
+        result, large, *errors = pool.map(lambda args: run(*args), runs)
     assert "error" not in result, result.get("error")
     assert result["steps"] == 3 and result["tokens_per_s"] > 0
-    large = run("large-batch", 4, "--model.backend", "hf")  # 4 steps of 16 rows: past the sample's first epoch
     assert "error" not in large, large.get("error")
     assert large["steps"] == 4 and large["tokens"] > result["tokens"]
     if not torch.cuda.is_available():
-        assert "model.compute.kernels=liger needs a CUDA GPU" in run("hf", 1)["error"]
-        assert "needs a CUDA GPU" in run("base.yaml", 1)["error"]
+        assert "model.compute.kernels=liger needs a CUDA GPU" in errors[0]["error"]
+        assert "needs a CUDA GPU" in errors[1]["error"]
 
 
 def test_liger_kernels_on_cpu_are_one_line(tiny_model_dir, tiny_data, tmp_path, capsys):

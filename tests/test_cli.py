@@ -15,7 +15,7 @@ import amzft.model.precision as precision
 from amzft.cli.lightning_cli import cli_main
 from amzft.cli.main import main
 from amzft.training.validation import ValidationSchedule
-from helpers import REPO, SEED_SHAPED_BATCHES, fit_args, one_line_error
+from helpers import REPO, SEED_SHAPED_BATCHES, copy_run, fit_args, one_line_error
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -153,8 +153,8 @@ def test_data_command_reports_the_shipped_sample(capsys):
     assert "responses cut at max_length=2048: 0" in out  # counted with the tokens, not by the build
 
 
-def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, tmp_path, capsys):
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1"))
+def test_validate_test_predict_from_last_checkpoint(tiny_model_dir, tiny_data, trained_run, tmp_path, capsys):
+    copy_run(trained_run, tmp_path)  # a trained run in ./logs, for `--ckpt_path last`; the commands write beside it
     for command in ("validate", "test", "predict"):
         args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--ckpt_path", "last",
                         "--data.holdout.val_fraction", "0.3", "--data.holdout.test_fraction", "0.3", "--model.max_new_tokens", "3")

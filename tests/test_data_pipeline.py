@@ -150,7 +150,9 @@ def test_real_file_report_counts(llama_tokenizer, cache_dir):
     assert s.skipped["content_equals_title"] == 1 and s.skipped["junk_content"] >= 4
 
 
-@pytest.mark.parametrize("tokenizer_name", ["llama3.2", "embedded"])
+# The embedded model's tokenizer comes with the model, de-quantised on first use into the test
+# run's own cache (~30 s): slow, with the other tests of the embedded model.
+@pytest.mark.parametrize("tokenizer_name", ["llama3.2", pytest.param("embedded", marks=pytest.mark.slow)])
 def test_prompt_encoder_matches_whole_prompt_tokenisation(tokenizer_name):
     tok = load_tokenizer(tokenizer_name)
     titles = ["Mog's Kittens", "HMS \"Ulysses\"", "123 Go!", "  spaced", "?odd", "Caf\u00e9 Songs", "x" * 300]

@@ -20,7 +20,7 @@ from amzft.inference import generate as generation
 from amzft.inference.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions, describe, resolve_decoding
 from amzft.inference.generate import Answer, generate_answers
 from amzft.model.module import LoraCausalLM
-from helpers import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
+from helpers import REPO, fit_args, one_line_error, tiny_records
 
 SAME = "This comfortable cotton shirt is perfect for everyday wear and easy to wash."
 
@@ -85,7 +85,7 @@ def _demo_config(tiny_model_dir, data, tmp_path):
     """configs/cpu.yaml shrunk to the tiny model, validating (and scoring val/rougeL) every step."""
     cfg = yaml.safe_load((REPO / "configs" / "cpu.yaml").read_text())
     cfg["model"]["name_or_path"] = str(tiny_model_dir)
-    cfg["data"].update(path=str(data), cache_dir=str(tmp_path / "cache"), val_fraction=0.25, test_fraction=0.25)
+    cfg["data"].update(path=str(data), cache_dir=str(tmp_path / "cache"), holdout={"val_fraction": 0.25, "test_fraction": 0.25})
     cfg["trainer"].update(max_steps=2, enable_progress_bar=False, enable_model_summary=False)
     cfg["validation"]["every_n_steps"] = 1
     cfg["sample_answers"] = {"every_n_steps": 0, "rouge_products": 2, "max_new_tokens": 3}
@@ -154,10 +154,10 @@ def test_decoding_greedy_and_overrides_reach_every_command(record, tiny_model_di
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """One step of fit on tiny_records(30) with train / validation / test splits: its last.ckpt."""
-    return str(fit_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("trained"), "--trainer.max_steps", "1",
-                            "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
+def trained(trained_run):
+    """The session's short fit on tiny_records(30) with train / validation / test splits (conftest):
+    its last.ckpt, read only."""
+    return str(trained_run)
 
 
 def test_exports_carry_the_decoding(trained, tmp_path, capsys):

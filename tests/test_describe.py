@@ -21,22 +21,22 @@ from amzft.cli.main import main
 from amzft.data.stats import PipelineStats
 from amzft.inference.generate import generate_answers
 from amzft.model.module import LoraCausalLM
-from helpers import fit_tiny_run, one_line_error, tiny_records
+from helpers import one_line_error, tiny_records
 
 # ~55-token prompts + 5 new tokens: 4 rows a batch, so 29 titles make 8 batches.
 SMALL_BATCHES = ("--max_new_tokens", "5", "--token_budget", "250", "--progress_every", "0")
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """A checkpoint of the tests' shrunk cpu.yaml (2 steps), and a second one with other weights."""
-    tmp = tmp_path_factory.mktemp("describe-fit")
-    ckpt = fit_tiny_run(tiny_model_dir, tmp, "--trainer.max_steps", "2")
-    other = torch.load(ckpt, weights_only=True)
+def trained(trained_run, tmp_path_factory):
+    """The session's checkpoint of the tests' shrunk cpu.yaml (2 steps; conftest, read only), and
+    a second one with other weights."""
+    other = torch.load(trained_run, weights_only=True)
     key = next(k for k in other["state_dict"] if "lora_B" in k)
     other["state_dict"][key] = other["state_dict"][key] + 0.5
-    torch.save(other, tmp / "other.ckpt")
-    return ckpt, tmp / "other.ckpt"
+    path = tmp_path_factory.mktemp("describe-other") / "other.ckpt"
+    torch.save(other, path)
+    return trained_run, path
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,11 @@ def test_every_good_line_is_answered_in_input_order_and_bad_lines_are_counted(st
 def test_one_title_at_a_time_gives_the_naive_loops_answers(trained, catalogue, tmp_path):
     """With one title a batch the command answers exactly what ``generate`` gives for the
     training prompt of that title (the prompt, the adapter and the decoding are the right ones)."""
-    out = tmp_path / "one.jsonl"
-    describe(trained[0], catalogue, out, "--max_batch", "1")
-    rows = rows_of(out)[:4]
+    out, head = tmp_path / "one.jsonl", tmp_path / "head.jsonl"
+    head.write_text("".join(catalogue.read_text().splitlines(keepends=True)[:4]))  # the catalogue's first 4 titles
+    describe(trained[0], head, out, "--max_batch", "1")
+    rows = rows_of(out)
+    assert len(rows) == 4
     module, fmt = LoraCausalLM.from_checkpoint(trained[0])
     for row in rows:
         [answer] = generate_answers(module, [row["title"]], fmt, max_new_tokens=5, batch_size=1)

@@ -8,7 +8,7 @@ from amzft.cli.main import main
 from amzft.evaluation.scoring import failure_views, is_looping, is_title_only, overlap_scores
 from amzft.inference.generate import Answer
 from amzft.model.module import LoraCausalLM
-from helpers import exports_give_the_logits, fit_args
+from helpers import copy_run, exports_give_the_logits, fit_args
 
 
 def test_overlap_scores_are_torchmetrics_values():
@@ -35,10 +35,10 @@ def test_failure_views():
 
 
 @pytest.fixture
-def trained(tiny_model_dir, tiny_data, tmp_path):
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "2",
-                  "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
-    return next((tmp_path / "logs").rglob("last.ckpt"))
+def trained(trained_run, tmp_path):
+    """A copy of the session's trained run (2 steps, validation and test splits of 0.2): these
+    tests write reports beside its checkpoint, or change it."""
+    return copy_run(trained_run, tmp_path)
 
 
 def test_evaluate_writes_reports_for_both_models_and_splits(trained, capsys):

@@ -7,13 +7,11 @@ import json
 
 from amzft.checkpoints.restore import datamodule_from_checkpoint
 from amzft.cli.main import main
-from helpers import fit_args, tiny_records
+from helpers import copy_run, fit_args, tiny_records
 
 
-def test_evaluate_on_another_file_reports_seen_and_unseen(tiny_model_dir, tiny_data, write_jsonl, tmp_path, capsys):
-    main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "1",
-                  "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
-    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+def test_evaluate_on_another_file_reports_seen_and_unseen(trained_run, write_jsonl, tmp_path, capsys):
+    ckpt = copy_run(trained_run, tmp_path)  # a fit on tiny_records(30) with test and validation splits; evaluate writes beside it
     dm, _ = datamodule_from_checkpoint(ckpt)
     trained, held_out = list(dm.split("train")["title"]), list(dm.split("test")["title"])
     assert len(trained) >= 3 and len(held_out) >= 2
@@ -37,7 +35,7 @@ def test_evaluate_on_another_file_reports_seen_and_unseen(tiny_model_dir, tiny_d
     assert not (ckpt.parent.parent / "report.json").exists()  # the run's own report is not overwritten
 
     # The training file itself (or a config naming it) keeps the usual train / test report.
-    main(["evaluate", "--ckpt_path", str(ckpt), "--data.path", str(tiny_data), "--samples", "2",
+    main(["evaluate", "--ckpt_path", str(ckpt), "--data.path", dm.settings.path, "--samples", "2",
           "--gen.max_new_tokens", "2", "--splits", "[test]"])
     assert set(json.loads((ckpt.parent.parent / "report.json").read_text())["splits"]) == {"test"}
 

@@ -81,27 +81,31 @@ def test_accumulation_2x4_equals_8x1(tiny_model_dir, write_jsonl, tmp_path):
 SHIPPED_BF16 = ("--trainer.precision", "bf16-mixed", "--data.batches.layout", "packed", "--data.batches.share_prefix", "true")
 
 
-@pytest.mark.parametrize("records, accumulate, stop, extra", [(30, 2, 3, ()), (10, 2, 4, ()), (16, 4, 2, ()),
-                                                              (30, 2, 3, SHIPPED_BF16)],
-                         ids=["mid-epoch-0", "mid-epoch-1", "epoch-end", "bf16-packed"])
-def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, records, accumulate, stop, extra):
-    """6 steps straight == `stop` steps, then `fit --ckpt_path last` to 6: same losses, same weights.
-    (30 records: resume mid-epoch 0; 10 records: 3 steps per epoch, resume mid-epoch 1;
-    16 records: 2 steps per epoch, stop exactly at the end of epoch 0; and in bf16-mixed.)"""
+@pytest.mark.parametrize("records, stops, extra", [(10, (2, 3, 4), ()), (30, (3,), SHIPPED_BF16)],
+                         ids=["mid-epoch-0+epoch-end+mid-epoch-1", "bf16-packed"])
+def test_resume_is_exact_mid_epoch(tiny_model_dir, write_jsonl, tmp_path, records, stops, extra):
+    """6 steps straight == the same fit stopped after each of ``stops``, each part resumed from the
+    one before with `fit --ckpt_path last`, the last to step 6: same losses, same weights. 10
+    records (5 batches of 2 an epoch, windows of 2, 2 and 1: 3 steps an epoch): stopped mid-epoch
+    0, exactly at the end of epoch 0 and mid-epoch 1, against one straight run; and 30 records in
+    bf16-mixed with packed rows, stopped mid-epoch 0."""
     data = write_jsonl(tiny_records(records))
-    # checkpoint.every_n_train_steps stays at 20: last.ckpt at `stop` comes from StopAtStep,
+    # checkpoint.every_n_train_steps stays at 20: last.ckpt at each stop comes from StopAtStep,
     # as in the demo (ModelCheckpoint alone would only write it at step 20).
-    common = ("--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", str(accumulate), *extra)
+    common = ("--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "2", *extra)
     straight = RecordSteps()
     a = run_fit(fit_args(tiny_model_dir, data, tmp_path / "a", *common), straight)
-    first = RecordSteps()
-    run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common), first, StopAtStep(stop))
-    resumed = RecordSteps()
-    b = run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common, "--ckpt_path", "last"), resumed,
-                resumed_from_last=True)
     assert a.trainer.precision == ("bf16-mixed" if extra else "32-true")
-    assert len(straight.losses) == 6 and first.losses == straight.losses[:stop]
-    assert resumed.losses == straight.losses[stop:]
+    assert len(straight.losses) == 6
+    done = 0
+    for stop in (*stops, 6):
+        part = RecordSteps()
+        resume = ("--ckpt_path", "last") if done else ()
+        stopper = (StopAtStep(stop),) if stop < 6 else ()
+        b = run_fit(fit_args(tiny_model_dir, data, tmp_path / "b", *common, *resume), part, *stopper,
+                    resumed_from_last=done > 0)
+        assert part.losses == straight.losses[done:stop] and b.trainer.global_step == stop, (done, stop)
+        done = stop
     wa = {k: v for k, v in a.model.state_dict().items()}
     wb = {k: v for k, v in b.model.state_dict().items()}
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -144,26 +148,43 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
     assert math.isclose(lrs[30], peak * 30 / 55) and lrs[60] == 0
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resume(sig, tiny_model_dir, tiny_data, tmp_path):
-    # compile off: cpu.yaml's compile auto would compile a 100000-step run before its first step
-    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "100000", "--model.compute.compile", "false",
-                    "--trainer.accumulate_grad_batches", "3", "--checkpoint.every_n_train_steps", "2")
-    proc = subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    ckpt_dir = tmp_path / "logs" / "amzft" / "version_0" / "checkpoints"
-    deadline = time.time() + 240
-    while not (ckpt_dir / "step00002.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-        time.sleep(0.2)
-    proc.send_signal(getattr(signal, sig))
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert f"{sig} received; stopped after optimizer step" in out and "--ckpt_path last" in out
-    state = load_checkpoint_file(ckpt_dir / "last.ckpt")
-    assert state["global_step"] >= 2
-    done = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
-    assert done % 3 == 0 or done == 15  # saved at a window boundary (or the epoch's last batch)
+def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resume(tiny_model_dir, tiny_data, tmp_path):
+    """SIGTERM (a scheduler's) and SIGINT (Ctrl-C), each sent to its own `python -m amzft fit`
+    once step 2's checkpoint is written (the two processes run side by side): each exits 0,
+    saying how to resume, with last.ckpt saved at an optimizer step."""
+    runs = {}
+    try:
+        for sig in ("SIGTERM", "SIGINT"):
+            # compile off: cpu.yaml's compile auto would compile a 100000-step run before its first step
+            args = fit_args(tiny_model_dir, tiny_data, tmp_path / sig, "--trainer.max_steps", "100000",
+                            "--model.compute.compile", "false", "--trainer.accumulate_grad_batches", "3",
+                            "--checkpoint.every_n_train_steps", "2")
+            with (tmp_path / f"{sig}.out").open("w") as out:  # a file: a full pipe would stall the run
+                proc = subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=out, stderr=subprocess.STDOUT,
+                                        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            runs[sig] = proc, tmp_path / sig / "logs" / "amzft" / "version_0" / "checkpoints"
+        waiting, deadline = dict(runs), time.time() + 300
+        while waiting:
+            for sig, (proc, ckpt_dir) in list(waiting.items()):
+                if (ckpt_dir / "step00002.ckpt").exists():
+                    proc.send_signal(getattr(signal, sig))
+                    del waiting[sig]
+                else:
+                    assert proc.poll() is None, (tmp_path / f"{sig}.out").read_text()
+                    assert time.time() < deadline, f"{sig}: no step 2 checkpoint"
+            time.sleep(0.2)
+        for sig, (proc, ckpt_dir) in runs.items():
+            proc.wait(timeout=120)
+            out = (tmp_path / f"{sig}.out").read_text()
+            assert proc.returncode == 0, out
+            assert f"{sig} received; stopped after optimizer step" in out and "--ckpt_path last" in out
+            state = load_checkpoint_file(ckpt_dir / "last.ckpt")
+            assert state["global_step"] >= 2
+            done = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+            assert done % 3 == 0 or done == 15, sig  # saved at a window boundary (or the epoch's last batch)
+    finally:
+        for proc, _ in runs.values():
+            proc.kill()  # a no-op once it has exited
 
 
 def test_each_epoch_is_reshuffled_under_the_trainer(tiny_model_dir, write_jsonl, tmp_path):
@@ -270,7 +291,7 @@ def test_chunked_head_loss_equals_one_pass(tiny_model_dir, llama_tokenizer):
     batch = Collator(llama_tokenizer.pad_token_id)({"input_ids": ids, "prompt_len": [8, 12]})
     results = []
     for chunk in (0, 10):  # 10 does not divide the 49 label tokens: a short last chunk too
-        m = LoraCausalLM(name_or_path=str(tiny_model_dir), loss_chunk_tokens=chunk)
+        m = LoraCausalLM(name_or_path=str(tiny_model_dir), compute=ComputeOptions(loss_chunk_tokens=chunk))
         m.configure_model()
         with torch.no_grad():  # non-zero LoRA B, so that the gradients reach every adapter
             for n, p in m.model.named_parameters():
@@ -308,4 +329,4 @@ def test_chunked_head_keeps_one_chunk_of_logits_for_backward():
         kept[chunk] = sum(saved)
     assert kept[0] >= logits_bytes and kept[32] < logits_bytes / 100, kept
     with pytest.raises(Exception, match="loss_chunk_tokens must be >= 0"):
-        LoraCausalLM(loss_chunk_tokens=-1)
+        LoraCausalLM(compute=ComputeOptions(loss_chunk_tokens=-1))

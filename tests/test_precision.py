@@ -4,7 +4,7 @@ and its cap, and the CLI resolving it (logged, recorded in the run's config.yaml
 from __future__ import annotations
 
 import os
-import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -113,31 +113,40 @@ def test_auto_on_an_unknown_accelerator_asks_for_an_explicit_value():
         resolve("auto", "tpu")
 
 
-def test_probe_stops_a_slow_bf16_at_the_cap():
-    """A bf16 step 30x slower than fp32 is cut off at 1.5x fp32's time, not run to the end
-    (counted in steps, not timed: the bound holds on a machine of any speed or load)."""
-    ran = {"fp32": 0, "bf16": 0}
+def fake_clock(monkeypatch, seconds: dict) -> tuple:
+    """The probe's clock made a counter that each fake step advances by its kind's ``seconds``
+    (None: fp32): the probe's decisions, not this machine's speed or load, are what is tested.
+    Returns the steps run of each kind."""
+    now, ran = [0.0], {kind: 0 for kind in seconds}
+    monkeypatch.setattr(precision, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     def step_of(dtype):
-        kind, seconds = ("bf16", 0.3) if dtype is not None else ("fp32", 0.01)
+        kind = None if dtype is None else "bf16"
 
         def step():
             ran[kind] += 1
-            time.sleep(seconds)
+            now[0] += seconds[kind]
 
         return step
 
+    return step_of, ran
+
+
+def test_probe_stops_a_slow_bf16_at_the_cap(monkeypatch):
+    """A bf16 step 30x slower than fp32 is cut off at 1.5x fp32's time, not run to the end."""
+    step_of, ran = fake_clock(monkeypatch, {None: 0.01, "bf16": 0.3})
     result = probe(step_factory=step_of, fp32_seconds=0.1)
     assert result.bf16_s is None and not result.bf16_faster and result.steps >= 3
-    assert ran["fp32"] == result.steps and 1 <= ran["bf16"] < result.steps  # stopped past the cap: not all steps
+    assert ran[None] == result.steps and result.fp32_s == pytest.approx(0.01 * result.steps)
+    assert ran["bf16"] == 1  # fp32, then one bf16 step past the cap: not steps x 0.3 s
     assert "stopped past 1.5x fp32" in result.figures()
 
 
-def test_probe_keeps_a_faster_bf16_and_its_figures():
-    def step_of(dtype):
-        return lambda: time.sleep(0.002 if dtype is not None else 0.01)
-
+def test_probe_keeps_a_faster_bf16_and_its_figures(monkeypatch):
+    step_of, ran = fake_clock(monkeypatch, {None: 0.01, "bf16": 0.002})
     result = probe(step_factory=step_of, fp32_seconds=0.05)
+    assert ran[None] == ran["bf16"] == result.steps  # bf16 ran as many steps as fp32
+    assert result.bf16_s == pytest.approx(0.002 * result.steps) and result.fp32_s == pytest.approx(0.01 * result.steps)
     assert result.bf16_faster and result.bf16_s < result.fp32_s and "bf16 autocast" in result.figures()
 
 

@@ -72,10 +72,11 @@ def test_debug_shows_the_traceback_instead(tiny_model_dir, tiny_data, tmp_path):
         main([*fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "-5"), "--debug"])
 
 
-@pytest.fixture
-def model_dirs(tmp_path, tiny_model_dir):
-    """An empty folder, a tokenizer without a model, a BERT config, and a GPT-2 (no q/k/v_proj)."""
-    made = {}
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_model_dir):
+    """An empty folder, a tokenizer without a model, a BERT config, and a GPT-2 (no q/k/v_proj):
+    made once, read only."""
+    made, tmp_path = {}, tmp_path_factory.mktemp("model-dirs")
     for name in ("empty", "tokenizer_only", "bert", "gpt2"):
         made[name] = tmp_path / name
         made[name].mkdir()
@@ -291,17 +292,20 @@ def _adapter(logs: Path) -> dict:
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
+    # The uninterrupted run (its own data cache) and the one to be killed go side by side.
     straight = tmp_path / "straight.jsonl"
-    _finish(_fit_process(tiny_model_dir, tiny_data, tmp_path, tmp_path / "a",
-                         ("fault_helpers.RecordLosses", {"path": str(straight)})))
-
+    uninterrupted = _fit_process(tiny_model_dir, tiny_data, tmp_path / "a", tmp_path / "a",
+                                 ("fault_helpers.RecordLosses", {"path": str(straight)}))
     killed, marker = tmp_path / "killed.jsonl", tmp_path / "hanging"
     proc = _fit_process(tiny_model_dir, tiny_data, tmp_path, tmp_path / "b",
                         ("fault_helpers.RecordLosses", {"path": str(killed)}),
                         ("fault_helpers.HangAtStep", {"step": 5, "marker": str(marker)}))
-    _wait_for(marker, proc)
-    proc.kill()  # SIGKILL: no handler runs
-    proc.wait()
+    try:
+        _wait_for(marker, proc)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+    _finish(uninterrupted)
     assert sorted(_losses(killed)) == [1, 2, 3, 4, 5]  # step 5 trained, its checkpoint (step 6) never came
     assert load_checkpoint_file(tmp_path / "b" / "amzft" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 4
 

@@ -26,6 +26,7 @@ from amzft.data.encode import IGNORE_INDEX
 from amzft.data.module import AmazonTitlesDataModule, _EvalExamples, eval_shards
 from amzft.data.sampler import ResumableBatchSampler
 from amzft.data.settings import BatchOptions, HoldoutOptions
+from amzft.data.split import assign_split
 from amzft.errors import ConfigError, DataError
 from amzft.model.module import LoraCausalLM
 from amzft.training.callbacks import StopAtStep
@@ -326,38 +327,63 @@ def test_fit_runs_and_resumes_exactly_with_each_layout(layout, tiny_model_dir, w
     assert 0.5 < a.trainer.callback_metrics["train/padding_efficiency"] <= 1
 
 
-def _fit_subprocess(tiny_model_dir, data, tmp_path, name, *extra):
-    """``python -m amzft fit`` (the tests' shrunk cpu.yaml, 4 steps) in a fresh process, as a
-    user runs it (Lightning's DDP launcher starts the other ranks as such processes): per-step
-    losses, last.ckpt's adapter, the output and the run's log folder."""
+def _start_fit(tiny_model_dir, data, tmp_path, name, *extra):
+    """Start ``python -m amzft fit`` (the tests' shrunk cpu.yaml, 4 steps) in a fresh process, as
+    a user runs it (Lightning's DDP launcher starts the other ranks as such processes), its
+    output into a file (runs started side by side never block on a full pipe)."""
     losses = tmp_path / f"{name}.jsonl"
     args = fit_args(tiny_model_dir, data, tmp_path / name, "--trainer.max_steps", "4",
                     "--model.optim.optimizer", "adamw", "--trainer.default_root_dir", str(tmp_path / name / "logs"),
                     "--trainer.callbacks+=" + json.dumps({"class_path": "fault_helpers.RecordLosses",
                                                           "init_args": {"path": str(losses)}}), *extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "amzft", *args], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    rows = [json.loads(line) for line in losses.read_text().splitlines()]
+    with (tmp_path / f"{name}.out").open("w") as out:
+        return name, subprocess.Popen([sys.executable, "-m", "amzft", *args], stdout=out, stderr=subprocess.STDOUT,
+                                      text=True, env=env)
+
+
+def _finished(started, tmp_path):
+    """A started fit, once done: per-step losses, last.ckpt's adapter, the output and the run's
+    log folder."""
+    name, proc = started
+    try:
+        proc.wait(timeout=600)
+    finally:
+        proc.kill()  # a no-op once it has exited
+    output = (tmp_path / f"{name}.out").read_text()
+    assert proc.returncode == 0, output[-6000:]
+    rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
     logs = tmp_path / name / "logs"
     adapter = load_checkpoint_file(next(logs.rglob("last.ckpt")))["state_dict"]
-    return [r["loss"] for r in rows], adapter, out.stdout + out.stderr, logs
+    return [r["loss"] for r in rows], adapter, output, logs
 
 
 DDP_2_CPU = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
 
 
-def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
+def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, write_jsonl, tmp_path):
     """`trainer.strategy: ddp` on 2 gloo processes x batch 1 == 1 process x batch 2: same
-    per-step losses and adapter (float tolerance: the all-reduce sums in another order)."""
-    single, adapter1, _, _ = _fit_subprocess(tiny_model_dir, tiny_data, tmp_path, "single", "--data.batch_size", "2")
-    ddp, adapter2, log, _ = _fit_subprocess(tiny_model_dir, tiny_data, tmp_path, "ddp", "--data.batch_size", "1",
-                                            *DDP_2_CPU)
+    per-step losses and adapter (float tolerance: the all-reduce sums in another order), through
+    the epoch's short last window (30 training products: windows of 4, 4, 4 and 3 batches), and
+    the same val/loss at the last step from fewer validation batches than ranks (8 validation
+    products, one batch of 8): before, rank 1 had no validation batch and Lightning stopped the
+    run before its first step ("`DataLoader` within local rank has zero length"). The two runs
+    go side by side."""
+    records = tiny_records(38)
+    assert [assign_split(r["title"], 0.2, 0) for r in records].count("validation") == 8  # and 30 train
+    data = write_jsonl(records)
+    split = ("--data.holdout.val_fraction", "0.2")
+    started = [_start_fit(tiny_model_dir, data, tmp_path, "single", "--data.batch_size", "2", *split),
+               _start_fit(tiny_model_dir, data, tmp_path, "ddp", "--data.batch_size", "1", *split, *DDP_2_CPU)]
+    (single, adapter1, _, single_logs), (ddp, adapter2, log, ddp_logs) = (_finished(s, tmp_path) for s in started)
     assert "distributed_backend=gloo" in log and "All distributed processes registered" in log
     assert len(single) == len(ddp) == 4
     np.testing.assert_allclose(ddp, single, rtol=1e-5)
     for k in adapter1:
         torch.testing.assert_close(adapter2[k], adapter1[k], rtol=1e-4, atol=1e-6)
+    best = [best_record(next(logs.rglob("best-*.ckpt"))) for logs in (single_logs, ddp_logs)]
+    assert [r[:2] for r in best] == [(4, "val/loss")] * 2  # the validation of the last step
+    np.testing.assert_allclose(best[1][2], best[0][2], rtol=1e-5)
 
 
 def _filler(batch) -> bool:
@@ -443,23 +469,6 @@ def test_ddp_eval_loaders_give_every_rank_a_batch_and_the_single_process_sums(wr
                 assert all(len(r) >= 1 for r in ranks), (name, world)
                 got = sums(ranks)
                 assert got[1] == one[1] and got[0] == pytest.approx(one[0], rel=1e-5), (name, world)
-
-
-def test_ddp_fit_with_fewer_validation_batches_than_ranks(tiny_model_dir, write_jsonl, tmp_path):
-    """8 validation examples (one batch of 8) on 2 ranks: the fit reaches max_steps and its
-    val/loss is the single-process one; before, rank 1 had no validation batch and Lightning
-    stopped the run before its first step ("`DataLoader` within local rank has zero length")."""
-    data = write_jsonl(tiny_records(40))  # 32 train (4 steps of 8), 8 validation products
-    split = ("--data.holdout.val_fraction", "0.2")
-    single, _, _, single_logs = _fit_subprocess(tiny_model_dir, data, tmp_path, "single", "--data.batch_size", "2",
-                                                *split)
-    ddp, _, log, ddp_logs = _fit_subprocess(tiny_model_dir, data, tmp_path, "ddp", "--data.batch_size", "1", *split,
-                                            *DDP_2_CPU)
-    assert "All distributed processes registered" in log
-    assert len(single) == len(ddp) == 4
-    records = [best_record(next(logs.rglob("best-*.ckpt"))) for logs in (single_logs, ddp_logs)]
-    assert [r[:2] for r in records] == [(4, "val/loss")] * 2  # the validation of the last step
-    np.testing.assert_allclose(records[1][2], records[0][2], rtol=1e-5)
 
 
 def test_epoch_based_run_and_validation_sample(tiny_model_dir, write_jsonl, tmp_path):

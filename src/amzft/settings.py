@@ -59,6 +59,22 @@ def init_kwargs(cls: type, saved: Any) -> dict:
     return kwargs
 
 
+def with_overrides(cls: type, saved: Any, overrides: Mapping) -> dict:
+    """``init_kwargs`` of ``saved`` with ``overrides`` applied on top, each override named
+    flat (``quantization``) or grouped (``compute``), replacing only the options it names."""
+    renamed, groups = getattr(cls, "RENAMED", {}), getattr(cls, "GROUPS", {})
+    merged = nested(saved, renamed, groups)
+    for key, value in overrides.items():
+        if key in renamed:
+            group, name = renamed[key].split(".", 1)
+            merged.setdefault(group, {})[name] = value
+        elif key in groups:
+            merged[key] = {**merged.get(key, {}), **as_dict(value)}
+        else:
+            merged[key] = value
+    return init_kwargs(cls, merged)
+
+
 def hyperparameters(kwargs: Mapping) -> dict:
     """What a checkpoint saves of the constructor's arguments: plain values, groups as dicts
     (a checkpoint is read with ``weights_only``, which refuses arbitrary classes)."""

@@ -13,7 +13,7 @@ import torch
 from amzft.checkpoints.io import load_checkpoint_file
 from amzft.data.prompt import PromptFormat, prompt_format_from
 from amzft.errors import ModelError
-from amzft.settings import init_kwargs
+from amzft.settings import with_overrides
 
 SKIPPED_STEPS_KEY = "amzft_skipped_steps"  # optimizer steps skipped for a non-finite loss
 
@@ -58,7 +58,7 @@ class AdapterCheckpointing:
         replace some, e.g. a full-precision base for merging), in eval mode, and the prompt
         format it was trained with."""
         checkpoint = load_checkpoint_file(ckpt_path)
-        module = cls(**{**init_kwargs(cls, checkpoint["hyper_parameters"]), **overrides})
+        module = cls(**with_overrides(cls, checkpoint["hyper_parameters"], overrides))
         module.configure_model()
         module.check_adapter_state(checkpoint["state_dict"])
         module.load_state_dict(checkpoint["state_dict"], strict=False)

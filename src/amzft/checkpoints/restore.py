@@ -7,7 +7,7 @@ import os
 
 from amzft.checkpoints.io import load_checkpoint_file
 from amzft.data.module import AmazonTitlesDataModule
-from amzft.settings import init_kwargs
+from amzft.settings import with_overrides
 
 
 def datamodule_from_checkpoint(ckpt_path: str | os.PathLike, **overrides) -> tuple[AmazonTitlesDataModule, int]:
@@ -15,5 +15,5 @@ def datamodule_from_checkpoint(ckpt_path: str | os.PathLike, **overrides) -> tup
     and the optimizer step it was saved at."""
     checkpoint = load_checkpoint_file(ckpt_path)
     saved = checkpoint.get("datamodule_hyper_parameters") or {}
-    datamodule = AmazonTitlesDataModule(**{**init_kwargs(AmazonTitlesDataModule, saved), **overrides})
+    datamodule = AmazonTitlesDataModule(**with_overrides(AmazonTitlesDataModule, saved, overrides))
     return datamodule, int(checkpoint.get("global_step", 0))
