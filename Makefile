@@ -26,13 +26,17 @@ demo: install
 	$(PY) -m amzft demo
 
 # Both run the linter first (ruff: lint + import order, configured in pyproject.toml).
+# pytest-xdist: one worker per core (tests/conftest.py gives each its share of threads); the
+# DDP tests share a group, so one pair of processes runs at a time.
+PYTEST := $(PY) -m pytest -n auto --dist loadgroup
+
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 
-from machine import cpu_flags, cpu_name
+from machine import cpu_flags, cpu_name, gemm_rate
 
 from amzft.cli.quiet import quiet_libraries
 from amzft.model.sources import force_offline
@@ -41,19 +41,6 @@ KINDS = {  # operator name fragment -> kind (first match wins)
 
 def kind_of(name: str) -> str:
     return next((kind for fragment, kind in KINDS.items() if fragment in name), "other (element-wise, copies, autograd)")
-
-
-def gemm_rate(tokens: int, hidden: int, intermediate: int) -> float:
-    """GFLOP/s of torch.mm at an MLP projection's shape (tokens x hidden @ hidden x intermediate)."""
-    import torch  # noqa: PLC0415 - after force_offline
-
-    a, b = torch.randn(tokens, hidden), torch.randn(hidden, intermediate)
-    for _ in range(5):
-        a @ b
-    start, reps = time.perf_counter(), 30
-    for _ in range(reps):
-        a @ b
-    return 2 * tokens * hidden * intermediate * reps / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:

@@ -14,6 +14,13 @@ shared preamble once per row but trains each example on all of its tokens); padd
 efficiency (non-pad positions processed / positions processed); and each amzft run / HF Trainer.
 amzft's numbers are the CLI's own ThroughputMeter (amzft.training.throughput), the one ``fit`` logs.
 
+Then, per run, the utilisation: a step's FLOPs counted from the model's shapes at the real
+lengths of the rows it computed (amzft.training.flops: padding is not credited; a packed row's
+shared preamble counts once; amzft's LM head runs on label tokens, HF's on every position), the
+achieved GFLOP/s over the timed steps, and that rate as a share of the machine's own
+matrix-multiply rate (torch.mm at an MLP projection's shape, a micro-batch's mean positions
+deep), in fp32 and, on a CPU with AVX512-BF16 or AMX, in bf16; then each run's FLOPs by part.
+
 torch, transformers, peft and Lightning are imported inside the functions, after
 ``force_offline()`` in main(): the Hugging Face libraries read the offline switches when first
 imported.
@@ -26,10 +33,12 @@ import os
 import tempfile
 import time
 
-from machine import cpu_flags, cpu_name
+from machine import cpu_flags, cpu_name, gemm_rate, has_bf16_matmul
 
 from amzft.cli.quiet import quiet_libraries
 from amzft.model.sources import force_offline, resolve_model_dir
+
+HF_LORA = {"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def run_amzft(args, variant: str, root: str) -> dict:
@@ -39,6 +48,8 @@ def run_amzft(args, variant: str, root: str) -> dict:
     length, precision and compile choices (``auto`` resolved for this machine), only the batch
     (2 x 4) and lr set to the HF run's."""
     from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415 - after force_offline (module doc)
+    from amzft.model.loss import PLAIN_HEAD_MODELS  # noqa: PLC0415
+    from amzft.training.flops import ModelShape, StepTokens  # noqa: PLC0415
     from amzft.training.throughput import ThroughputMeter  # noqa: PLC0415
 
     layout, *flags = variant.split("+")
@@ -73,8 +84,15 @@ def run_amzft(args, variant: str, root: str) -> dict:
     # The CLI's own meter: the tokens/s a user's fit logs, timed from the end of step 1.
     meter = next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMeter))
     s = meter.summary()
+    module, micro_batches = cli.model, s["steps_timed"] * cli.trainer.accumulate_grad_batches
+    config = module.model.get_base_model().config
+    # amzft's label-only head (amzft.model.loss) where the architecture allows, else every position
+    head = s["label_tokens"] if config.model_type in PLAIN_HEAD_MODELS else s["processed_tokens"]
     return {"tokens_per_s": s["tokens_per_s"], "padding_efficiency": s["padding_efficiency"],
-            "seconds": s["seconds"], "steps": s["steps_timed"], "first_step": s["first_step_s"]}
+            "seconds": s["seconds"], "steps": s["steps_timed"], "first_step": s["first_step_s"],
+            "work": StepTokens(s["processed_tokens"], s["row_length_squares"], head), "shape": ModelShape.of(config),
+            "lora": {"r": module.lora.r, "target_modules": list(module.lora.target_modules)},
+            "precision": str(cli.trainer.precision), "micro_positions": s["padded_tokens"] / max(micro_batches, 1)}
 
 
 def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
@@ -93,6 +111,7 @@ def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
 
     from amzft.data.module import AmazonTitlesDataModule  # noqa: PLC0415
     from amzft.data.settings import HoldoutOptions  # noqa: PLC0415
+    from amzft.training.flops import ModelShape, StepTokens  # noqa: PLC0415
 
     data = AmazonTitlesDataModule(path=args.data, tokenizer=args.model, max_length=args.max_length,
                                   holdout=HoldoutOptions(val_fraction=0.05, test_fraction=0.05))
@@ -105,19 +124,23 @@ def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
     dataset = train.map(with_labels, remove_columns=train.column_names)
     directory = resolve_model_dir(args.model)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    counts = {"real": 0, "padded": 0, "start": None, "steps": 0, "fit_start": None}
+    model = get_peft_model(model, LoraConfig(lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **HF_LORA))
+    counts = {"real": 0, "padded": 0, "start": None, "steps": 0, "fit_start": None, "batches": 0, "work": StepTokens(0, 0, 0)}
     micro_tokens: list[int] = []  # real tokens of each micro-batch, in training order
+    micro_work: list[tuple[StepTokens, int]] = []  # what each micro-batch computes (amzft.training.flops), its padded positions
     micro_ends: list[float] = []  # when each micro-batch's forward + backward (+ step) ended
     collator = DataCollatorForSeq2Seq(data.tokenizer, padding=True, label_pad_token_id=-100)
 
     def counting_collator(features):
         batch = collator(features)
-        micro_tokens.append(int(batch["attention_mask"].sum()))
+        lengths = batch["attention_mask"].sum(1).tolist()
+        micro_tokens.append(sum(lengths))
+        micro_work.append((StepTokens.of_rows(lengths, sum(lengths)), batch["input_ids"].numel()))  # HF's head: every position
         if counts["start"] is not None:
-            counts["real"] += int(batch["attention_mask"].sum())
+            counts["real"] += sum(lengths)
             counts["padded"] += batch["input_ids"].numel()
+            counts["batches"] += 1
+            counts["work"] += micro_work[-1][0]
         return batch
 
     class Clock(TrainerCallback):
@@ -148,23 +171,64 @@ def run_hf_trainer(args, root: str, bf16: bool = False) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=counting_collator,
                       callbacks=[Clock()])
     trainer.train()
-    return _hf_result(counts, micro_tokens, micro_ends, bf16)
+    flops = {"shape": ModelShape.of(model.get_base_model().config), "lora": HF_LORA, "precision": "bf16-mixed" if bf16 else "32-true"}
+    return {**_hf_result(counts, micro_tokens, micro_ends, bf16, micro_work), **flops}
 
 
-def _hf_result(counts: dict, micro_tokens: list[int], micro_ends: list[float], bf16: bool) -> dict:
+def _hf_result(counts: dict, micro_tokens: list[int], micro_ends: list[float], bf16: bool, micro_work: list) -> dict:
     if bf16:
         # Micro-batches after the first (warm-up), as the fp32 runs' steps after the first.
         timed = len(micro_ends) - 1
         elapsed = micro_ends[-1] - micro_ends[0]
+        works, padded = zip(*micro_work[1:len(micro_ends)])
         return {"tokens_per_s": sum(micro_tokens[1:len(micro_ends)]) / elapsed,
                 "padding_efficiency": float("nan"), "seconds": elapsed, "steps": timed / 4,
-                "first_step": micro_ends[0] - counts["fit_start"], "micro_batches": timed}
+                "first_step": micro_ends[0] - counts["fit_start"], "micro_batches": timed,
+                "work": sum(works[1:], works[0]), "micro_positions": sum(padded) / timed}
     elapsed = time.perf_counter() - counts["start"]
     # The collator runs one batch ahead of the step that uses it: the last counted batch is the
     # first of a step never run when max_steps ends. Close enough over 7 steps of 8 batches; the
-    # exact count would need hooks inside the Trainer's loop.
+    # exact count would need hooks inside the Trainer's loop. The FLOPs count the same batches.
     return {"tokens_per_s": counts["real"] / elapsed, "padding_efficiency": counts["real"] / counts["padded"],
-            "seconds": elapsed, "steps": counts["steps"] - 1, "first_step": counts["first_step"]}
+            "seconds": elapsed, "steps": counts["steps"] - 1, "first_step": counts["first_step"],
+            "work": counts["work"], "micro_positions": counts["padded"] / max(counts["batches"], 1)}
+
+
+def print_utilisation(results: dict) -> None:
+    """Per run: its FLOPs per optimizer step (amzft.training.flops, at the rows' real lengths),
+    the GFLOP/s achieved over the timed steps, and their share of torch.mm's rate at the run's
+    shapes, in fp32 and (with AVX512-BF16 or AMX) bf16, the run's own precision starred; then
+    each run's FLOPs by part."""
+    from amzft.training.flops import step_flops  # noqa: PLC0415 - after force_offline (module doc)
+
+    dtypes = {"float32": "fp32", **({"bfloat16": "bf16"} if has_bf16_matmul() else {})}
+    rates: dict[tuple, float] = {}  # (positions, hidden, intermediate, dtype) -> GFLOP/s, each measured once
+    print("\nUtilisation: a step's FLOPs from the model's shapes at the rows' real lengths (amzft.training.flops), "
+          "achieved GFLOP/s over the timed steps, and their share of torch.mm's GFLOP/s at an MLP projection's "
+          "shape (a micro-batch's mean positions x hidden @ hidden x intermediate); * the run's own precision")
+    print(f"{'run':<26}{'precision':>11}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+          + "".join(f"{name + ' mm GFLOP/s':>17}{'share':>9}" for name in dtypes.values()))
+    breakdown = {}
+    for run, r in results.items():
+        if not r["seconds"]:
+            print(f"{run:<26}no timed steps (run more --steps)")
+            continue
+        flops = step_flops(r["shape"], r["lora"]["r"], r["lora"]["target_modules"], r["work"])
+        achieved = flops.total / r["seconds"] / 1e9
+        own = "bfloat16" if "bf16" in r["precision"] else "float32"
+        line = f"{run:<26}{r['precision']:>11}{flops.total / r['steps'] / 1e9:>12.1f}{achieved:>9.1f}"
+        for dtype in dtypes:
+            shape = (max(1, round(r["micro_positions"])), r["shape"].hidden, r["shape"].intermediate, dtype)
+            if shape not in rates:
+                rates[shape] = gemm_rate(*shape[:3], dtype=dtype)
+            line += f"{rates[shape]:>17.1f}{achieved / rates[shape]:>8.1%}{'*' if dtype == own else ' '}"
+        print(line)
+        breakdown[run] = flops
+    print("FLOPs by part (share of the step):")
+    for run, flops in breakdown.items():
+        parts = ", ".join(f"{part.replace('_forward', ' fwd').replace('_backward', ' bwd')} {n / flops.total:.1%}"
+                          for part, n in flops.parts().items())
+        print(f"  {run}: {parts}")
 
 
 def main() -> None:
@@ -207,6 +271,7 @@ def main() -> None:
         print(f"HF Trainer, bf16=True: the seed's own arguments, stopped after --seed-bf16-seconds "
               f"{args.seed_bf16_seconds:g}: {r['micro_batches']} micro-batches timed after the first "
               f"(first micro-batch {r['first_step']:.1f} s); its first-step column is that first micro-batch")
+    print_utilisation(results)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,18 @@ from amzft.cli.quiet import quiet_libraries
 from amzft.model.sources import force_offline, load_tokenizer
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``) the workers share the cores: each
+    worker, and every process it starts (subprocess and DDP tests read OMP_NUM_THREADS), gets
+    its share of threads, instead of each oversubscribing them all (threads waiting on each
+    other cost more than a tiny model's steps gain from them)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline():
     """Every test runs with the network blocked (loopback excepted): a code path that tries to

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from amzft.checkpoints.restore import datamodule_from_checkpoint
 from amzft.cli.main import main
+from amzft.evaluation.run import ratio_line
 from helpers import copy_run, fit_args, tiny_records
 
 
 def test_evaluate_on_another_file_reports_seen_and_unseen(trained_run, write_jsonl, tmp_path, capsys):
     ckpt = copy_run(trained_run, tmp_path)  # a fit on tiny_records(30) with test and validation splits; evaluate writes beside it
-    dm, _ = datamodule_from_checkpoint(ckpt)
+    dm, step = datamodule_from_checkpoint(ckpt)
     trained, held_out = list(dm.split("train")["title"]), list(dm.split("test")["title"])
     assert len(trained) >= 3 and len(held_out) >= 2
     # Trained products, one with other case and spacing (the same product to the split's key);
@@ -33,6 +36,23 @@ def test_evaluate_on_another_file_reports_seen_and_unseen(trained_run, write_jso
     assert set(report["splits"]["seen"]["models"]) == {"base", "fine-tuned"}
     assert {e["title"] for e in report["splits"]["unseen"]["examples"]} >= {"Brand new thing 0", held_out[0]}
     assert not (ckpt.parent.parent / "report.json").exists()  # the run's own report is not overwritten
+    assert report["step"] == step
+    # Each split states its product count and the fine-tuned ÷ base ROUGE-L ratio with its paired-bootstrap
+    # interval, in report.json, report.md and the printed table.
+    md = (ckpt.parent.parent / "eval_tst" / "report.md").read_text()
+    for split in report["splits"].values():
+        ratio, per = split["ratio"], split["per_product"]
+        assert split["n_products"] == ratio["n_products"] == ratio["n_rows"] == len(set(per["products"])) == split["n"]
+        assert {k: ratio[k] for k in ("metric", "tuned", "base", "confidence", "resamples")} == {
+            "metric": "rougeL", "tuned": "fine-tuned", "base": "base", "confidence": 0.95, "resamples": 2000}
+        means = {m: sum(per["rougeL"][m]) / split["n"] for m in ("base", "fine-tuned")}
+        for model, mean in means.items():  # the per-product scores are the table's rougeL, product by product
+            assert mean == pytest.approx(split["models"][model]["rougeL"], abs=1e-6)
+        if means["base"] > 0:
+            assert ratio["value"] == pytest.approx(means["fine-tuned"] / means["base"]) and ratio["low"] <= ratio["value"]
+        else:  # a 2-token answer of a random tiny model may share no word with the reference
+            assert ratio["value"] is None and ratio["note"] == "the base's mean is 0"
+        assert f"\n{ratio_line(ratio)}\n" in md and ratio_line(ratio) in out
 
     # The training file itself (or a config naming it) keeps the usual train / test report.
     main(["evaluate", "--ckpt_path", str(ckpt), "--data.path", dm.settings.path, "--samples", "2",

@@ -1,12 +1,16 @@
 import contextlib
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers.integrations import sdpa_attention
 
+from amzft.cli.commands import _base_module
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
+from amzft.inference.base import plain_base
 from amzft.inference.generate import _gqa_sdpa_on_cpu, generate_answers
 from amzft.model.module import LoraCausalLM
 
@@ -92,3 +96,22 @@ def test_shared_kv_heads_on_cpu_give_transformers_own_answers_and_logits(tiny_mo
     with_patch = generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8)
     monkeypatch.setattr("amzft.inference.generate._gqa_sdpa_on_cpu", contextlib.nullcontext)
     assert generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8) == with_patch
+
+
+def test_ask_without_a_checkpoint_answers_as_the_module_without_lightning_or_peft(tiny_model_dir):
+    """`ask` with no checkpoint loads the base as a plain transformers model (amzft.inference.base):
+    the same answers as the training module with its untrained adapter, and neither Lightning
+    nor peft imported (seconds of a cold start)."""
+    fmt = PromptFormat()
+    options = {"name_or_path": str(tiny_model_dir)}
+    titles = ["Item 3 book", "A longer product title, with words"]
+    plain = generate_answers(plain_base(options), titles, fmt, max_new_tokens=6, use_adapter=False)
+    assert plain == generate_answers(_base_module(options), titles, fmt, max_new_tokens=6, use_adapter=False)
+    assert plain_base(options | {"compute": {"quantization": "nf4"}}) is None  # 4-bit: the module's loader
+
+    code = ("import sys; from amzft.cli.main import main; "
+            f"main(['ask', 'Item 3 book', '--model.name_or_path', {str(tiny_model_dir)!r}, '--max_new_tokens', '6']); "
+            "print('HEAVY', sorted(m for m in ('lightning', 'peft', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "HEAVY []"
+    assert f"A: {plain[0]}" in out

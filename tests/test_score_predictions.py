@@ -47,6 +47,9 @@ def test_identical_answers_score_one_and_the_report_is_shaped_like_evaluate(writ
     assert "describe" in out and "rougeL" in out and "scored 2 of 2 rows with a reference" in out
     md = (path.parent / "describe_eval" / "report.md").read_text()
     assert "| rougeL | 1.000 |" in md and "as written in" in md
+    # Per-product scores and the product count; one model: no ratio to state.
+    assert split["per_product"] == {"products": ["girls ballet tutu", "coffee mug"], "rougeL": {"describe": [1.0, 1.0]}}
+    assert split["n_products"] == 2 and split["ratio"] is None and "÷" not in md and "÷" not in out
     assert any(f.name.startswith("events.out.tfevents") for f in (path.parent / "describe_eval").iterdir())
 
 
@@ -56,6 +59,8 @@ def test_a_mismatched_answer_lowers_the_score_as_overlap_scores_computes_it(writ
     report, stats = score_predictions_file(path)
     scores = report["splits"]["predictions"]["models"]["trn"]
     expected = overlap_scores([TUTU, wrong], [TUTU, MUG])
+    per_product = report["splits"]["predictions"]["per_product"]["rougeL"]["trn"]
+    assert per_product[0] == pytest.approx(1.0) and sum(per_product) / 2 == pytest.approx(expected["rougeL"])
     assert scores["rougeL"] < 1.0
     for key, value in expected.items():
         assert scores[key] == pytest.approx(value), key
@@ -108,6 +113,7 @@ def test_rows_without_a_reference_are_not_scored_and_the_report_says_how_many(wr
     report, _ = score_predictions_file(path)
     assert report["splits"]["predictions"]["n"] == 2
     assert [e["title"] for e in report["splits"]["predictions"]["examples"]] == ["Girls Ballet Tutu", "Coffee Mug"]
+    assert report["splits"]["predictions"]["per_product"]["products"] == ["girls ballet tutu", "coffee mug"]
     assert {k: report["predictions"][k] for k in ("rows", "with_reference", "scored")} == {"rows": 5, "with_reference": 2, "scored": 2}
     main(["evaluate", "--predictions", str(path)])
     assert "scored 2 of 2 rows with a reference; 3 of its 5 rows have none" in capsys.readouterr().out
@@ -181,3 +187,14 @@ def test_errors_are_one_line(write_jsonl, tmp_path, capsys):
     assert "--samples must be at least 1" in one_line_error(capsys, "evaluate", "--predictions", str(scorable),
                                                             "--samples", "0", code=2)
     assert not (tmp_path / "ok_eval").exists()
+
+
+def test_rows_of_one_product_count_once_as_products(write_jsonl):
+    # The same product to the product split's key (case and spacing aside): two answers, one product.
+    path = write_jsonl([described("Coffee Mug", MUG, MUG), described("coffee  MUG", "A cup.", MUG),
+                        described("Girls Ballet Tutu", TUTU, TUTU)], name="twice.jsonl")
+    main(["evaluate", "--predictions", str(path)])
+    split = report_of(path)["splits"]["predictions"]
+    assert split["n"] == 3 and split["n_products"] == 2
+    assert split["per_product"]["products"] == ["coffee mug", "coffee mug", "girls ballet tutu"]
+    assert "(3 answers, 2 products)" in (path.parent / "twice_eval" / "report.md").read_text()

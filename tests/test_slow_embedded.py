@@ -35,6 +35,9 @@ def test_embedded_fit_resume_and_ask(tmp_path):
         "--trainer.max_steps", "4", "--trainer.default_root_dir", str(tmp_path / "logs"),
         "--trainer.enable_progress_bar", "false", "--data.cache_dir", str(tmp_path / "cache"),
         "--checkpoint.every_n_train_steps", "2",
+        # the real model's fit, resume and answers are what is tested, not cpu.yaml's batch: the
+        # smallest steps that still train (one 256-token row each)
+        "--trainer.accumulate_grad_batches", "1", "--data.batches.pack_length", "256",
     ]
     # Stopped after step 2 (last.ckpt written there, as the demo does), then `--ckpt_path last` to step 4.
     stopped = run_fit(args, StopAtStep(2))

@@ -20,7 +20,7 @@ from jsonargparse import ArgumentParser
 from amzft.data.settings import GROUPS, RENAMED
 from amzft.errors import ConfigError, DataError
 from amzft.inference.decoding import add_decoding_arguments, decoding_from, describe
-from amzft.settings import nested
+from amzft.settings import as_dict, nested
 
 
 def _parser() -> ArgumentParser:
@@ -59,7 +59,7 @@ def describe_command(argv: list[str]) -> None:
 
     accelerator, precision = _device(cfg.trainer)
     ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root) if cfg.ckpt_path else None
-    module, fmt, data_settings = _load(ckpt, dict(cfg.model or {}))
+    module, fmt, data_settings = _load(ckpt, as_dict(cfg.model))
     plan, options, identity = _settings(cfg, module, fmt, data_settings, source, ckpt, precision)
     say = print if rank_zero_only.rank == 0 else (lambda *a, **k: None)
     # Lightning's extra processes start once the first has written the manifest: they find it.

@@ -25,6 +25,7 @@ from amzft.inference.decoding import (
     decoding_from,
     describe,
 )
+from amzft.settings import as_dict
 
 # Top-level keys of a training config that a command may not use: accepted, then ignored,
 # so every command reads the same YAML files.
@@ -70,7 +71,7 @@ def data_command(argv: list[str]) -> None:
     """Build (or reopen) the cleaned dataset, count every example's tokens and print the data-quality report."""
     parser = command_parser("amzft data", "Data-quality report: records read, kept, skipped by reason, lengths, examples.",
                      decoding=False)
-    parser.add_argument("--model", type=Any, default=None, help="(its name_or_path picks the tokenizer)")
+    parser.add_argument("--model", type=dict[str, Any], default=None, help="(its name_or_path picks the tokenizer)")
     parser.add_argument("--examples", type=int, default=3, help="cleaned examples to show")
     cfg = parser.parse_args(argv)
     dm = _datamodule(cfg)
@@ -98,19 +99,24 @@ def ask_command(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`, `best`): answer with the fine-tuned adapter")
     parser.add_argument("--compare", type=bool, default=False, help="with --ckpt_path: print base and fine-tuned answers")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--model", type=Any, default=None, help="model options (name_or_path …) for the base model")
-    parser.add_argument("--data", type=Any, default=None, help="(its prompt options are used)")
+    parser.add_argument("--model", type=dict[str, Any], default=None, help="model options (name_or_path …) for the base model")
+    parser.add_argument("--data", type=dict[str, Any], default=None, help="(its prompt options are used)")
     parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
     cfg = parser.parse_args(argv)
     options = decoding_from(cfg)
-    from amzft.checkpoints.locate import resolve_ckpt_path
     from amzft.inference.generate import generate_answers
-    from amzft.model.module import LoraCausalLM
 
     if cfg.ckpt_path:
+        from amzft.checkpoints.locate import resolve_ckpt_path  # imports Lightning: only with a checkpoint
+        from amzft.model.module import LoraCausalLM
+
         module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root))
     else:
-        module, fmt = _base_module(dict(cfg.model or {})), prompt_format_from(dict(cfg.data or {}))
+        from amzft.inference.base import plain_base
+
+        model_options = as_dict(cfg.model)
+        module = plain_base(model_options) or _base_module(model_options)
+        fmt = prompt_format_from(as_dict(cfg.data))
     tuned = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=bool(cfg.ckpt_path), options=options)
     base = (generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=False, options=options)
             if cfg.compare and cfg.ckpt_path else None)
@@ -134,7 +140,7 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--predictions", default=None,
                         help="a JSON Lines file of written answers (`describe`'s, or `predict`'s predictions.jsonl): score its "
                              "rows that have a reference; no model, no generation (not with --ckpt_path)")
-    parser.add_argument("--model", type=Any, default=None, help="base-model options when there is no checkpoint")
+    parser.add_argument("--model", type=dict[str, Any], default=None, help="base-model options when there is no checkpoint")
     parser.add_argument("--splits", type=list[str], default=["train", "test"], help="train = seen products, test = held-out")
     parser.add_argument("--samples", type=int | None, default=None,
                         help="products per split, a seeded sample (default 24; with --predictions every row with a reference)")
@@ -186,11 +192,12 @@ def evaluate_command(argv: list[str]) -> None:
             return _evaluate_file(cfg, options, module, fmt, ckpt, step, out, other)
     else:
         ckpt, dm, step = None, _datamodule(cfg), 0
-        module = _base_module(dict(cfg.model or {}) | {"max_length": dm.settings.max_length})
+        module = _base_module(as_dict(cfg.model) | {"max_length": dm.settings.max_length})
         fmt = dm.settings.prompt
         out = Path(cfg.out) if cfg.out else Path(cfg.log_root) / "amzft" / "base_eval"
     report = run_evaluation(module, dm, fmt, cfg.splits, cfg.samples, options, with_adapter=ckpt is not None,
                             checkpoint=ckpt, seed=cfg.seed, batch_size=cfg.batch_size)
+    report["step"] = step if ckpt else None  # which step scored (`best` picks one): a report alone says it
     md, js = write_report(report, out, step)
     print(render_table(report))
     print(f"\nreport: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
@@ -213,6 +220,7 @@ def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, o
     report = run_evaluation(module, datamodule, fmt, ["seen", "unseen"], cfg.samples, options, with_adapter=True,
                             checkpoint=ckpt, seed=cfg.seed, batch_size=cfg.batch_size, datasets=datasets)
     report["file"] = {"path": datamodule.settings.path, **{name: len(rows) for name, rows in datasets.items()}}
+    report["step"] = step
     md, js = write_report(report, out, step)
     print(render_table(report))
     print(f"\n{datamodule.settings.path}: {len(datasets['seen'])} products seen in training, "
@@ -230,8 +238,8 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--format", default=None, help="peft (default), merged, or gguf (llama.cpp / Ollama)")
     parser.add_argument("--gguf_type", default="f16", help="with --format gguf: f16 or q8_0")
     parser.add_argument("--log_root", default="logs")
-    parser.add_argument("--model", type=Any, default=None)
-    parser.add_argument("--data", type=Any, default=None)
+    parser.add_argument("--model", type=dict[str, Any], default=None)
+    parser.add_argument("--data", type=dict[str, Any], default=None)
     cfg = parser.parse_args(argv)
     options = decoding_from(cfg)
     from amzft.checkpoints.locate import resolve_ckpt_path

@@ -3,7 +3,8 @@
 The Lightning subcommands go to a ``LightningCLI`` subclass (amzft.cli.lightning_cli); the others
 are small jsonargparse parsers that accept the same ``--config`` files. Heavy imports happen
 only after the subcommand is known (the ``# noqa: PLC0415`` imports in ``_run``), so ``--help``
-is instant. Errors a user can act on (``AmzftError``, bad arguments) print as one line;
+is instant; a Lightning command's ``--help`` is rendered once and then read back
+(amzft.cli.help_cache). Errors a user can act on (``AmzftError``, bad arguments) print as one line;
 ``--debug`` shows the full traceback.
 """
 
@@ -14,6 +15,7 @@ import os
 import sys
 import traceback
 
+from amzft.cli.help_cache import asks_for_help, cached_help, render_and_keep
 from amzft.cli.quiet import quiet_libraries
 from amzft.data.settings import RENAMED as DATA_RENAMED
 from amzft.errors import AmzftError, ConfigError
@@ -44,10 +46,17 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _run(command: str, args: list[str]) -> None:
+    if command in LIGHTNING_COMMANDS and asks_for_help(args) and (text := cached_help(command, args)) is not None:
+        print(text, end="")  # before quiet_libraries: it imports transformers
+        return
+    quiet_libraries()
     if command in LIGHTNING_COMMANDS:
         from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415 - start-up time (module doc)
 
-        cli_main([command, *args])
+        if asks_for_help(args):
+            render_and_keep(command, args, lambda: cli_main([command, *args]))
+        else:
+            cli_main([command, *args])
     elif command == "data":
         from amzft.cli.commands import data_command  # noqa: PLC0415
 
@@ -94,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         _refuse_renamed_options(argv[1:])
-        quiet_libraries()
         _run(argv[0], argv[1:])
     except KeyboardInterrupt:
         print("amzft: interrupted", file=sys.stderr)

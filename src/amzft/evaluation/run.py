@@ -1,6 +1,9 @@
 """``python -m amzft evaluate``: base vs fine-tuned answers on seen and held-out products,
 scored and written as report.md / report.json / TensorBoard scalars and text; or, with
 ``--predictions FILE``, answers already written (``describe``, ``predict``) scored the same way.
+Each split also carries its per-product ROUGE-L, its product count and, with two models, the
+fine-tuned ÷ base ratio of mean ROUGE-L with its paired-bootstrap interval (amzft.evaluation.bootstrap):
+a ratio from 20 products is a noisy figure, and the report says how noisy.
 
 The model side (amzft.inference.generate, amzft.checkpoints) is imported by the functions that generate:
 scoring a predictions file loads no model, so it does not import the model backends either.
@@ -22,7 +25,9 @@ from amzft.data.reader import check_data_file, json_object, read_objects
 from amzft.data.split import product_key, seeded_sample
 from amzft.data.stats import PipelineStats
 from amzft.errors import ConfigError, DataError
-from amzft.evaluation.scoring import failure_views, overlap_scores
+from amzft.evaluation.bootstrap import describe as describe_interval
+from amzft.evaluation.bootstrap import paired_ratio_interval
+from amzft.evaluation.scoring import failure_views, overlap_scores, rouge_l_per_pair
 from amzft.inference.decoding import GenerationOptions, describe
 
 if TYPE_CHECKING:
@@ -34,6 +39,42 @@ SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (
                  PREDICTIONS_SPLIT: "answers read from a predictions file"}
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf")
 VIEWS = ("empty", "title_only", "never_stopped", "looping", "collapsed", "facts_recalled", "facts_invented", "mean_new_tokens")
+# The score whose fine-tuned ÷ base ratio each split states with its bootstrap interval.
+RATIO_METRIC = "rougeL"
+
+
+def per_product_scores(titles: list[str], answers: dict[str, list[str]], references: list[str]) -> dict:
+    """Each row's product (``product_key``, the key the product split hashes) and each model's
+    ROUGE-L of that row: what the ratio's interval resamples, and what a protocol pooling
+    several runs (benchmarks/quality.py) pools."""
+    return {"products": [product_key(t) for t in titles],
+            RATIO_METRIC: {model: rouge_l_per_pair(texts, references) for model, texts in answers.items()}}
+
+
+def split_ratio(per_product: dict) -> dict | None:
+    """The second model's mean ROUGE-L ÷ the first's (fine-tuned ÷ base) with its paired-bootstrap
+    95 % interval over products (``bootstrap.paired_ratio_interval``, 2000 resamples, seed 0);
+    None where the split has one model (nothing to compare)."""
+    scores = per_product[RATIO_METRIC]
+    if len(scores) != 2:
+        return None
+    base, tuned = scores
+    interval = paired_ratio_interval(scores[base], scores[tuned], groups=per_product["products"])
+    return {"metric": RATIO_METRIC, "tuned": tuned, "base": base, **interval.as_dict()}
+
+
+def ratio_line(ratio: dict) -> str:
+    """``rougeL fine-tuned ÷ base: 1.44× (95 % interval 1.26–1.67, 20 products, paired bootstrap)``."""
+    return f"{ratio['metric']} {ratio['tuned']} ÷ {ratio['base']}: {describe_interval(ratio)}"
+
+
+def add_uncertainty(result: dict, titles: list[str], answers: dict[str, list[str]], references: list[str]) -> dict:
+    """A split's result with its per-product scores, its product count (rows of one product
+    count once) and, with two models, the ratio and its interval (``ratio``, else None)."""
+    result["per_product"] = per_product_scores(titles, answers, references)
+    result["n_products"] = len(set(result["per_product"]["products"]))
+    result["ratio"] = split_ratio(result["per_product"])
+    return result
 
 
 def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
@@ -57,7 +98,8 @@ def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_ada
         )
     for i, (title, ref) in enumerate(zip(rows["title"], rows["content"])):
         result["examples"].append({"title": title, "reference": ref} | {m: answers[m][i].text for m in models})
-    return result
+    texts = {name: [a.text for a in answers[name]] for name in models}
+    return add_uncertainty(result, rows["title"], texts, rows["content"])
 
 
 def render_markdown(report: dict, examples_per_split: int = 6) -> str:
@@ -70,7 +112,10 @@ def render_markdown(report: dict, examples_per_split: int = 6) -> str:
         lines.append(predictions_summary(report))
     lines.append("")
     for split, result in report["splits"].items():
-        lines += [f"## {split}: {SPLIT_MEANING.get(split, split)} ({result['n']} products)", ""]
+        # Rows of one product (a file may repeat it) count once as products.
+        n_products = result.get("n_products", result["n"])
+        count = f"{result['n']} products" if n_products == result["n"] else f"{result['n']} answers, {n_products} products"
+        lines += [f"## {split}: {SPLIT_MEANING.get(split, split)} ({count})", ""]
         models = list(result["models"])
         lines.append("| metric | " + " | ".join(models) + " |")
         lines.append("|---|" + "---|" * len(models))
@@ -79,6 +124,8 @@ def render_markdown(report: dict, examples_per_split: int = 6) -> str:
             cells = (f"{result['models'][m][key]:.3f}" if key in result["models"][m] else "n/a" for m in models)
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
         lines.append("")
+        if result.get("ratio"):
+            lines += [ratio_line(result["ratio"]), ""]
         for ex in result["examples"][:examples_per_split]:
             lines += [f"**{ex['title']}**", "", f"- reference: {ex['reference']}"]
             lines += [f"- {m}: {ex[m] or '(empty)'}" for m in models]
@@ -101,6 +148,8 @@ def render_table(report: dict) -> str:
         for model, m in result["models"].items():
             values = [m[k] for k in TABLE]
             lines.append(f"{split:<{sw}} {model:<{mw}} " + " ".join(f"{v:7.3f}" for v in values))
+        if result.get("ratio"):
+            lines.append(f"{split:<{sw}} {ratio_line(result['ratio'])}")
     return "\n".join(lines)
 
 
@@ -114,6 +163,9 @@ def write_report(report: dict, out_dir: Path, step: int = 0) -> tuple[Path, Path
             for model, metrics in result["models"].items():
                 for key, value in metrics.items():
                     writer.add_scalar(f"eval/{split}/{model}/{key}", value, step)
+            for key in ("value", "low", "high"):  # null where there is no ratio or no upper end
+                if (result.get("ratio") or {}).get(key) is not None:
+                    writer.add_scalar(f"eval/{split}/{RATIO_METRIC}_ratio/{key}", result["ratio"][key], step)
         writer.add_text("eval/report", render_markdown(report, examples_per_split=12), step)
     return md, js
 
@@ -233,7 +285,8 @@ def score_predictions_file(path: str | Path, samples: int | None = None, seed: i
     a report shaped like ``run_evaluation``'s, one split (``predictions``) and one model (the
     file's label), plus ``report["predictions"]``: what of the file was scored. The file is
     streamed; bad lines are counted skips (``stats``), rows without a reference are not scored.
-    ``samples``: a seeded sample of that many rows with a reference (None: all of them)."""
+    ``samples``: a seeded sample of that many rows with a reference (None: all of them). Its one
+    model has per-product scores but no ratio (there is no second model to divide by)."""
     if samples is not None and samples < 1:
         raise ConfigError(f"--samples must be at least 1 (or left out: every row with a reference), found {samples}")
     path = check_data_file(path)
@@ -280,7 +333,8 @@ def score_predictions_file(path: str | Path, samples: int | None = None, seed: i
             "stop_unknown": sum(r["stopped"] is None for r in rows), "new_tokens_unknown": len(rows) - len(known),
             "skipped": dict(stats.skipped), "skipped_lines": stats.skipped_lines,
         },
-        "splits": {PREDICTIONS_SPLIT: {"n": len(rows), "models": {model: metrics}, "examples": examples}},
+        "splits": {PREDICTIONS_SPLIT: add_uncertainty({"n": len(rows), "models": {model: metrics}, "examples": examples},
+                                                      titles, {model: [a.text for a in answers]}, references)},
     }
     return report, stats
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from torchmetrics.functional.text.rouge import rouge_score
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 from torchmetrics.text.rouge import ROUGEScore
 
@@ -37,6 +38,14 @@ def overlap_scores(predictions: list[str], references: list[str]) -> dict[str, f
         "bleu": float(bleu(predictions, refs)),
         "chrf": float(chrf(predictions, refs)),
     }
+
+
+def rouge_l_per_pair(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F1 of each answer against its own reference: the per-product scores a paired
+    bootstrap resamples (amzft.evaluation.bootstrap). Their mean is ``overlap_scores``' rougeL
+    (torchmetrics' corpus ROUGE averages these same per-pair F1s)."""
+    return [float(rouge_score(p, r, rouge_keys="rougeL", use_stemmer=False)["rougeL_fmeasure"])
+            for p, r in zip(predictions, references)]
 
 
 def is_looping(text: str, n: int = 4, repeats: int = 3) -> bool:

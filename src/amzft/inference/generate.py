@@ -98,7 +98,8 @@ def generate_ids(module, ids: list[list[int]], options: GenerationOptions | None
     was_training = model.training
     model.eval()
     set_mode(backend, model, training=False)
-    switch = contextlib.nullcontext() if use_adapter else model.disable_adapter()
+    # A plain base model (amzft.inference.base) has no adapter to switch off.
+    switch = contextlib.nullcontext() if use_adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
     if options.do_sample:
         torch.manual_seed(options.seed)
     try:

@@ -15,6 +15,8 @@ imports this module before Unsloth, which must come before transformers.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import logging
 import os
@@ -130,12 +132,26 @@ def resolve_tokenizer_dir(name_or_path: str) -> Path:
 
 
 def load_tokenizer(name_or_path: str):
-    """A fast tokenizer with a pad token (pad may equal EOS: masks are built from lengths)."""
+    """A fast tokenizer with a pad token (pad may equal EOS: masks are built from lengths).
+
+    A fit loads its tokenizer twice (the data module and the model each need one) and a large
+    vocabulary's tokenizer.json takes a second to parse: a tokenizer read once in this process
+    is handed out again as a deep copy (a caller may change its copy, e.g. export's chat
+    template), as long as the folder's files are unchanged."""
+    directory = resolve_tokenizer_dir(name_or_path)
+    return copy.deepcopy(_parsed_tokenizer(str(directory), _files_fingerprint(directory)))
+
+
+def _files_fingerprint(directory: Path) -> tuple:
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(directory.iterdir()) if f.is_file())
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_tokenizer(directory: str, fingerprint: tuple):
     force_offline()
     from transformers import AutoTokenizer  # noqa: PLC0415 - after force_offline (module doc)
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
-    directory = resolve_tokenizer_dir(name_or_path)
     verbosity = hf_logging.get_verbosity()
     # Loading the Llama-3.2 tokenizer warns about clean_up_tokenization_spaces, which we
     # never use (decoding passes it explicitly); keep the user's console quiet.

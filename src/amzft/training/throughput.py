@@ -9,6 +9,10 @@ Token kinds, per batch (amzft.data.collate writes them):
   (fewer than real with ``data.batches.share_prefix``, which stores the shared preamble once per row).
 * padded: ``batch["input_ids"].numel()``, every position, padding included.
 * label: ``batch["label_tokens"]``, the response tokens the loss is taken on.
+
+It also sums the squared length of each row processed (``row_lengths``), which attention's
+work grows with: with the processed and label tokens, what amzft.training.flops needs to count
+a run's FLOPs (benchmarks/train_throughput.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
+from amzft.data.encode import IGNORE_INDEX
+
 
 def peak_memory_mib(device: torch.device) -> float:
     """Peak memory so far: the CUDA allocator's peak on a GPU, else the process's peak resident
@@ -31,24 +37,40 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def row_lengths(batch: dict) -> list[int]:
+    """The positions each row of a batch computes, padding excluded (a packed row's shared
+    preamble once): an unpacked row's from its attention mask; a packed row ends with its last
+    example's last token, which is labelled (every answer ends with a labelled EOS, and the pad
+    tail has no labels)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.sum(1).tolist()
+    labelled = batch["labels"] != IGNORE_INDEX
+    positions = torch.arange(1, labelled.shape[1] + 1, device=labelled.device)
+    return (labelled * positions).amax(1).tolist()
+
+
 @dataclass
 class TokenCounts:
     real: int = 0
     processed: int = 0
     padded: int = 0
     labels: int = 0
+    squares: int = 0  # Σ over rows of (positions computed)²
 
     def add_batch(self, batch: dict) -> None:
         self.real += int(batch["real_tokens"])
         self.processed += int(batch.get("input_tokens", batch["real_tokens"]))
         self.padded += batch["input_ids"].numel()
         self.labels += int(batch["label_tokens"])
+        self.squares += sum(n * n for n in row_lengths(batch))
 
     def add(self, other: TokenCounts) -> None:
         self.real += other.real
         self.processed += other.processed
         self.padded += other.padded
         self.labels += other.labels
+        self.squares += other.squares
 
 
 class ThroughputMeter(Callback):
@@ -144,6 +166,7 @@ class ThroughputMeter(Callback):
             "processed_tokens": total.processed,
             "padded_tokens": total.padded,
             "label_tokens": total.labels,
+            "row_length_squares": total.squares,
             "peak_memory_mib": peak_memory_mib(self._device),
             "last_loss": self._last_loss,
         }

@@ -1,0 +1,112 @@
+"""``fit --help`` (and validate / test / predict) answered without importing torch.
+
+LightningCLI builds its parser from the signatures of Lightning's Trainer, the model and the
+data module, so rendering the help imports torch, Lightning, transformers and peft: seconds that
+a person reading the options waits for. The text depends only on what went into the parser, so
+the first call renders it and keeps it under the cache folder, keyed by everything it depends
+on; later calls print the kept text. No library keeps such a cache for LightningCLI (its
+``--help`` always instantiates the parser), hence this module.
+
+The key covers: the command line (``--config`` files by their content), amzft's own source
+files (size and modification time), the versions of the libraries whose signatures the parser
+reads, the Python version and the terminal width the text was wrapped to. A change to any of
+them renders the help again; a cache that cannot be read or written only costs the render.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+from contextlib import redirect_stdout
+from importlib import metadata
+from pathlib import Path
+
+from amzft.files import atomic_write, cache_root
+
+# Libraries whose signatures or help formatting the rendered text comes from.
+_LIBRARIES = ("lightning", "jsonargparse", "torch", "transformers", "peft", "docstring-parser", "typeshed-client")
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def asks_for_help(args: list[str]) -> bool:
+    return "-h" in args or "--help" in args
+
+
+def _library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _sources_fingerprint() -> list:
+    found = []
+    for folder, _, files in sorted(os.walk(_PACKAGE)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                stat = os.stat(os.path.join(folder, name))
+                found.append((os.path.relpath(os.path.join(folder, name), _PACKAGE), stat.st_size, stat.st_mtime_ns))
+    return found
+
+
+def _argument_files(args: list[str]) -> dict[str, str]:
+    """Content hashes of the arguments that name files (``--config configs/cpu.yaml``): the
+    help shows a config's values as defaults, so an edited config must render again."""
+    hashes = {}
+    for arg in args:
+        value = arg.split("=", 1)[-1]
+        path = Path(value)
+        if value and path.is_file():
+            hashes[value] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+def help_key(command: str, args: list[str]) -> str:
+    parts = {
+        "command": command,
+        "args": args,
+        "files": _argument_files(args),
+        "sources": _sources_fingerprint(),
+        "libraries": _library_versions(),
+        "python": sys.version,
+        "columns": shutil.get_terminal_size().columns,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_file(key: str) -> Path:
+    return cache_root() / "help" / f"{key}.txt"
+
+
+def cached_help(command: str, args: list[str]) -> str | None:
+    try:
+        return _cache_file(help_key(command, args)).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def render_and_keep(command: str, args: list[str], render) -> None:
+    """Run ``render()`` (which prints the help and exits, as argparse does), keep what it
+    printed when it exited cleanly, print it, and exit the same way."""
+    key = help_key(command, args)  # before rendering: the key is what the text was rendered from
+    captured = io.StringIO()
+    try:
+        with redirect_stdout(captured):
+            render()
+    except SystemExit as exc:
+        text = captured.getvalue()
+        sys.stdout.write(text)
+        if exc.code in (0, None) and text:
+            try:
+                atomic_write(_cache_file(key), lambda handle: handle.write(text.encode("utf-8")))
+            except OSError:
+                pass  # a read-only cache folder: the next call renders again, nothing is lost
+        raise
+    sys.stdout.write(captured.getvalue())

@@ -1,0 +1,158 @@
+"""The FLOPs of one LoRA training step, counted from the model's shapes: what a benchmark divides
+by a step's time to say how much of the machine it used (docs/performance.md, "Utilisation:
+FLOPs of a step").
+
+A multiply-add is 2 FLOPs: an (m x k) @ (k x n) product costs 2·m·k·n. For a step that computes
+T positions (padding excluded; a packed row's shared preamble once), S = Σ L² over its rows
+(L: a row's length, as computed), and H positions through the LM head (the label tokens with
+amzft's label-only head), with each projection mapping ``in`` to ``out`` features and r the
+LoRA rank:
+
+* base forward: 2·in·out·T for each of q, k, v, o, gate, up, down, in every layer;
+* base backward: 2·in·out·T again, the gradient of the input only: frozen weights get none.
+  Products upstream of every adapter need no gradient at all (layer 0's q, k and v: their input
+  comes from the frozen embeddings);
+* LoRA forward: 2·r·(in + out)·T per adapted projection (A: in -> r, then B: r -> out);
+* LoRA backward: the weight gradients of A and B plus the input gradients, 2x the forward (A's
+  input gradient only where that input needs one, as above);
+* attention forward: QK^T and AV, 2 · 2·S·head_dim·heads per layer (heads: query heads; GQA's
+  K and V are broadcast to them). The full L x L square is counted, not the causal half: SDPA's
+  math path computes the whole square and masks it, and torch's FlopCounterMode counts that;
+* attention backward: dV, dP, dQ and dK, 2x the forward (in layer 0 only those an adapter
+  needs);
+* head forward: 2·hidden·vocab·H; head backward: the same again (input gradient only).
+
+Not counted: element-wise work (norms, RoPE, SiLU, softmax, the loss, LoRA's scaling), DoRA's
+weight norms, the optimizer, and recomputation (gradient checkpointing, chunked head loss,
+flash attention's backward): the model's FLOPs, not every kernel's. Linear in T, S and H, so the
+count of many steps is that of their summed ``StepTokens``. tests/test_flops.py checks it against
+FlopCounterMode on a LoRA-wrapped Llama.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+# A decoder layer's projections in order of computation: q, k, v read the layer's (normed) input,
+# o the attention's output, gate and up the (normed) residual stream, down the gated product.
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
+PROJECTIONS = (*ATTENTION_INPUTS, "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shapes of a Llama-family decoder that its FLOPs depend on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> ModelShape:
+        """From a transformers config (``LlamaConfig`` and its kin)."""
+        heads = config.num_attention_heads
+        return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
+                   heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size)
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """Each projection's (in, out) features."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What a step computes on: positions (T), Σ of squared row lengths (S), LM-head positions (H)."""
+
+    tokens: int
+    squares: int
+    head_tokens: int
+
+    @classmethod
+    def of_rows(cls, lengths: Iterable[int], head_tokens: int) -> StepTokens:
+        """``lengths``: the positions each row computes (padding excluded)."""
+        lengths = [int(n) for n in lengths]
+        return cls(sum(lengths), sum(n * n for n in lengths), int(head_tokens))
+
+    def __add__(self, other: StepTokens) -> StepTokens:
+        return StepTokens(self.tokens + other.tokens, self.squares + other.squares, self.head_tokens + other.head_tokens)
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """A step's FLOPs by part (module doc); ``total`` is their sum."""
+
+    base_forward: int
+    base_backward: int
+    lora_forward: int
+    lora_backward: int
+    attention_forward: int
+    attention_backward: int
+    head_forward: int
+    head_backward: int
+
+    def parts(self) -> dict[str, int]:
+        return asdict(self)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    @property
+    def backward(self) -> int:
+        return self.base_backward + self.lora_backward + self.attention_backward + self.head_backward
+
+
+def first_layer_gradients(targets: frozenset[str]) -> tuple[frozenset[str], int]:
+    """Layer 0's projections whose input needs a gradient, and how many of attention's four
+    backward products (dV, dP, dQ, dK) run there. The layer's input comes from the frozen
+    embeddings and needs none; a tensor needs one once an adapter lies upstream of it. From
+    layer 1 on every input does (some adapter of layer 0 lies upstream)."""
+    q, k, v = (name in targets for name in ATTENTION_INPUTS)
+    attention_products = v + (q or k) + q + k  # dP feeds dQ and dK
+    attended = q or k or v  # the attention's output depends on an adapter
+    stream = attended or "o_proj" in targets  # the residual stream after attention
+    gated = stream or "gate_proj" in targets or "up_proj" in targets  # down's input
+    needs = {"o_proj"} if attended else set()
+    needs |= {"gate_proj", "up_proj"} if stream else set()
+    needs |= {"down_proj"} if gated else set()
+    return frozenset(needs), attention_products
+
+
+def step_flops(shape: ModelShape, r: int, targets: Sequence[str], work: StepTokens) -> StepFlops:
+    """The FLOPs of a training step (forward + backward, module doc) of ``shape`` with LoRA of
+    rank ``r`` on ``targets`` (projection names, as ``model.lora.target_modules``) over ``work``."""
+    projections = shape.projections()
+    targets = frozenset(targets)
+    unknown = sorted(targets - set(projections))
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets must be among {PROJECTIONS} (at least one), found {sorted(targets)}")
+    first_needs, first_attention = first_layer_gradients(targets)
+    t, layers, rest = work.tokens, shape.layers, shape.layers - 1
+
+    def products(names, per) -> int:  # FLOPs per position of one layer's ``names``, each costing per(in, out)
+        return sum(per(*projections[name]) for name in names)
+
+    base = products(PROJECTIONS, lambda i, o: 2 * i * o)
+    lora = products(targets, lambda i, o: 2 * r * (i + o))
+    # LoRA backward in layer 0: weight gradients of A and B, B's input gradient, A's where needed.
+    first_lora = products(targets, lambda i, o: 2 * r * (i + 2 * o)) + products(targets & first_needs, lambda i, o: 2 * r * i)
+    square = 2 * work.squares * shape.head_dim * shape.heads  # one of attention's L x L products, one layer
+    head = 2 * shape.hidden * shape.vocab * work.head_tokens
+    return StepFlops(
+        base_forward=base * t * layers,
+        base_backward=(products(first_needs, lambda i, o: 2 * i * o) + base * rest) * t,
+        lora_forward=lora * t * layers,
+        lora_backward=(first_lora + 2 * lora * rest) * t,
+        attention_forward=2 * square * layers,
+        attention_backward=(first_attention + 4 * rest) * square,
+        head_forward=head,
+        head_backward=head,
+    )
