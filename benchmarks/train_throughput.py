@@ -258,7 +258,8 @@ def main() -> None:
             results["HF Trainer, bf16=True"] = run_hf_trainer(args, os.path.join(root, "hf-bf16"), bf16=True)
     base = results["HF Trainer + PEFT"]["tokens_per_s"]
     print(f"\nCPU: {cpu_name()} ({cpu_flags()}), {time.strftime('%Y-%m-%d')}")
-    print(f"{args.steps} optimizer steps each (timed from the end of step 1), batch 2 x accumulate 4, fp32, "
+    print(f"{args.steps} optimizer steps each (timed from the end of step 1), batch 2 x accumulate 4, "
+          "fp32 unless the run says otherwise (cpu.yaml: its precision: auto), "
           f"data: {args.data or 'bundled sample'}, model: {args.model}")
     print(f"{'run':<26}{'real tokens/s':>15}{'padding eff.':>14}{'vs HF Trainer':>15}{'first step s':>14}")
     for name, r in results.items():

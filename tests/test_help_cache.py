@@ -68,3 +68,18 @@ def test_a_failed_render_is_not_kept(help_env, tmp_path):
         main(["fit", *args])
     assert done.value.code not in (0, None)
     assert help_cache.cached_help("fit", args) is None
+
+
+def test_only_the_newest_texts_are_kept(help_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(help_cache, "KEEP", 3)
+
+    def render():
+        print("usage: …")
+        raise SystemExit(0)
+
+    for i in range(5):
+        with pytest.raises(SystemExit):
+            help_cache.render_and_keep("fit", [f"--trainer.max_steps={i}", "--help"], render)
+    kept = list((tmp_path / "cache" / "help").glob("*.txt"))
+    assert len(kept) == 3
+    assert help_cache.cached_help("fit", ["--trainer.max_steps=4", "--help"]) == "usage: …\n"

@@ -30,6 +30,8 @@ from amzft.files import atomic_write, cache_root
 # Libraries whose signatures or help formatting the rendered text comes from.
 _LIBRARIES = ("lightning", "jsonargparse", "torch", "transformers", "peft", "docstring-parser", "typeshed-client")
 _PACKAGE = Path(__file__).resolve().parents[1]
+# Each command line keeps its own text (~70 KB); the oldest go beyond this many.
+KEEP = 32
 
 
 def asks_for_help(args: list[str]) -> bool:
@@ -92,6 +94,12 @@ def cached_help(command: str, args: list[str]) -> str | None:
         return None
 
 
+def _forget_oldest(folder: Path) -> None:
+    kept = sorted(folder.glob("*.txt"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
+    for old in kept[KEEP:]:
+        old.unlink(missing_ok=True)
+
+
 def render_and_keep(command: str, args: list[str], render) -> None:
     """Run ``render()`` (which prints the help and exits, as argparse does), keep what it
     printed when it exited cleanly, print it, and exit the same way."""
@@ -106,6 +114,7 @@ def render_and_keep(command: str, args: list[str], render) -> None:
         if exc.code in (0, None) and text:
             try:
                 atomic_write(_cache_file(key), lambda handle: handle.write(text.encode("utf-8")))
+                _forget_oldest(_cache_file(key).parent)
             except OSError:
                 pass  # a read-only cache folder: the next call renders again, nothing is lost
         raise
