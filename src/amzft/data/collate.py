@@ -80,7 +80,7 @@ class Collator:
             input_ids[row, : len(ids)] = ids
             labels[row, p : len(ids)] = ids[p:]
             attention_mask[row, : len(ids)] = 1
-        return self._finish(batch, input_ids, labels, int(attention_mask.sum()), attention_mask=attention_mask)
+        return self._finish(batch, input_ids, labels, [len(s) for s in seqs], attention_mask=attention_mask)
 
     @staticmethod
     def shared_prefix_length(seqs, prompt_lens) -> int:
@@ -124,19 +124,24 @@ class Collator:
             causal = torch.ones((width, width), dtype=torch.bool).tril()
             visible = (segment[:, :, None] == segment[:, None, :]) | (segment == 0)[:, None, :]
             extra["attention_mask"] = (causal & visible)[:, None]  # (rows, 1, query, key): True = may attend
-        return self._finish(batch, input_ids, labels, sum(len(s) for s in seqs), input_tokens=sum(row_lengths), **extra)
+        return self._finish(batch, input_ids, labels, row_lengths, real_tokens=sum(len(s) for s in seqs), **extra)
 
     @staticmethod
-    def _finish(batch, input_ids, labels, real_tokens: int, input_tokens: int | None = None,
+    def _finish(batch, input_ids, labels, row_lengths: list[int], real_tokens: int | None = None,
                 **extra) -> dict[str, torch.Tensor]:
+        """``row_lengths``: the positions each row computes, padding excluded (a packed row's
+        shared preamble once); ``real_tokens``: the examples' own tokens when sharing makes
+        them more than the rows' (default: the rows' sum)."""
         label_tokens = int((labels != IGNORE_INDEX).sum())
         window = batch.get("window_label_tokens") or label_tokens
+        input_tokens = sum(row_lengths)
         return {
             "input_ids": input_ids,
             "labels": labels,
             **extra,
-            "real_tokens": torch.tensor(real_tokens),
-            "input_tokens": torch.tensor(real_tokens if input_tokens is None else input_tokens),
+            "real_tokens": torch.tensor(input_tokens if real_tokens is None else real_tokens),
+            "input_tokens": torch.tensor(input_tokens),
+            "row_lengths": torch.tensor(row_lengths),
             "label_tokens": torch.tensor(label_tokens),
             "window_label_tokens": torch.tensor(window),
         }

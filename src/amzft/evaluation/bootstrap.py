@@ -50,9 +50,6 @@ class Interval:
                          "the interval has no upper end")
         return d
 
-    def describe(self) -> str:
-        return describe(self.as_dict())
-
 
 def describe(ratio: dict) -> str:
     """``1.44× (95 % interval 1.26–1.67, 20 products, paired bootstrap)`` from ``Interval.as_dict()``

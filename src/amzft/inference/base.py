@@ -28,8 +28,8 @@ class PlainBase:
     tokenizer: Any
 
 
-def _option(options: Any, key: str, default):
-    value = options.get(key, default) if isinstance(options, dict) else getattr(options, key, default)
+def _option(options: dict, key: str, default):
+    value = options.get(key)
     return default if value is None else value
 
 

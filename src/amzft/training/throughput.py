@@ -10,7 +10,7 @@ Token kinds, per batch (amzft.data.collate writes them):
 * padded: ``batch["input_ids"].numel()``, every position, padding included.
 * label: ``batch["label_tokens"]``, the response tokens the loss is taken on.
 
-It also sums the squared length of each row processed (``row_lengths``), which attention's
+It also sums the squared length of each row processed (``batch["row_lengths"]``), which attention's
 work grows with: with the processed and label tokens, what amzft.training.flops needs to count
 a run's FLOPs (benchmarks/train_throughput.py).
 """
@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from amzft.data.encode import IGNORE_INDEX
-
 
 def peak_memory_mib(device: torch.device) -> float:
     """Peak memory so far: the CUDA allocator's peak on a GPU, else the process's peak resident
@@ -39,15 +37,8 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def row_lengths(batch: dict) -> list[int]:
     """The positions each row of a batch computes, padding excluded (a packed row's shared
-    preamble once): an unpacked row's from its attention mask; a packed row ends with its last
-    example's last token, which is labelled (every answer ends with a labelled EOS, and the pad
-    tail has no labels)."""
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        return mask.sum(1).tolist()
-    labelled = batch["labels"] != IGNORE_INDEX
-    positions = torch.arange(1, labelled.shape[1] + 1, device=labelled.device)
-    return (labelled * positions).amax(1).tolist()
+    preamble once), as the collator (amzft.data.collate) wrote them."""
+    return batch["row_lengths"].tolist()
 
 
 @dataclass
