@@ -34,9 +34,11 @@ test: install
 	$(PY) -m ruff check .
 	$(PYTEST)
 
+# test-fast: the inner loop. Leaves out the real-model runs (slow) and the end-to-end runs in other
+# processes (e2e: DDP pairs, kills, signals, GGUF conversions), which make test and CI run.
 test-fast: install
 	$(PY) -m ruff check .
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not e2e"
 
 lint: install
 	$(PY) -m ruff check .

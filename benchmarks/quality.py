@@ -21,7 +21,12 @@ recipe variant, fitted on every slice (a grid); without one, the config as it is
 Pooled: the per-product ROUGE-L of every slice in one sample, bootstrapped by product (a product
 scored in several slices, as the unseen ones are, is drawn with all its rows); the failure views as
 shares of all answers. Writes ``summary.json`` and ``summary.md`` into ``--out``; ``--dry_run``
-writes the slice files and prints the commands only. A real run takes hours on a CPU (one fit per
+writes the slice files and prints the commands only; ``--report_only`` runs nothing and summarises
+the reports an earlier run left in ``--out``.
+
+Whether ``val/rougeL`` can rank a fit's checkpoints: per slice, its value at each validation (from
+the fit's TensorBoard events) beside the spread of a mean over 6 and 24 products re-drawn from the
+last checkpoint's per-product ROUGE-L on unseen products (``monitor`` in the summary). A real run takes hours on a CPU (one fit per
 slice and variant).
 """
 
@@ -30,8 +35,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import random
 import re
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -172,7 +180,40 @@ def pool(results: list[dict]) -> dict:
     return out
 
 
-def variant_summary(reports: list[dict[str, dict]]) -> dict:
+def monitor_history(root: Path, tag: str = "val/rougeL") -> list[tuple[int, float]]:
+    """(step, value) of the fit's monitor, from its TensorBoard events (every version of the run)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415 - only here
+
+    history = {}
+    for version in sorted(Path(root, "amzft").glob("version_*")):
+        events = EventAccumulator(str(version))
+        events.Reload()
+        if tag in events.Tags().get("scalars", []):
+            history.update({e.step: e.value for e in events.Scalars(tag)})
+    return sorted(history.items())
+
+
+def redraw_spread(scores: list[float], k: int, draws: int = 2000, seed: int = 0) -> float:
+    """Standard deviation of the mean of ``k`` products drawn (with replacement) from ``scores``:
+    how far a validation of ``k`` products moves between re-draws of its products."""
+    rng = random.Random(seed)
+    means = [sum(rng.choices(scores, k=k)) / k for _ in range(draws)]
+    return statistics.pstdev(means)
+
+
+def monitor_noise(root: Path, last_report: dict, sizes=(6, 24)) -> dict:
+    """Can the monitor rank this fit's checkpoints? Its val/rougeL at each validation, the gaps
+    between them, and the spread of a mean over ``sizes`` products re-drawn from the last
+    checkpoint's per-product ROUGE-L on unseen products (what validation products are)."""
+    history = monitor_history(root)
+    unseen = last_report["splits"].get("unseen", {}).get("per_product", {}).get(METRIC, {}).get("fine-tuned", [])
+    values = [v for _, v in history]
+    return {"val_rougeL": history,
+            "range": max(values) - min(values) if values else None,
+            "spread": {str(k): redraw_spread(unseen, k) for k in sizes} if len(unseen) > 1 else {}}
+
+
+def variant_summary(reports: list[dict[str, dict]], roots: list[Path] | None = None) -> dict:
     """``reports``: per slice, its best and last report.json. Each slice's splits and steps, and the pool."""
     runs = [{"slice": k + 1, "checkpoint": ckpt, "step": by_ckpt[ckpt].get("step"),
              "splits": {s: split_summary(by_ckpt[ckpt]["splits"][s]) for s in SPLITS if s in by_ckpt[ckpt]["splits"]}}
@@ -180,7 +221,8 @@ def variant_summary(reports: list[dict[str, dict]]) -> dict:
     pooled = [{"checkpoint": ckpt, "splits": {s: pool([r[ckpt]["splits"][s] for r in reports])
                                               for s in SPLITS if all(s in r[ckpt]["splits"] for r in reports)}}
               for ckpt in CHECKPOINTS]
-    return {"runs": runs, "pooled": pooled}
+    monitor = [monitor_noise(root, by_ckpt["last"]) for root, by_ckpt in zip(roots or [], reports)]
+    return {"runs": runs, "pooled": pooled, "monitor": monitor}
 
 
 HEADER = ("| slice | checkpoint | split | answers (products) | ROUGE-L base → tuned | tuned ÷ base (95 % interval) | "
@@ -208,6 +250,11 @@ def render(summary: dict) -> str:
             for split, s in pooled["splits"].items():
                 lines.append(table_row("pooled", pooled["checkpoint"], split, s))
         lines.append("")
+        for k, m in enumerate(variant.get("monitor", [])):
+            curve = ", ".join(f"{step}: {value:.3f}" for step, value in m["val_rougeL"]) or "none logged"
+            spread = "; ".join(f"SD of a {n}-product mean {sd:.3f}" for n, sd in m["spread"].items())
+            lines.append(f"- slice {k + 1} monitor: val/rougeL {curve} (range {m['range'] or 0:.3f}); re-drawn: {spread}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -223,6 +270,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=24, help="products scored per split (evaluate --samples)")
     parser.add_argument("--out", default="logs/quality", help="slice files, runs, summary.json and summary.md")
     parser.add_argument("--dry_run", action="store_true", help="write the slice files and print the commands only")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: summarise the reports an earlier run left in --out")
     args = parser.parse_args(argv)
     if not Path(args.config).is_file():
         raise ConfigError(f"--config {args.config}: no such file")
@@ -254,23 +303,42 @@ def dry_run(args, steps) -> None:
             print("\n".join(shlex.join(cmd) for cmd in cmds.values()))
 
 
+def read_report(path: Path) -> dict:
+    if not path.is_file():
+        raise AmzftError(f"no {path}: its evaluation has not run (run without --report_only)")
+    return json.loads(path.read_text())
+
+
+def same_as_best(root: Path) -> bool:
+    """The best checkpoint's evaluation scored the run's last.ckpt (a run too small to rank keeps
+    no best file, and ``--ckpt_path best`` is its last checkpoint): evaluating it again would
+    repeat the same answers."""
+    report = json.loads((root / "eval_best" / "report.json").read_text())
+    return Path(report["checkpoint"]).name == "last.ckpt"
+
+
 def run_all(args, steps) -> dict:
     variants = []
     for i, (line, runs) in enumerate(steps):
         reports = []
         for k, (_, root, cmds) in enumerate(runs):
-            for name, cmd in cmds.items():
+            for name, cmd in ({} if args.report_only else cmds).items():
+                if name == "last" and same_as_best(root):
+                    print(f"[{line or 'config'}] slice {k + 1}/{len(runs)}: last is the kept checkpoint: its report reused")
+                    shutil.copytree(root / "eval_best", root / "eval_last", dirs_exist_ok=True)
+                    continue
                 started = time.perf_counter()
                 print(f"[{line or 'config'}] slice {k + 1}/{len(runs)}: {name} ...", flush=True)
                 run_command(cmd, root / f"{name}.log")
                 print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
-            reports.append({ckpt: json.loads((root / f"eval_{ckpt}" / "report.json").read_text()) for ckpt in CHECKPOINTS})
+            reports.append({ckpt: read_report(root / f"eval_{ckpt}" / "report.json") for ckpt in CHECKPOINTS})
             for ckpt, report in reports[-1].items():
                 for split in SPLITS:
                     if report["splits"].get(split, {}).get("ratio"):
                         print(f"  {ckpt} (step {report.get('step')}), {split}: {METRIC} fine-tuned ÷ base "
                               f"{describe(report['splits'][split]['ratio'])}", flush=True)
-        variants.append({"override": line, "dir": variant_dir(i, line), **variant_summary(reports)})
+        variants.append({"override": line, "dir": variant_dir(i, line),
+                         **variant_summary(reports, [root for _, root, _ in runs])})
     return {"config": args.config, "data": str(args.data), "slices": args.slices, "slice_size": args.slice_size,
             "samples": args.samples, "machine": cpu_name(), "date": str(datetime.date.today()), "variants": variants}
 

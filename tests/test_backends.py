@@ -154,6 +154,7 @@ def test_evaluate_and_export_of_an_unsloth_run_import_unsloth_first(tmp_path):
         assert not wants_unsloth(["evaluate", "--ckpt_path", ckpt, "--model.backend", "hf"])
 
 
+@pytest.mark.e2e
 def test_gpu_check_command_lines_are_valid_on_cpu(tiny_model_dir, tmp_path):
     """gpu/check.py cannot run here, but its amzft command lines (a config + the run's options +
     the measuring callback) can: hf+nf4 and configs/full.yaml's large-batch run go through on the

@@ -35,10 +35,11 @@ class CountValidations(Callback):
 
 
 def _args(tiny_model_dir, data, tmp_path, *extra):
-    # A validation split (fit_args turns it off), validation every 2 steps, short answers.
+    # A validation split (fit_args turns it off), validation every 2 steps, short answers; its
+    # 6 validation products rank checkpoints (best.min_products 1) unless a test says otherwise.
     return fit_args(tiny_model_dir, data, tmp_path, "--data.holdout.val_fraction", "0.25", "--validation.every_n_steps", "2",
                     "--sample_answers.every_n_steps", "0", "--sample_answers.max_new_tokens", "4",
-                    "--sample_answers.rouge_products", "3", *extra)
+                    "--sample_answers.rouge_products", "3", "--best.min_products", "1", *extra)
 
 
 def _ckpt_dir(tmp_path):
@@ -133,6 +134,34 @@ def test_early_stopping_on_val_rouge_l_stops_a_tiny_run(tiny_model_dir, write_js
     plain = cli_main(_args(tiny_model_dir, data, tmp_path / "plain"), run=False)
     assert not any(isinstance(c, EarlyStopping) for c in plain.trainer.callbacks)
     assert any(isinstance(c, BestCheckpoint) and c.monitor == "val/loss" and c.mode == "min" for c in plain.trainer.callbacks)
+
+
+def test_too_few_validation_products_keep_no_best_and_best_is_the_last(tiny_model_dir, write_jsonl, tmp_path, capsys,
+                                                                        monkeypatch):
+    # 6 validation products, val/rougeL over 3 of them: below best.min_products 4, so no
+    # best file; --ckpt_path best is the last checkpoint, also after a resume, and says why.
+    data = write_jsonl(tiny_records(24))
+    common = ("--trainer.max_steps", "4", "--best.monitor", "val/rougeL", "--best.min_products", "4")
+    run_fit(_args(tiny_model_dir, data, tmp_path, *common), StopAtStep(2))
+    cli = run_fit(_args(tiny_model_dir, data, tmp_path, *common, "--ckpt_path", "last"), resumed_from_last=True)
+    why = "val/rougeL over 3 validation products cannot rank checkpoints (best.min_products: 4)"
+    assert capsys.readouterr().out.count(f"amzft: {why}; no best-*.ckpt is kept") == 2  # the run and its resume
+    assert sorted(_history(cli)) and not list(_ckpt_dir(tmp_path).glob("best-*.ckpt"))
+    best = find_best_checkpoint(tmp_path / "logs")
+    assert (best.path, best.step, best.unranked) == (_ckpt_dir(tmp_path) / "last.ckpt", 4, why)
+    assert best.describe() == f"best checkpoint: the last, step 4 ({why}): {best.path}"
+    path, said = demo._demo_pick(tmp_path / "elsewhere.ckpt", _history(cli), str(tmp_path / "logs"))
+    assert (path, said) == (best.path, f"the last checkpoint ({why})")
+    monkeypatch.chdir(tmp_path)
+    main(["ask", "Item 3 book", "--ckpt_path", "best", "--max_new_tokens", "2"])
+    said = f"amzft: best checkpoint: the last, step 4 ({why}): logs/amzft/version_0/checkpoints/last.ckpt"
+    assert said in capsys.readouterr().out
+    # val/rougeL over 6 products (rouge_products 8, capped by the split) ranks at the floor 6.
+    ranked = run_fit(_args(tiny_model_dir, data, tmp_path / "six", *common, "--best.min_products", "6",
+                           "--sample_answers.rouge_products", "8"))
+    assert list(_ckpt_dir(tmp_path / "six").glob("best-*.ckpt"))
+    assert not next(c for c in ranked.trainer.callbacks if isinstance(c, BestCheckpoint)).unranked
+    assert "must be >= 1" in one_line_error(capsys, *_args(tiny_model_dir, data, tmp_path, "--best.min_products", "0"))
 
 
 def _history(cli):

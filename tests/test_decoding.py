@@ -227,6 +227,7 @@ def test_the_length_decay_ends_answers_before_the_cap(tiny_model_dir):
             resolve_decoding(**bad)
 
 
+@pytest.mark.e2e
 def test_the_decoding_benchmark_runs(trained, tmp_path, capsys, monkeypatch):
     ckpt = trained
     # Run as a script, a benchmark finds its sibling benchmarks/machine.py on sys.path[0]; loaded by path, it does not.

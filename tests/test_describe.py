@@ -193,6 +193,7 @@ def test_bad_input_and_options_give_one_line(catalogue, tmp_path, capsys):
     assert "--token_budget must be >= 1" in error
 
 
+@pytest.mark.e2e
 @pytest.mark.xdist_group("ddp")  # one DDP pair at a time under xdist: they would share the cores and ports
 def test_two_processes_write_what_one_writes(trained, catalogue, straight, tmp_path):
     """DDP predict on 2 gloo processes (Lightning's launcher): each its shard and part file,

@@ -98,6 +98,7 @@ def exports(tiny_model_dir, tmp_path_factory):
     return out | {k: tmp / k for k in ("peft", "merged", "f16", "q8")}
 
 
+@pytest.mark.e2e
 def test_every_export_carries_the_training_chat_template(exports):
     fmt = exports["fmt"]
     for kind in ("peft", "merged"):
@@ -110,6 +111,16 @@ def test_every_export_carries_the_training_chat_template(exports):
         assert (exports[kind] / "Modelfile").is_file() and (exports[kind] / "amzft_prompt.json").is_file()
 
 
+@pytest.mark.e2e
+def test_the_shared_tokenizer_keeps_its_template_after_exports(exports, tiny_model_dir):
+    # One tokenizer per folder and process (load_tokenizer): the exports above put their chat
+    # template on copies, so the shared one still has the folder's own (none for the tiny model).
+    shared = load_tokenizer(str(tiny_model_dir))
+    assert shared is load_tokenizer(str(tiny_model_dir))
+    assert shared.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+
+
+@pytest.mark.e2e
 def test_gguf_carries_the_tokenizer(exports, llama_tokenizer):
     fields = gguf.GGUFReader(exports["f16"] / "amzft-f16.gguf").fields
     value = {k: f.contents() for k, f in fields.items() if k.startswith(("tokenizer.ggml.", "general.", "llama."))}
@@ -141,6 +152,7 @@ def greedy(model, tokenizer, fmt, titles, n=12):
     return answers
 
 
+@pytest.mark.e2e
 def test_gguf_f16_and_q8_0_match_the_merged_export(exports):
     fmt = exports["fmt"]
     merged = AutoModelForCausalLM.from_pretrained(exports["merged"], dtype=torch.float32)
@@ -176,6 +188,7 @@ def test_gguf_export_of_another_architecture_is_one_line(llama_tokenizer, tmp_pa
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.e2e
 def test_bad_format_and_gguf_type_are_one_line(exports, capsys, tmp_path):
     err = one_line_error(capsys, "export", "--ckpt_path", str(exports["ckpt"]), "--out", str(tmp_path / "x"), "--format", "onnx")
     assert "--format takes peft, merged, gguf" in err

@@ -148,6 +148,7 @@ def test_scheduler_is_linear_warmup_then_decay(tiny_model_dir, tiny_data, tmp_pa
     assert math.isclose(lrs[30], peak * 30 / 55) and lrs[60] == 0
 
 
+@pytest.mark.e2e
 def test_sigterm_or_ctrl_c_writes_last_checkpoint_at_a_step_and_says_how_to_resume(tiny_model_dir, tiny_data, tmp_path):
     """SIGTERM (a scheduler's) and SIGINT (Ctrl-C), each sent to its own `python -m amzft fit`
     once step 2's checkpoint is written (the two processes run side by side): each exits 0,

@@ -148,7 +148,9 @@ def test_a_run_pools_the_reports_of_every_slice(quality, write_jsonl, tmp_path, 
         written.append(cmd[3])
         if cmd[3] == "evaluate":
             name = Path(cmd[cmd.index("--data.path") + 1]).stem  # slice_1, slice_2: a seen product of its own
-            report = {"step": 48 if "best" in cmd else 80, "splits": {
+            # slice 2 kept no best file (too few validation products): best is its last.ckpt
+            kept = "best" in cmd and name == "slice_1"
+            report = {"step": 48 if kept else 80, "checkpoint": "best-step00048.ckpt" if kept else "v/last.ckpt", "splits": {
                 "seen": fake_split([f"Product of {name}"], ["A thing."], ["The description of product."],
                                    ["The description of product 1."]),
                 "unseen": fake_split(["Mug", "Lamp"], ["A cup.", "A light."], ["A white mug.", "A desk lamp."],
@@ -160,13 +162,32 @@ def test_a_run_pools_the_reports_of_every_slice(quality, write_jsonl, tmp_path, 
     monkeypatch.setattr(quality, "run_command", fake_run)
     summary = quality.main(["--config", str(REPO / "configs" / "cpu-real.yaml"), "--data", str(data), "--slices", "2",
                             "--slice_size", "3", "--out", str(tmp_path / "q")])
-    assert written == ["fit", "evaluate", "evaluate"] * 2
+    assert written == ["fit", "evaluate", "evaluate", "fit", "evaluate"]  # slice 2's last is its best: reused
     (variant,) = summary["variants"]
     assert [(r["slice"], r["checkpoint"], r["step"]) for r in variant["runs"]] == [(1, "best", 48), (1, "last", 80),
-                                                                                (2, "best", 48), (2, "last", 80)]
+                                                                                (2, "best", 80), (2, "last", 80)]
     unseen = variant["pooled"][0]["splits"]["unseen"]
     assert unseen["n"] == 4 and unseen["n_products"] == 2  # Mug and Lamp, scored in both slices
     assert json.loads((tmp_path / "q" / "summary.json").read_text()) == summary
     md = (tmp_path / "q" / "summary.md").read_text()
     assert "| pooled | best | unseen | 4 (2) |" in md and "paired bootstrap" in md and "best (step 48)" in md
+    assert [m["val_rougeL"] for m in variant["monitor"]] == [[], []]  # the fake fits logged no events
+    assert sorted(variant["monitor"][0]["spread"]) == ["24", "6"] and "- slice 2 monitor: val/rougeL none logged" in md
     assert "summary.md" in capsys.readouterr().out
+    # --report_only: the same summary from the reports left in --out, nothing run
+    again = quality.main(["--config", str(REPO / "configs" / "cpu-real.yaml"), "--data", str(data), "--slices", "2",
+                          "--slice_size", "3", "--out", str(tmp_path / "q"), "--report_only"])
+    assert written == ["fit", "evaluate", "evaluate", "fit", "evaluate"] and again["variants"] == summary["variants"]
+    with pytest.raises(SystemExit, match="eval_best/report.json: its evaluation has not run"):
+        quality.main(["--config", str(REPO / "configs" / "cpu-real.yaml"), "--data", str(data), "--slices", "2",
+                      "--slice_size", "3", "--out", str(tmp_path / "empty"), "--report_only"])
+
+
+def test_the_monitor_spread_is_that_of_a_mean_of_k_products(quality, tmp_path):
+    # One product scores 1, the other 0: a mean of k re-drawn products has SD 0.5 / sqrt(k).
+    assert quality.redraw_spread([1.0, 1.0, 1.0], 6) == 0.0
+    assert abs(quality.redraw_spread([0.0, 1.0], 1, draws=20000) - 0.5) < 0.01
+    assert abs(quality.redraw_spread([0.0, 1.0], 25, draws=20000) - 0.1) < 0.005
+    report = {"splits": {"unseen": {"per_product": {"rougeL": {"fine-tuned": [0.0, 1.0]}}}}}
+    noise = quality.monitor_noise(tmp_path, report, sizes=(4,))  # a run without events: no curve
+    assert noise["val_rougeL"] == [] and noise["range"] is None and abs(noise["spread"]["4"] - 0.25) < 0.02

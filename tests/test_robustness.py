@@ -291,6 +291,7 @@ def _adapter(logs: Path) -> dict:
     return load_checkpoint_file(next(logs.rglob("last.ckpt")))["state_dict"]
 
 
+@pytest.mark.e2e
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
     # The uninterrupted run (its own data cache) and the one to be killed go side by side.
     straight = tmp_path / "straight.jsonl"
@@ -321,6 +322,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_d
     assert not list((tmp_path / "b").rglob("version_1"))  # the resumed run logged into the same run
 
 
+@pytest.mark.e2e
 def test_sigkill_during_a_checkpoint_write_never_corrupts_last(tiny_model_dir, tiny_data, tmp_path):
     marker = tmp_path / "writing"
     logs = tmp_path / "logs"
@@ -348,6 +350,7 @@ def test_the_network_guard_really_blocks():
     assert ATTEMPTS.pop() == "getaddrinfo example.com"  # recorded (and forgiven: this one was ours)
 
 
+@pytest.mark.e2e
 def test_fit_ask_export_without_network_in_a_fresh_process(tiny_model_dir, tiny_data, tmp_path):
     """HF offline variables unset: amzft must set them itself and never try the network."""
     script = (

@@ -361,6 +361,7 @@ def _finished(started, tmp_path):
 DDP_2_CPU = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
 
 
+@pytest.mark.e2e
 @pytest.mark.xdist_group("ddp")  # one DDP pair at a time under xdist: they would share the cores and ports
 def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, write_jsonl, tmp_path):
     """`trainer.strategy: ddp` on 2 gloo processes x batch 1 == 1 process x batch 2: same

@@ -44,6 +44,8 @@ def _print_rank_zero(text: str) -> None:
 # The direction of each metric a best checkpoint can monitor (amzft.checkpoints.best.BestCheckpoint).
 MONITOR_MODES = {"val/loss": "min", "val/rougeL": "max"}
 BEST_PREFIX = "best-"
+# The key of BestCheckpoint's saved state saying why its run kept no best file (None: it ranked).
+UNRANKED_KEY = "unranked"
 
 
 def best_filename(monitor: str) -> str:
@@ -61,9 +63,12 @@ class BestChoice:
     monitor: str
     score: float
     kept: list[tuple[int, float]]  # (step, score) of every best-k file of the run, best first
+    unranked: str | None = None  # the run could not rank: path is its last checkpoint, and this says why
 
     def describe(self) -> str:
         run = self.path.parent.parent.name
+        if self.unranked:
+            return f"best checkpoint: the last, step {self.step} ({self.unranked}): {self.path}"
         better = "lowest" if MONITOR_MODES.get(self.monitor, "min") == "min" else "highest"
         return (f"best checkpoint: step {self.step}, {self.monitor} {self.score:.4f} ({better} of the {len(self.kept)} "
                 f"kept in {run}): {self.path}")
@@ -100,6 +105,9 @@ def find_best_checkpoint(root: str | os.PathLike) -> BestChoice:
     records = [(p, best_record(p)) for p in sorted(run.glob(BEST_PREFIX + "*.ckpt"))]
     records = [(p, r) for p, r in records if r is not None]
     if not records:
+        unranked = unranked_choice(run)
+        if unranked is not None:
+            return unranked
         raise ConfigError(f"--ckpt_path best: the newest run {run.parent} kept no monitored best checkpoint; {how}")
     monitor = records[-1][1][1]  # the newest file's monitor (a resumed run may have changed it)
     records = [(p, r) for p, r in records if r[1] == monitor]
@@ -108,6 +116,23 @@ def find_best_checkpoint(root: str | os.PathLike) -> BestChoice:
     records.sort(key=lambda pr: (sign * pr[1][2], pr[1][0]))
     (path, (step, _, score)) = records[0]
     return BestChoice(path, step, monitor, score, [(r[0], r[2]) for _, r in records])
+
+
+def unranked_choice(run: Path) -> BestChoice | None:
+    """The run's last checkpoint (``last.ckpt``, else its newest step file) when its
+    BestCheckpoint said it could not rank (too few validation products); None otherwise."""
+    last = run / "last.ckpt"
+    candidates = [last] if last.is_file() else sorted(run.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-1:]
+    for path in candidates:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None
+        for state in (checkpoint.get("callbacks") or {}).values():
+            if isinstance(state, dict) and state.get(UNRANKED_KEY):
+                return BestChoice(path, int(checkpoint.get("global_step", 0)), state.get("monitor") or "",
+                                  float("nan"), [], unranked=state[UNRANKED_KEY])
+    return None
 
 
 def run_version(ckpt_path: str | os.PathLike) -> int | None:

@@ -67,6 +67,8 @@ def _demo_pick(last: Path, history: list[tuple[int, dict[str, float]]], log_root
         best = find_best_checkpoint(log_root)
     except ConfigError:
         return last, "the last checkpoint (no validation kept a best one)"
+    if best.unranked:
+        return best.path, f"the last checkpoint ({best.unranked})"
     scores = [(step, m[best.monitor]) for step, m in history if best.monitor in m]
     lowest = "lowest" if MONITOR_MODES.get(best.monitor, "min") == "min" else "highest"
     why = f"the best checkpoint: step {best.step} ({lowest} {best.monitor} {best.score:.4f}"

@@ -125,11 +125,19 @@ class PreparedData:
         return self._examples[name]
 
 
+# id(tokenizer) -> (tokenizer, hash of its definition): one process shares one tokenizer per
+# folder (amzft.model.sources.load_tokenizer), and serialising Llama-3.2's takes ~0.2 s a call.
+_DEFINITIONS: dict[int, tuple[object, str]] = {}
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    known = _DEFINITIONS.get(id(tokenizer))
+    if known is None or known[0] is not tokenizer:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+        known = _DEFINITIONS[id(tokenizer)] = (tokenizer, hashlib.sha256(definition.encode()).hexdigest())
     extra = f"{tokenizer.eos_token_id}|{tokenizer.pad_token_id}|{tokenizer.bos_token_id}"
-    return hashlib.sha256((definition + extra).encode()).hexdigest()[:16]
+    return hashlib.sha256((known[1] + extra).encode()).hexdigest()[:16]
 
 
 def cache_key(settings: DataSettings, tokenizer) -> str:

@@ -75,6 +75,9 @@ def export(ckpt_path: str, out: str | Path, merge: bool = False, fmt: str | None
     module, prompt, note = full_precision_module(ckpt_path)
     if fmt == "gguf":
         check_supported(module.model.config)  # before minutes of work, not after
+    # The tokenizer is shared in this process (amzft.model.sources.load_tokenizer): the export's
+    # chat template goes on a copy.
+    module.tokenizer = copy.deepcopy(module.tokenizer)
     module.tokenizer.chat_template = chat_template_for(module.tokenizer, prompt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

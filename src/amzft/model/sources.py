@@ -15,7 +15,6 @@ imports this module before Unsloth, which must come before transformers.
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import logging
@@ -134,12 +133,12 @@ def resolve_tokenizer_dir(name_or_path: str) -> Path:
 def load_tokenizer(name_or_path: str):
     """A fast tokenizer with a pad token (pad may equal EOS: masks are built from lengths).
 
-    A fit loads its tokenizer twice (the data module and the model each need one) and a large
-    vocabulary's tokenizer.json takes a second to parse: a tokenizer read once in this process
-    is handed out again as a deep copy (a caller may change its copy, e.g. export's chat
-    template), as long as the folder's files are unchanged."""
+    One instance per folder and process, shared by every caller, as long as the folder's files
+    are unchanged: a fit needs it twice (the data module and the model), and parsing a large
+    vocabulary's tokenizer.json takes a second, deep-copying it half that. Callers read it and
+    never change it; one that must (export's chat template) changes a copy of its own."""
     directory = resolve_tokenizer_dir(name_or_path)
-    return copy.deepcopy(_parsed_tokenizer(str(directory), _files_fingerprint(directory)))
+    return _parsed_tokenizer(str(directory), _files_fingerprint(directory))
 
 
 def _files_fingerprint(directory: Path) -> tuple:
