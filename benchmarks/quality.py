@@ -216,6 +216,7 @@ def monitor_noise(root: Path, last_report: dict, sizes=(6, 24)) -> dict:
 def variant_summary(reports: list[dict[str, dict]], roots: list[Path] | None = None) -> dict:
     """``reports``: per slice, its best and last report.json. Each slice's splits and steps, and the pool."""
     runs = [{"slice": k + 1, "checkpoint": ckpt, "step": by_ckpt[ckpt].get("step"),
+             "is_last": Path(by_ckpt[ckpt].get("checkpoint") or "").name == "last.ckpt",
              "splits": {s: split_summary(by_ckpt[ckpt]["splits"][s]) for s in SPLITS if s in by_ckpt[ckpt]["splits"]}}
             for k, by_ckpt in enumerate(reports) for ckpt in CHECKPOINTS]
     pooled = [{"checkpoint": ckpt, "splits": {s: pool([r[ckpt]["splits"][s] for r in reports])
@@ -243,17 +244,26 @@ def render(summary: dict) -> str:
              "by product.", ""]
     for variant in summary["variants"]:
         lines += [f"## {variant['override'] or 'the config as it is'}", "", HEADER, "|---" * HEADER.count(" | ") + "|---|"]
+        # A slice whose kept checkpoint is its last one: one row, "best = last".
+        kept_is_last = {run["slice"] for run in variant["runs"] if run["checkpoint"] == "best" and run.get("is_last")}
         for run in variant["runs"]:
+            if run["checkpoint"] == "last" and run["slice"] in kept_is_last:
+                continue
+            name = "best = last" if run["slice"] in kept_is_last else run["checkpoint"]
             for split, s in run["splits"].items():
-                lines.append(table_row(str(run["slice"]), f"{run['checkpoint']} (step {run['step']})", split, s))
+                lines.append(table_row(str(run["slice"]), f"{name} (step {run['step']})", split, s))
+        every = len(kept_is_last) == len({run["slice"] for run in variant["runs"]})
         for pooled in variant["pooled"]:
+            if every and pooled["checkpoint"] == "last":
+                continue
             for split, s in pooled["splits"].items():
-                lines.append(table_row("pooled", pooled["checkpoint"], split, s))
+                lines.append(table_row("pooled", "best = last" if every else pooled["checkpoint"], split, s))
         lines.append("")
         for k, m in enumerate(variant.get("monitor", [])):
             curve = ", ".join(f"{step}: {value:.3f}" for step, value in m["val_rougeL"]) or "none logged"
             spread = "; ".join(f"SD of a {n}-product mean {sd:.3f}" for n, sd in m["spread"].items())
-            lines.append(f"- slice {k + 1} monitor: val/rougeL {curve} (range {m['range'] or 0:.3f}); re-drawn: {spread}")
+            lines.append(f"- slice {k + 1} monitor, val/rougeL at each validation (TensorBoard step: value): {curve} "
+                         f"(range {m['range'] or 0:.3f}); re-drawn from the last checkpoint's unseen products: {spread}")
         lines.append("")
     return "\n".join(lines)
 

@@ -172,7 +172,9 @@ def test_a_run_pools_the_reports_of_every_slice(quality, write_jsonl, tmp_path, 
     md = (tmp_path / "q" / "summary.md").read_text()
     assert "| pooled | best | unseen | 4 (2) |" in md and "paired bootstrap" in md and "best (step 48)" in md
     assert [m["val_rougeL"] for m in variant["monitor"]] == [[], []]  # the fake fits logged no events
-    assert sorted(variant["monitor"][0]["spread"]) == ["24", "6"] and "- slice 2 monitor: val/rougeL none logged" in md
+    assert sorted(variant["monitor"][0]["spread"]) == ["24", "6"] and "- slice 2 monitor, val/rougeL at each validation" in md
+    assert "| 2 | best = last (step 80) | seen |" in md and "| 2 | last (step 80)" not in md  # one row when best is last
+    assert "| 1 | last (step 80) | seen |" in md
     assert "summary.md" in capsys.readouterr().out
     # --report_only: the same summary from the reports left in --out, nothing run
     again = quality.main(["--config", str(REPO / "configs" / "cpu-real.yaml"), "--data", str(data), "--slices", "2",

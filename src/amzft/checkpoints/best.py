@@ -67,7 +67,8 @@ class BestCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         if self.monitor:
             self._check_rankable(trainer)
-        if self.monitor and trainer.global_step > 0 and self.dirpath:
+        # Unranked, the folder's best files (of a run before with more products) stay untouched.
+        if self.monitor and not self.unranked and trainer.global_step > 0 and self.dirpath:
             self._adopt_kept_files(trainer)
 
     def _check_rankable(self, trainer) -> None:
