@@ -374,7 +374,8 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_model_dir, write_jsonl, tm
     records = tiny_records(38)
     assert [assign_split(r["title"], 0.2, 0) for r in records].count("validation") == 8  # and 30 train
     data = write_jsonl(records)
-    split = ("--data.holdout.val_fraction", "0.2")
+    # 8 validation products rank checkpoints here (best.min_products 1): the best file is compared
+    split = ("--data.holdout.val_fraction", "0.2", "--best.min_products", "1")
     started = [_start_fit(tiny_model_dir, data, tmp_path, "single", "--data.batch_size", "2", *split),
                _start_fit(tiny_model_dir, data, tmp_path, "ddp", "--data.batch_size", "1", *split, *DDP_2_CPU)]
     (single, adapter1, _, single_logs), (ddp, adapter2, log, ddp_logs) = (_finished(s, tmp_path) for s in started)
