@@ -216,7 +216,7 @@ def monitor_noise(root: Path, last_report: dict, sizes=(6, 24)) -> dict:
 def variant_summary(reports: list[dict[str, dict]], roots: list[Path] | None = None) -> dict:
     """``reports``: per slice, its best and last report.json. Each slice's splits and steps, and the pool."""
     runs = [{"slice": k + 1, "checkpoint": ckpt, "step": by_ckpt[ckpt].get("step"),
-             "is_last": Path(by_ckpt[ckpt].get("checkpoint") or "").name == "last.ckpt",
+             "is_last": scored_last(by_ckpt[ckpt]),
              "splits": {s: split_summary(by_ckpt[ckpt]["splits"][s]) for s in SPLITS if s in by_ckpt[ckpt]["splits"]}}
             for k, by_ckpt in enumerate(reports) for ckpt in CHECKPOINTS]
     pooled = [{"checkpoint": ckpt, "splits": {s: pool([r[ckpt]["splits"][s] for r in reports])
@@ -319,12 +319,16 @@ def read_report(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def scored_last(report: dict) -> bool:
+    """The report scored a run's last.ckpt (a run too small to rank keeps no best file, and
+    ``--ckpt_path best`` is its last checkpoint)."""
+    return Path(report.get("checkpoint") or "").name == "last.ckpt"
+
+
 def same_as_best(root: Path) -> bool:
-    """The best checkpoint's evaluation scored the run's last.ckpt (a run too small to rank keeps
-    no best file, and ``--ckpt_path best`` is its last checkpoint): evaluating it again would
+    """The best checkpoint's evaluation scored the run's last.ckpt: evaluating it again would
     repeat the same answers."""
-    report = json.loads((root / "eval_best" / "report.json").read_text())
-    return Path(report["checkpoint"]).name == "last.ckpt"
+    return scored_last(read_report(root / "eval_best" / "report.json"))
 
 
 def run_all(args, steps) -> dict:

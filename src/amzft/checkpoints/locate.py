@@ -74,17 +74,25 @@ class BestChoice:
                 f"kept in {run}): {self.path}")
 
 
-def best_record(path: str | os.PathLike) -> tuple[int, str, float] | None:
-    """(step, monitor, score) a best-k checkpoint was saved with, read from the ModelCheckpoint
-    state inside it (Lightning sets ``current_score`` before writing the file); None if it
-    holds no monitored checkpoint state. Memory-mapped: only the small entries are read."""
+def saved_callback_states(path: str | os.PathLike) -> tuple[int, list[dict]] | None:
+    """(global step, the callbacks' saved states) of a checkpoint, memory-mapped: only the
+    small entries are read. None for a file being written or broken."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return None  # a file being written or broken: not a candidate
-    for state in (checkpoint.get("callbacks") or {}).values():
-        if isinstance(state, dict) and state.get("monitor") and state.get("current_score") is not None:
-            return int(checkpoint.get("global_step", 0)), state["monitor"], float(state["current_score"])
+        return None
+    states = [s for s in (checkpoint.get("callbacks") or {}).values() if isinstance(s, dict)]
+    return int(checkpoint.get("global_step", 0)), states
+
+
+def best_record(path: str | os.PathLike) -> tuple[int, str, float] | None:
+    """(step, monitor, score) a best-k checkpoint was saved with, read from the ModelCheckpoint
+    state inside it (Lightning sets ``current_score`` before writing the file); None if it
+    holds no monitored checkpoint state (or cannot be read: not a candidate)."""
+    saved = saved_callback_states(path)
+    for state in saved[1] if saved else ():
+        if state.get("monitor") and state.get("current_score") is not None:
+            return saved[0], state["monitor"], float(state["current_score"])
     return None
 
 
@@ -122,16 +130,11 @@ def unranked_choice(run: Path) -> BestChoice | None:
     """The run's last checkpoint (``last.ckpt``, else its newest step file) when its
     BestCheckpoint said it could not rank (too few validation products); None otherwise."""
     last = run / "last.ckpt"
-    candidates = [last] if last.is_file() else sorted(run.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-1:]
-    for path in candidates:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            return None
-        for state in (checkpoint.get("callbacks") or {}).values():
-            if isinstance(state, dict) and state.get(UNRANKED_KEY):
-                return BestChoice(path, int(checkpoint.get("global_step", 0)), state.get("monitor") or "",
-                                  float("nan"), [], unranked=state[UNRANKED_KEY])
+    path = last if last.is_file() else max(run.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+    saved = saved_callback_states(path) if path is not None else None
+    for state in saved[1] if saved else ():
+        if state.get(UNRANKED_KEY):
+            return BestChoice(path, saved[0], state.get("monitor") or "", float("nan"), [], unranked=state[UNRANKED_KEY])
     return None
 
 

@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import shutil
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -125,19 +126,19 @@ class PreparedData:
         return self._examples[name]
 
 
-# id(tokenizer) -> (tokenizer, hash of its definition): one process shares one tokenizer per
-# folder (amzft.model.sources.load_tokenizer), and serialising Llama-3.2's takes ~0.2 s a call.
-_DEFINITIONS: dict[int, tuple[object, str]] = {}
+# A tokenizer's definition hash, per instance: one process shares one tokenizer per folder
+# (amzft.model.sources.load_tokenizer), and serialising Llama-3.2's takes ~0.2 s a call. Weak
+# keys: a tokenizer no one holds any more is forgotten with it.
+_DEFINITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    known = _DEFINITIONS.get(id(tokenizer))
-    if known is None or known[0] is not tokenizer:
+    if tokenizer not in _DEFINITIONS:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-        known = _DEFINITIONS[id(tokenizer)] = (tokenizer, hashlib.sha256(definition.encode()).hexdigest())
+        _DEFINITIONS[tokenizer] = hashlib.sha256(definition.encode()).hexdigest()
     extra = f"{tokenizer.eos_token_id}|{tokenizer.pad_token_id}|{tokenizer.bos_token_id}"
-    return hashlib.sha256((known[1] + extra).encode()).hexdigest()[:16]
+    return hashlib.sha256((_DEFINITIONS[tokenizer] + extra).encode()).hexdigest()[:16]
 
 
 def cache_key(settings: DataSettings, tokenizer) -> str:
