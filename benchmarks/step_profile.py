@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="trn.json records (default: the bundled sample)")
     parser.add_argument("--batches", type=int, default=2, help="micro-batches profiled (after 2 warm-up ones)")
     parser.add_argument("--top", type=int, default=12, help="operators listed")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="bf16-mixed: forward under CPU bf16 autocast, as Lightning's bf16-mixed runs it")
     args = parser.parse_args()
     force_offline()
     quiet_libraries()
@@ -69,9 +71,12 @@ def main() -> None:
     warmup, timed = [next(batches) for _ in range(2)], [next(batches) for _ in range(args.batches)]
     module.train()
 
+    bf16 = args.precision == "bf16-mixed"
+
     def run(group) -> None:
         for batch in group:
-            loss, n = module.token_loss_sum(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, n = module.token_loss_sum(batch)
             (loss / n).backward()
 
     run(warmup)
@@ -87,14 +92,17 @@ def main() -> None:
     for e in events:
         shares[kind_of(e.key)] = shares.get(kind_of(e.key), 0.0) + e.self_cpu_time_total / total
     config = module.model.get_base_model().config
-    print(f"{cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads, {datetime.date.today()}; {args.config}")
+    print(f"{cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads, {datetime.date.today()}; {args.config}, "
+          f"{args.precision}")
     print(f"{args.batches} micro-batches, {tokens} input tokens (shapes {[tuple(b['input_ids'].shape) for b in timed]}): "
           f"{seconds:.2f} s = {tokens / seconds:.1f} input tokens/s (forward + backward, no optimizer step)")
     for kind, share in sorted(shares.items(), key=lambda kv: -kv[1]):
         print(f"  {share:6.1%}  {kind}")
     rows = max(int(b["input_ids"].shape[1]) for b in timed)
+    mm_dtype = "bfloat16" if bf16 else "float32"
     print(f"torch.mm at an MLP projection's shape ({rows} x {config.hidden_size} @ {config.hidden_size} x "
-          f"{config.intermediate_size}): {gemm_rate(rows, config.hidden_size, config.intermediate_size):.0f} GFLOP/s")
+          f"{config.intermediate_size}): {gemm_rate(rows, config.hidden_size, config.intermediate_size, dtype=mm_dtype):.0f} "
+          f"GFLOP/s ({mm_dtype})")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
 
 

@@ -200,6 +200,58 @@ def reference(model_dir: str, data: str, steps: int, out: str) -> None:
     }))
 
 
+# The GPU's bf16 matrix-multiply rate is probed at this shape (positions x hidden @ hidden x
+# intermediate, Llama-3.2-1B's MLP at ~1,000 positions: base.yaml's micro-batches hold ~400,
+# full.yaml's a few thousand) and at 8192^3, the rate a spec sheet's peak approaches.
+MM_SHAPES = {"mlp": (1024, 2048, 8192), "8192^3": (8192, 8192, 8192)}
+LORA_R = 16  # base.yaml's and full.yaml's rank, on all seven projections (amzft.training.flops.PROJECTIONS)
+
+
+def cuda_mm_tflops(m: int, k: int, n: int, rounds: int = 5, reps: int = 20) -> float:
+    """bf16 torch.mm on the GPU: TFLOP/s, the best of ``rounds`` rounds of ``reps`` products."""
+    import torch
+
+    a, b = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n * reps / best / 1e12
+
+
+def counted_tflops(summary: dict, config_path: Path) -> float | None:
+    """A run's FLOPs per second over its timed steps, counted from the model's shapes at the rows'
+    real lengths (amzft.training.flops; docs/performance.md, "Utilisation: FLOPs of a step").
+    None where the summary lacks the counts: the reference's rows are not recorded, and its head
+    runs at every position, which amzft's count of a label-only head would miss."""
+    from amzft.training.flops import PROJECTIONS, ModelShape, StepTokens, step_flops
+
+    needed = ("processed_tokens", "row_length_squares", "label_tokens", "seconds")
+    if "error" in summary or any(summary.get(k) is None for k in needed) or not summary["seconds"]:
+        return None
+    config = json.loads(config_path.read_text())
+    shape = ModelShape(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+                       layers=config["num_hidden_layers"], heads=config["num_attention_heads"],
+                       kv_heads=config["num_key_value_heads"], head_dim=config["head_dim"], vocab=config["vocab_size"])
+    work = StepTokens(summary["processed_tokens"], summary["row_length_squares"], summary["label_tokens"])
+    return step_flops(shape, LORA_R, PROJECTIONS, work).total / summary["seconds"] / 1e12
+
+
+def add_utilisation(summary: dict, config_path: Path, mm_rates: dict[str, float]) -> dict:
+    """``summary`` with its counted TFLOP/s and their share of the GPU's probed matrix-multiply rates."""
+    rate = counted_tflops(summary, config_path)
+    if rate is None:
+        return summary
+    return {**summary, "tflops_per_s": rate, "mm_tflops_per_s": dict(mm_rates),
+            "utilisation": {shape: rate / peak for shape, peak in mm_rates.items()}}
+
+
 def run_reference(model_dir: Path, data: str, work: Path, steps: int, timeout: float = 900) -> dict:
     out = work / "reference.json"
     ok, error = _run("reference", [sys.executable, __file__, "--reference", str(model_dir), data, str(steps), str(out)],
@@ -229,15 +281,22 @@ FUNCTIONAL = ("evaluate", "export")
 
 def report(document: dict, header: str, notes: dict[str, str]) -> str:
     """The results document as a text table (what gpu_check.txt holds), functional steps below."""
-    lines = [header, f"{'run':<12} {'tokens/s':>10} {'vs ref':>7} {'peak GiB':>9} {'1st step s':>10} {'last loss':>9}"]
+    lines = [header, f"{'run':<12} {'tokens/s':>10} {'vs ref':>7} {'peak GiB':>9} {'1st step s':>10} {'last loss':>9} "
+                     f"{'TFLOP/s':>8} {'of mm':>6}"]
     for run in document["runs"]:
         if not run["ok"]:
             lines.append(f"{run['name']:<12} FAILED: {run['error']}")
             continue
         ratio = f"{run['vs_reference']:.2f}x" if run["vs_reference"] else "n/a"
         loss = f"{run['last_loss']:.3f}" if run.get("last_loss") is not None else "-"
+        counted = f"{run['tflops_per_s']:>8.1f} {run['utilisation']['mlp']:>6.1%}" if run.get("tflops_per_s") else f"{'-':>8} {'-':>6}"
         lines.append(f"{run['name']:<12} {run['tokens_per_s']:>10.0f} {ratio:>7} {run['peak_gib']:>9.2f} "
-                     f"{run.get('first_step_s') or 0:>10.1f} {loss:>9}")
+                     f"{run.get('first_step_s') or 0:>10.1f} {loss:>9} {counted}")
+    rates = next((run["mm_tflops_per_s"] for run in document["runs"] if run.get("mm_tflops_per_s")), None)
+    if rates:
+        lines.append("TFLOP/s: a step's FLOPs counted from the model's shapes at the rows' real lengths "
+                     "(amzft.training.flops); of mm: their share of bf16 torch.mm at "
+                     f"{'x'.join(map(str, MM_SHAPES['mlp']))} ({rates['mlp']:.0f} TFLOP/s; 8192^3: {rates['8192^3']:.0f})")
     lines += [f"{name:<12} {note}" for name, note in notes.items()]
     return "\n".join(lines)
 
@@ -317,7 +376,8 @@ def main() -> None:
     model_dir = work / "llama-3.2-1b-shaped"
     log("building the Llama-3.2-1B-shaped model")
     make_model(model_dir)
-    log("model ready")
+    mm_rates = {name: cuda_mm_tflops(*shape) for name, shape in MM_SHAPES.items()}
+    log(f"model ready; bf16 torch.mm: {', '.join(f'{k} {v:.0f} TFLOP/s' for k, v in mm_rates.items())}")
     for name in wanted:
         if time.perf_counter() - started > args.budget_s:
             summary, configs[name] = {"error": f"skipped: the {args.budget_s:.0f} s budget is spent"}, []
@@ -326,7 +386,7 @@ def main() -> None:
         if name in FUNCTIONAL:
             notes[name] = f"FAILED: {summary['error']}" if "error" in summary else "ok"
             continue
-        summaries[name] = summary
+        summaries[name] = add_utilisation(summary, model_dir / "config.json", mm_rates)
         for path in paths:  # after every run: a check cut short keeps what it measured
             result_file.write(document(), path)
     text = report(document(), header, notes)

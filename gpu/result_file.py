@@ -8,13 +8,17 @@ its own (a row can be copied into a table or another file without its header):
      "device": "NVIDIA H200", "versions": {"torch": "2.11.0+cu130", ...}, "date": "2026-11-26",
      "command": "bash gpu/run_on_device.sh", "config": ["fit", "--config", "configs/base.yaml", ...],
      "first_step_s": 24.9, "last_loss": 1.93, "steps": 30, "seconds": 14.2, "tokens": 43612,
-     "padding_efficiency": 0.71, "error": null}
+     "padding_efficiency": 0.71, "tflops_per_s": 14.5, "mm_tflops_per_s": {"mlp": 610.0, "8192^3": 790.0},
+     "utilisation": {"mlp": 0.024, "8192^3": 0.018}, "error": null}
 
 ``tokens_per_s`` counts real (non-pad) tokens, timed from the end of step 1 (amzft's
 ``ThroughputMeter`` and the reference's own clock alike); ``peak_gib`` is the CUDA allocator's
-peak during training. A failed or skipped run keeps its row with ``ok`` false, null figures and
-the ``error``. Everything here is plain Python (no torch): the check's reference process and the
-CPU tests import it.
+peak during training; ``tflops_per_s`` is a step's FLOPs counted from the model's shapes
+(amzft.training.flops) over its time, ``utilisation`` its share of the GPU's bf16 ``torch.mm``
+rate at each probed shape (``mm_tflops_per_s``), amzft runs only (null for the reference). A
+failed or skipped run keeps its row with ``ok`` false, null figures and the ``error``.
+Everything here is plain Python (no torch): the check's reference process and the CPU tests
+import it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ MIB_PER_GIB = 1024
 # The packages whose versions decide the figures (liger-kernel only where installed).
 PACKAGES = ("torch", "transformers", "peft", "unsloth", "trl", "lightning", "liger-kernel")
 # Per-run figures copied from a run's summary when present (ThroughputMeter or the reference).
-EXTRA = ("first_step_s", "last_loss", "steps", "seconds", "tokens", "padding_efficiency")
+# tflops_per_s, mm_tflops_per_s and utilisation: amzft runs only (gpu/check.py's add_utilisation).
+EXTRA = ("first_step_s", "last_loss", "steps", "seconds", "tokens", "padding_efficiency", "tflops_per_s",
+         "mm_tflops_per_s", "utilisation")
 
 
 def peak_gib(summary: dict) -> float | None:

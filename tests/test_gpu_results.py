@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from amzft.training.flops import PROJECTIONS, ModelShape, StepTokens, step_flops
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "gpu"))
@@ -46,7 +47,8 @@ def test_results_document_from_fake_summaries():
     runs = document["runs"]
     assert [r["name"] for r in runs] == ["base.yaml", "reference", "large-batch", "hf", "hf-plain"]  # as they ran
     required = {"name", "ok", "tokens_per_s", "peak_gib", "vs_reference", "device", "versions", "date", "command",
-                "config", "first_step_s", "last_loss", "steps", "seconds", "tokens", "padding_efficiency", "error"}
+                "config", "first_step_s", "last_loss", "steps", "seconds", "tokens", "padding_efficiency", "tflops_per_s",
+                "mm_tflops_per_s", "utilisation", "error"}
     for run in runs:
         assert set(run) == required
         assert run["device"] == "NVIDIA H200" and run["versions"] == VERSIONS and run["date"] == "2026-11-30"
@@ -85,3 +87,27 @@ def test_the_check_runs_the_most_wanted_first():
     assert check.RUNS["large-batch"][1] == "full.yaml" and "liger" in check.RUNS["hf"][2]
     installed = result_file.package_versions(("torch", "no-such-package-amzft"))
     assert list(installed) == ["torch"]  # a package that is not installed is left out
+
+
+def test_utilisation_is_the_counted_flops_over_time_against_the_probed_rates(tmp_path):
+    """gpu/check.py's utilisation column: amzft.training.flops' count at the summary's real
+    lengths, over the timed seconds, as a share of each probed torch.mm rate; none for the
+    reference, whose rows are not recorded; shown in the report."""
+    config = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    meter = {**_meter(3000.0, 2800.0), "processed_tokens": 43554, "row_length_squares": 11107758, "label_tokens": 31149,
+             "seconds": 14.4}
+    shape = ModelShape(2048, 8192, 16, 32, 8, 64, 128256)
+    expected = step_flops(shape, 16, PROJECTIONS, StepTokens(43554, 11107758, 31149)).total / 14.4 / 1e12
+    rates = {"mlp": 600.0, "8192^3": 800.0}
+    counted = check.add_utilisation(meter, tmp_path / "config.json", rates)
+    assert counted["tflops_per_s"] == pytest.approx(expected) and 10 < expected < 20  # ~4.8 GFLOP a token
+    assert counted["utilisation"] == pytest.approx({"mlp": expected / 600, "8192^3": expected / 800})
+    reference = {"tokens_per_s": 1650.0, "seconds": 26.5, "tokens": 43882, "peak_memory_mib": 1680.0}
+    assert check.add_utilisation(reference, tmp_path / "config.json", rates) == reference
+    assert check.add_utilisation({"error": "exit 1"}, tmp_path / "config.json", rates) == {"error": "exit 1"}
+    document = _document({"base.yaml": counted, "reference": reference})
+    assert document["runs"][1]["utilisation"] is None
+    table = check.report(document, "header", {})
+    assert f"{expected:.1f}" in table and f"{expected / 600:.1%}" in table and "600 TFLOP/s" in table
