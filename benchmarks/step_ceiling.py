@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import time
+from types import SimpleNamespace
 
 from machine import cpu_flags, cpu_name, gemm_rate, has_bf16_matmul
 
@@ -95,10 +96,7 @@ def main() -> None:
     from amzft.training.flops import PROJECTIONS, ModelShape, StepTokens, step_flops  # noqa: PLC0415
 
     config = json.loads((resolve_model_dir(args.model) / "config.json").read_text())
-    shape = ModelShape(hidden=config["hidden_size"], intermediate=config["intermediate_size"], layers=config["num_hidden_layers"],
-                       heads=config["num_attention_heads"], kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                       head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
-                       vocab=config["vocab_size"])
+    shape = ModelShape.of(SimpleNamespace(**config))  # config.json as attributes, as a transformers config has them
     bf16 = args.precision == "bf16" or (args.precision == "auto" and has_bf16_matmul())
     dtype, name = (torch.bfloat16, "bfloat16") if bf16 else (torch.float32, "float32")
     work = StepTokens.of_rows([args.positions], args.head)

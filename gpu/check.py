@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import result_file  # gpu/result_file.py: this script's folder is on sys.path
 
@@ -235,10 +236,9 @@ def counted_tflops(summary: dict, config_path: Path) -> float | None:
     needed = ("processed_tokens", "row_length_squares", "label_tokens", "seconds")
     if "error" in summary or any(summary.get(k) is None for k in needed) or not summary["seconds"]:
         return None
-    config = json.loads(config_path.read_text())
-    shape = ModelShape(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
-                       layers=config["num_hidden_layers"], heads=config["num_attention_heads"],
-                       kv_heads=config["num_key_value_heads"], head_dim=config["head_dim"], vocab=config["vocab_size"])
+    # config.json read as attributes: ModelShape.of takes a transformers config, and this also
+    # runs on CPU in the tests, where loading transformers' config classes is not needed
+    shape = ModelShape.of(SimpleNamespace(**json.loads(config_path.read_text())))
     work = StepTokens(summary["processed_tokens"], summary["row_length_squares"], summary["label_tokens"])
     return step_flops(shape, LORA_R, PROJECTIONS, work).total / summary["seconds"] / 1e12
 
