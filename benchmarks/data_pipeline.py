@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from amzft.data.build import DataSettings, default_num_proc, prepare
-from amzft.model.sources import force_offline, load_tokenizer
+from amzft.sources import force_offline, load_tokenizer
 
 FULL_FILE_RECORDS = 2_248_619
 WORDS = (

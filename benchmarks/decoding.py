@@ -26,11 +26,10 @@ import torch
 from machine import cpu_name
 
 from amzft.checkpoints.locate import resolve_ckpt_path
-from amzft.checkpoints.restore import datamodule_from_checkpoint
 from amzft.cli.quiet import quiet_libraries
 from amzft.evaluation.run import other_file, run_evaluation
-from amzft.inference.decoding import DEFAULT_DECODING, resolve_decoding
-from amzft.model.module import LoraCausalLM
+from amzft.inference.load import load_answerer
+from amzft.model.decoding import DEFAULT_DECODING, resolve_decoding
 
 COLUMNS = {"rougeL": "ROUGE-L", "looping": "looping", "never_stopped": "no-stop", "collapsed": "collapsed",
            "facts_invented": "invented"}
@@ -81,8 +80,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = _arguments(argv)
     quiet_libraries()
     ckpt = resolve_ckpt_path(args.ckpt_path, args.log_root)
-    module, fmt = LoraCausalLM.from_checkpoint(ckpt)  # once, for every setting
-    dm, step = datamodule_from_checkpoint(ckpt)
+    loaded = load_answerer(ckpt)  # once, for every setting
+    module, fmt = loaded.module, loaded.prompt
+    dm, step = loaded.datamodule(), loaded.step
     other = other_file(ckpt, dm, args.data)
     datamodule, datasets = other if other is not None else (dm, None)
     splits = ["seen", "unseen"] if other is not None else ["train", "test"]

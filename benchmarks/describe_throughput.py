@@ -40,8 +40,8 @@ from amzft.catalogue.command import _load
 from amzft.cli.main import main as amzft
 from amzft.cli.quiet import quiet_libraries
 from amzft.data.clean import clean_text
-from amzft.inference.decoding import DEFAULT_DECODING
-from amzft.model.sources import load_tokenizer
+from amzft.model.decoding import DEFAULT_DECODING
+from amzft.sources import load_tokenizer
 
 
 def _titles(path: Path, n: int) -> list[dict]:

@@ -87,7 +87,7 @@ def describe(stages: dict) -> str:
 def full_build(data: Path, cache: Path, count: bool) -> None:
     sys.path.insert(0, str(REPO / "src"))
     from amzft.data.build import DataSettings, prepare  # noqa: PLC0415 - after the fit subprocesses
-    from amzft.model.sources import force_offline, load_tokenizer  # noqa: PLC0415
+    from amzft.sources import force_offline, load_tokenizer  # noqa: PLC0415
 
     force_offline()
     tokenizer = load_tokenizer("embedded")

@@ -18,7 +18,7 @@ from amzft.data.prompt import PromptFormat
 from amzft.data.reader import read_records
 from amzft.data.stats import PipelineStats
 from amzft.files import shipped_sample
-from amzft.inference.generate import GenerationOptions, generate
+from amzft.model.generation import GenerationOptions, generate
 from amzft.model.module import LoraCausalLM
 
 

@@ -39,13 +39,14 @@ def llama_answers(gguf: Path, prompt: dict, titles: list[str], max_tokens: int) 
 
 def amzft_answers(ckpt_path: str, titles: list[str], max_tokens: int) -> list[str]:
     from amzft.checkpoints.locate import resolve_ckpt_path  # noqa: PLC0415 - torch only when asked
-    from amzft.inference.decoding import GREEDY  # noqa: PLC0415
-    from amzft.inference.generate import generate_answers  # noqa: PLC0415
-    from amzft.model.module import LoraCausalLM  # noqa: PLC0415
-    from amzft.model.sources import force_offline  # noqa: PLC0415
+    from amzft.inference.load import load_answerer  # noqa: PLC0415
+    from amzft.model.decoding import GREEDY  # noqa: PLC0415
+    from amzft.model.generation import generate_answers  # noqa: PLC0415
+    from amzft.sources import force_offline  # noqa: PLC0415
 
     force_offline()
-    module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(ckpt_path))  # already in eval mode
+    loaded = load_answerer(resolve_ckpt_path(ckpt_path))  # already in eval mode
+    module, fmt = loaded.module, loaded.prompt
     return [a.strip() for a in generate_answers(module, titles, fmt, max_tokens, options=GREEDY)]
 
 

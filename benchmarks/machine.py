@@ -1,5 +1,5 @@
 """The CPU a benchmark ran on, printed beside its figures (CPU figures are only comparable with
-the CPU named), and its measured matrix-multiply rate. Kept free of amzft imports: amzft.model.precision
+the CPU named), and its measured matrix-multiply rate. Kept free of amzft imports: amzft.training.precision
 reads the same /proc/cpuinfo, but importing it loads Lightning, which would add to the start-up and
 RSS that first_step.py measures; torch is imported only by ``gemm_rate``."""
 

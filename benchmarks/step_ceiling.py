@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 from machine import cpu_flags, cpu_name, gemm_rate, has_bf16_matmul
 
-from amzft.model.sources import force_offline, resolve_model_dir
+from amzft.sources import force_offline, resolve_model_dir
 
 
 def best_seconds(fn, rounds: int, reps: int) -> float:

@@ -27,7 +27,7 @@ import time
 from machine import cpu_flags, cpu_name, gemm_rate
 
 from amzft.cli.quiet import quiet_libraries
-from amzft.model.sources import force_offline
+from amzft.sources import force_offline
 
 KINDS = {  # operator name fragment -> kind (first match wins)
     "scaled_dot_product": "attention",

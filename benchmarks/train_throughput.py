@@ -36,7 +36,7 @@ import time
 from machine import cpu_flags, cpu_name, gemm_rate, has_bf16_matmul
 
 from amzft.cli.quiet import quiet_libraries
-from amzft.model.sources import force_offline, resolve_model_dir
+from amzft.sources import force_offline, resolve_model_dir
 
 HF_LORA = {"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 

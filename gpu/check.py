@@ -52,7 +52,7 @@ def make_model(directory: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from amzft.model.sources import force_offline, load_tokenizer
+    from amzft.sources import force_offline, load_tokenizer
 
     force_offline()
     if (directory / "config.json").is_file():

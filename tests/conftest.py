@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from amzft.cli.quiet import quiet_libraries
-from amzft.model.sources import force_offline, load_tokenizer
+from amzft.sources import force_offline, load_tokenizer
 
 
 def pytest_configure(config):
@@ -60,8 +60,8 @@ def _private_amzft_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _no_inherited_precision():
     """``precision: auto`` leaves its choice in the environment for the processes a run starts
-    (amzft.model.precision.resolve): one test's choice, often on a faked CPU, must not reach the
-    subprocesses of the next. The name is amzft.model.precision.RESOLVED_ENV (not imported: module doc)."""
+    (amzft.training.precision.resolve): one test's choice, often on a faked CPU, must not reach the
+    subprocesses of the next. The name is amzft.training.precision.RESOLVED_ENV (not imported: module doc)."""
     os.environ.pop("AMZFT_PRECISION_AUTO", None)
     yield
     os.environ.pop("AMZFT_PRECISION_AUTO", None)

@@ -17,7 +17,7 @@ import torch
 from amzft.data.collate import Collator
 from amzft.model.module import LoraCausalLM
 from amzft.model.settings import ComputeOptions, OptimOptions
-from amzft.model.sources import load_tokenizer
+from amzft.sources import load_tokenizer
 
 
 def measure(model_dir: str, kernels: str, bf16: bool, batch: dict) -> dict:

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from amzft.inference.load import load_answerer
 from amzft.model.module import LoraCausalLM
 from helpers import RecordSteps, exports_give_the_logits, fit_args, one_line_error, run_fit, straight_and_resumed, tiny_records
 
@@ -77,7 +78,8 @@ def test_variants_resume_exactly_and_export(tiny_model_dir, write_jsonl, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     ckpt = next((tmp_path / "b").rglob("last.ckpt"))
-    module, _ = LoraCausalLM.from_checkpoint(ckpt)
+    loaded = load_answerer(ckpt)
+    module, _ = loaded.module, loaded.prompt
     assert module.lora.use_dora and module.lora.use_rslora and module.hparams.neftune_alpha == 5
     with torch.no_grad():  # eval mode: no noise
         expected = module.model(input_ids=IDS).logits

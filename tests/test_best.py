@@ -15,7 +15,7 @@ from amzft.checkpoints.locate import BestChoice, find_best_checkpoint
 from amzft.cli import demo
 from amzft.cli.lightning_cli import cli_main
 from amzft.cli.main import main
-from amzft.inference.generate import GenerationOptions
+from amzft.model.generation import GenerationOptions
 from amzft.training.callbacks import StopAtStep
 from amzft.training.validation import EarlyStop, ValidationSchedule
 from helpers import REPO, RecordSteps, fit_args, one_line_error, run_fit, tiny_records

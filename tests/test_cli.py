@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import amzft.cli.commands as commands
 import amzft.cli.demo as demo
-import amzft.model.precision as precision
+import amzft.training.precision as precision
 from amzft.cli.lightning_cli import cli_main
 from amzft.cli.main import main
 from amzft.training.validation import ValidationSchedule

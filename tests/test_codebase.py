@@ -1,6 +1,7 @@
 """Rules the code base keeps, so that it stays easy to read and to change (fast: no model).
 
-* the import graph of src/amzft has no cycle (imports inside functions count too);
+* the import graph of src/amzft has no cycle (imports inside functions count too), and its
+  packages import only those of the layers below them (``LAYERS``, docs/architecture.md);
 * no function or method in src/amzft, benchmarks/ or gpu/ is longer than 80 lines;
 * nothing shipped (src/, configs/, README.md, docs/) points at a file outside the repository;
 * ``python -m amzft --help`` imports no heavy library (torch above all): it stays instant.
@@ -156,6 +157,56 @@ def test_import_graph_of_amzft_has_no_cycle():
     assert not cycles, "import cycles in src/amzft (function-level imports count):\n" + "\n".join(
         "  " + " -> ".join(cycle) for cycle in cycles
     )
+
+
+# The layers of src/amzft, top to bottom (docs/architecture.md, "Layers"): a module imports modules of
+# its own package or of a lower layer only, never of another package of its own layer; the
+# foundations (single modules) may import one another, without a cycle (test above).
+LAYERS = [
+    {"__main__"},  # python -m amzft
+    {"cli"},  # the commands
+    {"catalogue", "training", "export"},  # the jobs: describe a catalogue, fit, export
+    {"evaluation"},  # scoring answers (evaluate, and val/rougeL during a fit)
+    {"inference"},  # a model ready to answer: a checkpoint or a base, loaded once
+    {"checkpoints"},  # a run's files: written atomically, located, ranked
+    {"model", "data"},  # the bottom floor: the LightningModule and the data pipeline
+    {"settings", "files", "errors", "sources", "lightning_compat", ""},  # foundations ("": amzft/__init__)
+]
+
+
+def _package(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def layer_violations(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    rank = {package: i for i, packages in enumerate(layers) for package in packages}
+    foundations = layers[-1]
+    found = []
+    for module, imports in sorted(graph.items()):
+        source = _package(module)
+        for target in sorted(imports):
+            to = _package(target)
+            if to == source or (source in foundations and to in foundations):
+                continue
+            if source not in rank or to not in rank:
+                found.append(f"{module} -> {target}: package not in LAYERS")
+            elif rank[to] <= rank[source]:
+                found.append(f"{module} -> {target}: {to} is not below {source}")
+    return found
+
+
+def test_layer_check_finds_an_upward_and_a_sideways_import():
+    layers = [{"cli"}, {"model", "data"}, {"errors"}]
+    graph = {"amzft.model.a": {"amzft.cli.main", "amzft.data.b", "amzft.errors", "amzft.model.c"}, "amzft.cli.main": {"amzft.model.a"}}
+    assert layer_violations(graph, layers) == ["amzft.model.a -> amzft.cli.main: cli is not below model",
+                                               "amzft.model.a -> amzft.data.b: data is not below model"]
+
+
+def test_packages_import_only_the_layers_below_them():
+    graph = import_graph()
+    assert {_package(m) for m in graph} == set().union(*LAYERS)  # every package has its layer
+    violations = layer_violations(graph, LAYERS)
+    assert not violations, "imports against the layers of src/amzft (LAYERS):\n" + "\n".join(f"  {v}" for v in violations)
 
 
 def _functions(path: Path):

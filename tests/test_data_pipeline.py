@@ -10,7 +10,7 @@ from amzft.data.prompt import PromptFormat
 from amzft.data.sampler import ResumableBatchSampler
 from amzft.data.split import assign_split
 from amzft.errors import DataError
-from amzft.model.sources import load_tokenizer
+from amzft.sources import load_tokenizer
 from helpers import REAL_400, SHARED_DATA, needs_real_data
 
 

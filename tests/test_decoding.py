@@ -1,4 +1,4 @@
-"""One default decoding everywhere (amzft.inference.decoding), the ``collapsed`` view, and the decoding
+"""One default decoding everywhere (amzft.model.decoding), the ``collapsed`` view, and the decoding
 benchmark (tiny models, fast)."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from amzft.data.prompt import PromptFormat
 from amzft.errors import ConfigError
 from amzft.evaluation.scoring import collapsed_share, failure_views
 from amzft.export.gguf import modelfile
-from amzft.inference import generate as generation
-from amzft.inference.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions, describe, resolve_decoding
-from amzft.inference.generate import Answer, generate_answers
+from amzft.inference.load import load_answerer
+from amzft.model import generation
+from amzft.model.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions, describe, resolve_decoding
+from amzft.model.generation import Answer, generate_answers
 from amzft.model.module import LoraCausalLM
 from helpers import REPO, fit_args, one_line_error, tiny_records
 
@@ -69,7 +70,7 @@ def test_decoding_presets_and_overrides():
 
 @pytest.fixture
 def record(monkeypatch):
-    """Every command's answers come from amzft.inference.generate.generate: record the options each call
+    """Every command's answers come from amzft.model.generation.generate: record the options each call
     gets (under the label set in ``calls["now"]``) and answer without a model."""
     calls: dict = {"now": None}
 
@@ -167,7 +168,8 @@ def test_exports_carry_the_decoding(trained, tmp_path, capsys):
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "peft")])
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "merged"), "--format", "merged"])
     assert "decoding: default (" in capsys.readouterr().out
-    module, _ = LoraCausalLM.from_checkpoint(ckpt)
+    loaded = load_answerer(ckpt)
+    module, _ = loaded.module, loaded.prompt
     for kind in ("peft", "merged"):
         config = GenerationConfig.from_pretrained(tmp_path / kind)
         assert config.repetition_penalty == DEFAULT_DECODING.repetition_penalty

@@ -19,8 +19,8 @@ from amzft.catalogue.store import OutputStore, row_bytes
 from amzft.catalogue.titles import TitleRecord
 from amzft.cli.main import main
 from amzft.data.stats import PipelineStats
-from amzft.inference.generate import generate_answers
-from amzft.model.module import LoraCausalLM
+from amzft.inference.load import load_answerer
+from amzft.model.generation import generate_answers
 from helpers import one_line_error, tiny_records
 
 # ~55-token prompts + 5 new tokens: 4 rows a batch, so 29 titles make 8 batches.
@@ -96,7 +96,8 @@ def test_one_title_at_a_time_gives_the_naive_loops_answers(trained, catalogue, t
     describe(trained[0], head, out, "--max_batch", "1")
     rows = rows_of(out)
     assert len(rows) == 4
-    module, fmt = LoraCausalLM.from_checkpoint(trained[0])
+    loaded = load_answerer(trained[0])
+    module, fmt = loaded.module, loaded.prompt
     for row in rows:
         [answer] = generate_answers(module, [row["title"]], fmt, max_new_tokens=5, batch_size=1)
         assert row["description"] == answer

@@ -6,8 +6,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from amzft.cli.main import main
 from amzft.evaluation.scoring import failure_views, is_looping, is_title_only, overlap_scores
-from amzft.inference.generate import Answer
-from amzft.model.module import LoraCausalLM
+from amzft.inference.load import load_answerer
+from amzft.model.generation import Answer
 from helpers import copy_run, exports_give_the_logits, fit_args
 
 
@@ -59,7 +59,8 @@ def test_evaluate_writes_reports_for_both_models_and_splits(trained, capsys):
 
 
 def test_exported_adapter_and_merged_model_match_the_module(trained, tmp_path):
-    module, _ = LoraCausalLM.from_checkpoint(trained)
+    loaded = load_answerer(trained)
+    module, _ = loaded.module, loaded.prompt
     with torch.no_grad():  # make the adapter non-trivial so that a wrong export shows
         for n, p in module.model.named_parameters():
             if "lora_B" in n:

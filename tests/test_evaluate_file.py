@@ -7,15 +7,16 @@ import json
 
 import pytest
 
-from amzft.checkpoints.restore import datamodule_from_checkpoint
 from amzft.cli.main import main
 from amzft.evaluation.run import ratio_line
+from amzft.inference.load import load_answerer
 from helpers import copy_run, fit_args, tiny_records
 
 
 def test_evaluate_on_another_file_reports_seen_and_unseen(trained_run, write_jsonl, tmp_path, capsys):
     ckpt = copy_run(trained_run, tmp_path)  # a fit on tiny_records(30) with test and validation splits; evaluate writes beside it
-    dm, step = datamodule_from_checkpoint(ckpt)
+    loaded = load_answerer(ckpt)
+    dm, step = loaded.datamodule(), loaded.step
     trained, held_out = list(dm.split("train")["title"]), list(dm.split("test")["title"])
     assert len(trained) >= 3 and len(held_out) >= 2
     # Trained products, one with other case and spacing (the same product to the split's key);
@@ -66,7 +67,7 @@ def test_evaluate_on_the_training_file_read_up_to_a_limit_scores_the_rest_as_uns
     main(fit_args(tiny_model_dir, data, tmp_path, "--trainer.max_steps", "1", "--data.limit", "12",
                   "--data.holdout.val_fraction", "0.2", "--data.holdout.test_fraction", "0.2"))
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
-    dm, _ = datamodule_from_checkpoint(ckpt)
+    dm = load_answerer(ckpt).datamodule()
     trained = set(dm.split("train")["title"])
     assert 0 < len(trained) < 12
     capsys.readouterr()

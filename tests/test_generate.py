@@ -7,11 +7,10 @@ import pytest
 import torch
 from transformers.integrations import sdpa_attention
 
-from amzft.cli.commands import _base_module
 from amzft.data.prompt import PromptFormat
 from amzft.errors import ModelError
-from amzft.inference.base import plain_base
-from amzft.inference.generate import _gqa_sdpa_on_cpu, generate_answers
+from amzft.inference.load import _base_module, load_answerer, plain_base
+from amzft.model.generation import _gqa_sdpa_on_cpu, generate_answers
 from amzft.model.module import LoraCausalLM
 
 TITLES = ["Mug", "A much longer product title with many words in it", "Lamp"]
@@ -62,15 +61,15 @@ def test_generation_stops_at_eos(tiny_module):
 
 def test_checkpoint_errors_are_one_line(tmp_path, tiny_model_dir):
     with pytest.raises(ModelError, match="does not exist"):
-        LoraCausalLM.from_checkpoint(tmp_path / "missing.ckpt")
+        load_answerer(tmp_path / "missing.ckpt")
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ModelError, match="corrupt or not a checkpoint"):
-        LoraCausalLM.from_checkpoint(corrupt)
+        load_answerer(corrupt)
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"name_or_path": str(tiny_model_dir), "lora_r": 8}}, other)
     with pytest.raises(ModelError, match="another base model or LoRA config"):
-        LoraCausalLM.from_checkpoint(other)
+        load_answerer(other)
 
 
 def test_shared_kv_heads_on_cpu_give_transformers_own_answers_and_logits(tiny_module, monkeypatch):
@@ -94,12 +93,12 @@ def test_shared_kv_heads_on_cpu_give_transformers_own_answers_and_logits(tiny_mo
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     fmt = PromptFormat()
     with_patch = generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8)
-    monkeypatch.setattr("amzft.inference.generate._gqa_sdpa_on_cpu", contextlib.nullcontext)
+    monkeypatch.setattr("amzft.model.generation._gqa_sdpa_on_cpu", contextlib.nullcontext)
     assert generate_answers(tiny_module, TITLES, fmt, max_new_tokens=6, batch_size=8) == with_patch
 
 
 def test_ask_without_a_checkpoint_answers_as_the_module_without_lightning_or_peft(tiny_model_dir):
-    """`ask` with no checkpoint loads the base as a plain transformers model (amzft.inference.base):
+    """`ask` with no checkpoint loads the base as a plain transformers model (amzft.inference.load.plain_base):
     the same answers as the training module with its untrained adapter, and neither Lightning
     nor peft imported (seconds of a cold start)."""
     fmt = PromptFormat()

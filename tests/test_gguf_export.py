@@ -16,8 +16,8 @@ from amzft.cli.main import main
 from amzft.data.encode import PromptEncoder
 from amzft.data.prompt import PromptFormat, adds_bos, chat_template_for
 from amzft.export.gguf import modelfile
-from amzft.model.module import LoraCausalLM
-from amzft.model.sources import load_tokenizer
+from amzft.inference.load import load_answerer
+from amzft.sources import load_tokenizer
 from helpers import REPO, fit_args, fit_tiny_run, one_line_error, tiny_records
 
 # Real-looking titles: digits, punctuation, braces, quotes, non-ASCII.
@@ -83,7 +83,8 @@ def exports(tiny_model_dir, tmp_path_factory):
     """A tiny trained run with a non-trivial adapter, exported as peft, merged, GGUF f16 and q8_0."""
     tmp = tmp_path_factory.mktemp("gguf")
     ckpt = fit_tiny_run(tiny_model_dir, tmp, "--trainer.max_steps", "2")
-    module, _ = LoraCausalLM.from_checkpoint(ckpt)
+    loaded = load_answerer(ckpt)
+    module, _ = loaded.module, loaded.prompt
     with torch.no_grad():  # make the adapter non-trivial so that a wrong export shows
         for n, p in module.model.named_parameters():
             if "lora_B" in n:

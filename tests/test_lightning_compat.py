@@ -1,4 +1,4 @@
-"""``amzft.training.lightning_compat`` is the only module that touches Lightning's internals, and
+"""``amzft.lightning_compat`` is the only module that touches Lightning's internals, and
 each use still means what it did with the Lightning installed (the versions it names)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from amzft.training import lightning_compat as compat
+from amzft import lightning_compat as compat
 from amzft.training.stack import fit_callbacks
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "amzft"
@@ -40,7 +40,7 @@ def test_no_other_module_names_a_lightning_internal():
 def test_the_installed_lightning_is_one_the_uses_were_checked_against():
     minor = ".".join(lightning.__version__.split(".")[:2])
     assert minor in compat.CHECKED_WITH, (
-        f"lightning {lightning.__version__}: re-check amzft.training.lightning_compat, then add {minor} to CHECKED_WITH")
+        f"lightning {lightning.__version__}: re-check amzft.lightning_compat, then add {minor} to CHECKED_WITH")
 
 
 class _Tiny(LightningModule):

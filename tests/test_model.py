@@ -16,7 +16,7 @@ from amzft.checkpoints.io import load_checkpoint_file
 from amzft.cli.lightning_cli import cli_main
 from amzft.data.collate import Collator
 from amzft.errors import ConfigError
-from amzft.inference.generate import GenerationOptions, generate
+from amzft.model.generation import GenerationOptions, generate
 from amzft.model.loss import head_loss_sum
 from amzft.model.module import COMPILE_BREAK_EVEN_STEPS, LoraCausalLM, decide_compile
 from amzft.model.settings import ComputeOptions

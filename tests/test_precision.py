@@ -1,4 +1,4 @@
-"""trainer.precision: auto (amzft.model.precision): the rule on fake /proc/cpuinfo texts, the probe
+"""trainer.precision: auto (amzft.training.precision): the rule on fake /proc/cpuinfo texts, the probe
 and its cap, and the CLI resolving it (logged, recorded in the run's config.yaml, resumable)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import amzft.model.precision as precision
+import amzft.training.precision as precision
 from amzft.cli.lightning_cli import cli_main
 from amzft.cli.main import main
 from amzft.errors import ConfigError
-from amzft.model.precision import ProbeResult, for_cpu, for_cuda, probe, resolve
+from amzft.training.precision import ProbeResult, for_cpu, for_cuda, probe, resolve
 from helpers import fit_args
 
 

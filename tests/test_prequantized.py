@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from amzft.cli.main import main
-from amzft.export.formats import DEQUANTIZED_NOTE, full_precision_module
+from amzft.inference.load import DEQUANTIZED_NOTE, load_answerer
 from amzft.model.module import LoraCausalLM
 from amzft.model.settings import ComputeOptions
 from helpers import fit_args, one_line_error, straight_and_resumed, tiny_records
@@ -82,7 +82,8 @@ def test_prequantized_fit_resumes_exactly_evaluates_and_exports_dequantized(preq
     assert set(report["splits"]) == {"train", "test"}
 
     # A non-trivial adapter, so that a wrong merge shows.
-    module, _ = LoraCausalLM.from_checkpoint(ckpt)
+    loaded = load_answerer(ckpt)
+    module, _ = loaded.module, loaded.prompt
     assert len(_four_bit(module.model)) == 14
     with torch.no_grad():
         for n, p in module.model.named_parameters():
@@ -93,7 +94,8 @@ def test_prequantized_fit_resumes_exactly_evaluates_and_exports_dequantized(preq
     torch.save({**torch.load(ckpt, weights_only=True), "state_dict": adapter}, ckpt)
 
     # The dequantised base holds exactly the weights the 4-bit layers compute with.
-    full, _, note = full_precision_module(str(ckpt))
+    full_answerer = load_answerer(str(ckpt), full_precision=True)
+    full, note = full_answerer.module, full_answerer.note
     assert note == DEQUANTIZED_NOTE and not _four_bit(full.model)
     layer = _four_bit(module.model)[0]
     dequantized = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()

@@ -159,7 +159,7 @@ def test_a_gzip_file_is_read(tmp_path):
 
 def test_no_model_is_loaded(write_jsonl, monkeypatch, capsys):
     # A None entry in sys.modules makes importing that module fail: the path must not need them.
-    for name in ("amzft.inference.generate", "amzft.model.module", "amzft.checkpoints", "amzft.model.backends", "peft"):
+    for name in ("amzft.model.generation", "amzft.model.module", "amzft.checkpoints", "amzft.model.backends", "peft"):
         monkeypatch.setitem(sys.modules, name, None)
     path = write_jsonl([described("Girls Ballet Tutu", TUTU, TUTU)])
     main(["evaluate", "--predictions", str(path)])

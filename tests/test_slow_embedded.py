@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch import Callback
 
 from amzft.checkpoints.io import load_checkpoint_file
-from amzft.inference.generate import GREEDY, generate_answers
-from amzft.model.module import LoraCausalLM
-from amzft.model.sources import load_tokenizer
+from amzft.inference.load import load_answerer
+from amzft.model.generation import GREEDY, generate_answers
+from amzft.sources import load_tokenizer
 from amzft.training.callbacks import StopAtStep
 from helpers import REPO, run_fit
 
@@ -56,7 +56,8 @@ def test_embedded_fit_resume_and_ask(tmp_path):
     loss = float(cli.trainer.callback_metrics["train/loss"])
     assert math.isfinite(loss) and loss < 6
     last = cli.trainer.checkpoint_callback.last_model_path
-    module, fmt = LoraCausalLM.from_checkpoint(last)
+    loaded = load_answerer(last)
+    module, fmt = loaded.module, loaded.prompt
     titles = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
     # Raw greedy, the decoding this test was written for.
     tuned = generate_answers(module, titles, fmt, max_new_tokens=120, options=GREEDY)

@@ -17,10 +17,9 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
-from amzft.data.settings import GROUPS, RENAMED
 from amzft.errors import ConfigError, DataError
-from amzft.inference.decoding import add_decoding_arguments, decoding_from, describe
-from amzft.settings import as_dict, nested
+from amzft.model.decoding import add_decoding_arguments, decoding_from, describe
+from amzft.settings import as_dict
 
 
 def _parser() -> ArgumentParser:
@@ -132,7 +131,7 @@ def _settings(cfg, module, fmt, data_settings: dict, source: Path, ckpt: str | N
         "use_adapter": bool(cfg.use_adapter and ckpt),
         "decoding": asdict(options),
         "prompt": asdict(fmt),
-        "strip_boilerplate": bool(nested(data_settings, RENAMED, GROUPS).get("filters", {}).get("strip_boilerplate", True)),
+        "strip_boilerplate": bool(as_dict(data_settings.get("filters")).get("strip_boilerplate", True)),
         "plan": asdict(plan),
         "precision": str(precision),
     }
@@ -185,18 +184,10 @@ def _default_precision(accelerator: str) -> str:
 
 def _load(ckpt: str | None, model_args: dict):
     """(module, prompt format, the data settings it was trained with)."""
-    from amzft.checkpoints.io import load_checkpoint_file
-    from amzft.data.prompt import prompt_format_from
-    from amzft.model.module import LoraCausalLM
-    from amzft.settings import init_kwargs
+    from amzft.inference.load import load_answerer
 
-    if ckpt:
-        module, fmt = LoraCausalLM.from_checkpoint(ckpt)
-        return module, fmt, load_checkpoint_file(ckpt).get("datamodule_hyper_parameters") or {}
-    module = LoraCausalLM(**init_kwargs(LoraCausalLM, model_args))
-    module.configure_model()
-    module.eval()
-    return module, prompt_format_from({}), {}
+    answerer = load_answerer(ckpt, model_args)
+    return answerer.module, answerer.prompt, answerer.data_settings
 
 
 def _file_identity(path: Path) -> dict:

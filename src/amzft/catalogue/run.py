@@ -24,8 +24,8 @@ from amzft.catalogue.titles import read_titles
 from amzft.data.encode import PromptEncoder
 from amzft.data.stats import PipelineStats
 from amzft.errors import AmzftError
-from amzft.inference.decoding import GenerationOptions
-from amzft.inference.generate import generate_ids
+from amzft.model.decoding import GenerationOptions
+from amzft.model.generation import generate_ids
 
 
 class StoppedBySignal(AmzftError):

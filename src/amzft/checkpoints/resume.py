@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback
 
-from amzft.training.lightning_compat import reopen_interrupted_epoch
+from amzft.lightning_compat import reopen_interrupted_epoch
 
 
 def save_last_now(trainer) -> str | None:

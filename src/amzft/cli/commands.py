@@ -15,9 +15,8 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from amzft.data.prompt import prompt_format_from
 from amzft.errors import ConfigError
-from amzft.inference.decoding import (
+from amzft.model.decoding import (
     DECODING_KEYS,
     DEFAULT_DECODING,
     GenerationOptions,
@@ -39,7 +38,7 @@ def command_parser(prog: str, description: str, with_data: bool = True, own: tup
     # exit_on_error=False: amzft.cli.main prints parse errors as one line instead of the usage dump.
     parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/*.yaml)")
-    if decoding:  # the same options as every command that answers (amzft.inference.decoding)
+    if decoding:  # the same options as every command that answers (amzft.model.decoding)
         add_decoding_arguments(parser)
     else:
         for key in DECODING_KEYS:
@@ -81,16 +80,6 @@ def data_command(argv: list[str]) -> None:
     print(render_report(dm.prepared, dm.settings, dm.tokenizer, cfg.examples))
 
 
-def _base_module(model_args: dict):
-    from amzft.model.module import LoraCausalLM
-    from amzft.settings import init_kwargs
-
-    # A training config's model section may hold keys for other tools; keep the module's own.
-    module = LoraCausalLM(**init_kwargs(LoraCausalLM, model_args))
-    module.configure_model()
-    return module
-
-
 def ask_command(argv: list[str]) -> None:
     """Answer "What is the description of product TITLE?" with the base or fine-tuned model."""
     parser = command_parser("amzft ask", "Answer the notebook's question for one or more product titles.", with_data=False,
@@ -104,19 +93,16 @@ def ask_command(argv: list[str]) -> None:
     parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
     cfg = parser.parse_args(argv)
     options = decoding_from(cfg)
-    from amzft.inference.generate import generate_answers
+    from amzft.inference.load import load_answerer
+    from amzft.model.generation import generate_answers
 
+    ckpt = None
     if cfg.ckpt_path:
         from amzft.checkpoints.locate import resolve_ckpt_path  # imports Lightning: only with a checkpoint
-        from amzft.model.module import LoraCausalLM
 
-        module, fmt = LoraCausalLM.from_checkpoint(resolve_ckpt_path(cfg.ckpt_path, cfg.log_root))
-    else:
-        from amzft.inference.base import plain_base
-
-        model_options = as_dict(cfg.model)
-        module = plain_base(model_options) or _base_module(model_options)
-        fmt = prompt_format_from(as_dict(cfg.data))
+        ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root)
+    answerer = load_answerer(ckpt, as_dict(cfg.model), as_dict(cfg.data), plain=True)
+    module, fmt = answerer.module, answerer.prompt
     tuned = generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=bool(cfg.ckpt_path), options=options)
     base = (generate_answers(module, cfg.titles, fmt, cfg.max_new_tokens, use_adapter=False, options=options)
             if cfg.compare and cfg.ckpt_path else None)
@@ -175,24 +161,23 @@ def evaluate_command(argv: list[str]) -> None:
         cfg.samples = 24
     options = decoding_from(cfg, **dict(cfg.gen))
     from amzft.checkpoints.locate import resolve_ckpt_path
-    from amzft.checkpoints.restore import datamodule_from_checkpoint
     from amzft.evaluation.run import render_table, run_evaluation, write_report
-    from amzft.model.module import LoraCausalLM
+    from amzft.inference.load import load_answerer
 
     for split in cfg.splits:
         if split not in ("train", "validation", "test"):
             raise ConfigError(f"--splits takes train, validation, test; found {split!r}")
     if cfg.ckpt_path:
         ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root)
-        module, fmt = LoraCausalLM.from_checkpoint(ckpt)
-        dm, step = datamodule_from_checkpoint(ckpt)
+        answerer = load_answerer(ckpt)
+        module, fmt, dm, step = answerer.module, answerer.prompt, answerer.datamodule(), answerer.step
         out = Path(cfg.out) if cfg.out else Path(ckpt).parent.parent
-        other = _other_file(cfg, ckpt, dm)
+        other = _other_file(cfg, answerer, dm)
         if other is not None:
             return _evaluate_file(cfg, options, module, fmt, ckpt, step, out, other)
     else:
         ckpt, dm, step = None, _datamodule(cfg), 0
-        module = _base_module(as_dict(cfg.model) | {"max_length": dm.settings.max_length})
+        module = load_answerer(None, as_dict(cfg.model) | {"max_length": dm.settings.max_length}).module
         fmt = dm.settings.prompt
         out = Path(cfg.out) if cfg.out else Path(cfg.log_root) / "amzft" / "base_eval"
     report = run_evaluation(module, dm, fmt, cfg.splits, cfg.samples, options, with_adapter=ckpt is not None,
@@ -203,12 +188,12 @@ def evaluate_command(argv: list[str]) -> None:
     print(f"\nreport: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
 
 
-def _other_file(cfg, ckpt: str, dm):
+def _other_file(cfg, answerer, dm):
     """``--data.path`` of a file other than the one the checkpoint was trained on: its data
     module and its seen / unseen products (``evaluation.other_file``); None otherwise."""
     from amzft.evaluation.run import other_file
 
-    return other_file(ckpt, dm, (cfg.get("data") or {}).get("path"))
+    return other_file(answerer, dm, (cfg.get("data") or {}).get("path"))
 
 
 def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, other) -> None:

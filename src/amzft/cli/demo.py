@@ -14,7 +14,7 @@ from typing import Any
 
 from amzft.cli.commands import command_parser
 from amzft.errors import ConfigError
-from amzft.inference.decoding import DECODING_KEYS, decoding_from, describe
+from amzft.model.decoding import DECODING_KEYS, decoding_from, describe
 
 # The titles the notebook (configs/base.yaml's recipe) asks about after training.
 NOTEBOOK_TITLES = ["Girls Ballet Tutu", "The Wall: Images and Offerings from the Vietnam Veterans Memorial"]
@@ -109,10 +109,11 @@ def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = Non
     products) can come before the products trained on are recalled: on the bundled sample the
     best by val/loss recalled far less than the last (docs/performance.md, "Fine-tuning runs
     (CPU)"), so the demo shows both rather than hide either."""
-    from amzft.inference.generate import generate_answers
-    from amzft.model.module import LoraCausalLM
+    from amzft.inference.load import load_answerer
+    from amzft.model.generation import generate_answers
 
-    module, fmt = LoraCausalLM.from_checkpoint(checkpoint)
+    best = load_answerer(checkpoint)
+    module, fmt = best.module, best.prompt
     titles = list(NOTEBOOK_TITLES)
     references = {}
     for split in ("train", "test"):
@@ -123,12 +124,12 @@ def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = Non
             references[row["title"]] = (split, row["content"])
     base = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=False, options=options)
     tuned = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
-    at_last, best_step, last_step = [None] * len(titles), module.checkpoint_step, None
+    at_last, best_step, last_step = [None] * len(titles), best.step, None
     if last is not None:
-        del module  # one model in memory at a time
-        final, _ = LoraCausalLM.from_checkpoint(last)
-        at_last = generate_answers(final, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
-        last_step = final.checkpoint_step
+        del module, best  # one model in memory at a time
+        final = load_answerer(last)
+        at_last = generate_answers(final.module, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
+        last_step = final.step
     for title, b, t, f in zip(titles, base, tuned, at_last):
         split, reference = references.get(title, ("not in the data", None))
         print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")

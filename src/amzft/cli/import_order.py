@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from amzft.model.sources import force_offline
+from amzft.sources import force_offline
 
 _ASKS_FOR_UNSLOTH = re.compile(r"backend\s*[:=]\s*['\"]?unsloth\b")
 

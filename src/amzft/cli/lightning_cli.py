@@ -15,11 +15,11 @@
 * ``early_stopping.*``: Lightning's EarlyStopping on ``best.monitor``, when ``patience`` > 0.
 * SIGTERM / Ctrl-C: training finishes the accumulation window, writes ``last.ckpt`` and stops.
 * ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
-* ``trainer.precision: auto`` is resolved for this machine (``amzft.model.precision``) before the
+* ``trainer.precision: auto`` is resolved for this machine (``amzft.training.precision``) before the
   trainer is built: the run's saved config.yaml records the precision used.
 * ``--decoding`` / ``--repetition_penalty`` / ``--no_repeat_ngram_size`` / ``--length_decay_*`` (top-level keys, as in
   ``ask`` / ``evaluate`` / ``demo`` / ``export``): how ``predict`` and ``sample_answers``
-  (``val/rougeL``) decode, ``amzft.inference.decoding.DEFAULT_DECODING`` unless said otherwise.
+  (``val/rougeL``) decode, ``amzft.model.decoding.DEFAULT_DECODING`` unless said otherwise.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from amzft.checkpoints.io import AtomicCheckpointIO, check_writable
 from amzft.checkpoints.locate import LOG_NAME, resolve_ckpt_path, run_version
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
-from amzft.inference.decoding import add_decoding_arguments, decoding_from
+from amzft.lightning_compat import TrainerBuildHook
+from amzft.model.decoding import add_decoding_arguments, decoding_from
 from amzft.model.module import LoraCausalLM
-from amzft.model.precision import AmzftTrainer, resolve
 from amzft.training.callbacks import SampleAnswers
-from amzft.training.lightning_compat import TrainerBuildHook
+from amzft.training.precision import AmzftTrainer, resolve
 from amzft.training.stack import fit_callbacks
 from amzft.training.validation import ValidationSchedule
 
@@ -121,7 +121,7 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        # predict's answers and val/rougeL decode as ask / evaluate / demo do (amzft.inference.decoding).
+        # predict's answers and val/rougeL decode as ask / evaluate / demo do (amzft.model.decoding).
         self.model.decoding = self._decoding or self.model.decoding
         for callback in self.trainer.callbacks:
             if isinstance(callback, SampleAnswers):

@@ -17,10 +17,7 @@ import traceback
 
 from amzft.cli.help_cache import asks_for_help, cached_help, render_and_keep
 from amzft.cli.quiet import quiet_libraries
-from amzft.data.settings import RENAMED as DATA_RENAMED
-from amzft.errors import AmzftError, ConfigError
-from amzft.model.settings import RENAMED as MODEL_RENAMED
-from amzft.settings import renamed_options
+from amzft.errors import AmzftError
 
 USAGE = """usage: python -m amzft COMMAND [--config FILE] [options] [--debug]
 
@@ -86,14 +83,6 @@ def _run(command: str, args: list[str]) -> None:
         raise SystemExit(2)
 
 
-def _refuse_renamed_options(args: list[str]) -> None:
-    """An option of the flat layout (``--model.lr``, ``lora_r:`` in a YAML file) is a one-line
-    error naming its new place, before jsonargparse would call it unrecognised."""
-    moved = renamed_options(args, {"model": MODEL_RENAMED, "data": DATA_RENAMED})
-    if moved:
-        raise ConfigError(f"{'; '.join(moved)} (the model's and data's options are grouped: see configs/base.yaml)")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -102,7 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     try:
-        _refuse_renamed_options(argv[1:])
         _run(argv[0], argv[1:])
     except KeyboardInterrupt:
         print("amzft: interrupted", file=sys.stderr)

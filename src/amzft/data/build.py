@@ -127,7 +127,7 @@ class PreparedData:
 
 
 # A tokenizer's definition hash, per instance: one process shares one tokenizer per folder
-# (amzft.model.sources.load_tokenizer), and serialising Llama-3.2's takes ~0.2 s a call. Weak
+# (amzft.sources.load_tokenizer), and serialising Llama-3.2's takes ~0.2 s a call. Weak
 # keys: a tokenizer no one holds any more is forgotten with it.
 _DEFINITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

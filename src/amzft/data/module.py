@@ -15,13 +15,13 @@ from amzft.data.collate import Collator, TokenizedDataset
 from amzft.data.prompt import PromptFormat
 from amzft.data.reader import check_data_file
 from amzft.data.sampler import ResumableBatchSampler
-from amzft.data.settings import GROUPS, RENAMED, BatchOptions, HoldoutOptions
+from amzft.data.settings import GROUPS, BatchOptions, HoldoutOptions
 from amzft.data.split import seeded_sample
 from amzft.errors import ConfigError
 from amzft.files import shipped_sample
-from amzft.model.sources import load_tokenizer
+from amzft.lightning_compat import batches_run_this_epoch, epoch_number
 from amzft.settings import hyperparameters
-from amzft.training.lightning_compat import batches_run_this_epoch, epoch_number
+from amzft.sources import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         cache_dir: where the cleaned datasets go (default: ~/.cache/amzft/datasets).
     """
 
-    RENAMED = RENAMED  # the flat layout's option names -> their group (amzft.settings)
-    GROUPS = GROUPS
+    GROUPS = GROUPS  # the grouped options, for amzft.settings.init_kwargs
 
     def __init__(
         self,

@@ -95,9 +95,8 @@ def prompt_format_from(settings: dict | None) -> PromptFormat:
     """The prompt a data section or a checkpoint's data hyper-parameters describe (defaults:
     the notebook's question in the Alpaca template)."""
     settings = settings or {}
-    group = settings.get("prompt")  # data.prompt.* (a dict, a namespace or a PromptFormat), or flat (older checkpoints)
-    group = vars(group) if hasattr(group, "__dict__") else dict(group or {})
-    settings = {**settings, **group}
+    group = settings.get("prompt")  # data.prompt.*: a dict, a namespace or a PromptFormat
+    settings = vars(group) if hasattr(group, "__dict__") else dict(group or {})
     return PromptFormat(
         question=settings.get("question", NOTEBOOK_QUESTION),
         template=settings.get("template", ALPACA_TEMPLATE),

@@ -94,13 +94,4 @@ class BatchOptions:
         return problems
 
 
-# Where each option of the flat layout (checkpoints written before the groups, old configs) went.
-RENAMED = {
-    **{k: f"prompt.{k}" for k in ("question", "template", "input_text")},
-    **{k: f"filters.{k}" for k in ("min_content_chars", "drop_title_only", "drop_junk", "strip_boilerplate", "dedupe")},
-    **{k: f"holdout.{k}" for k in ("val_fraction", "test_fraction", "val_max_examples", "predict_split", "predict_limit")},
-    "split_salt": "holdout.salt",
-    **{k: f"batches.{k}" for k in ("layout", "share_prefix", "pack_length", "mega_batch", "shuffle", "seed",
-                                   "pad_to_multiple_of", "num_workers")},
-}
 GROUPS = {"prompt": PromptFormat, "filters": FilterSettings, "holdout": HoldoutOptions, "batches": BatchOptions}

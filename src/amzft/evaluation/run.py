@@ -5,7 +5,7 @@ Each split also carries its per-product ROUGE-L, its product count and, with two
 fine-tuned ÷ base ratio of mean ROUGE-L with its paired-bootstrap interval (amzft.evaluation.bootstrap):
 a ratio from 20 products is a noisy figure, and the report says how noisy.
 
-The model side (amzft.inference.generate, amzft.checkpoints) is imported by the functions that generate:
+The model side (amzft.model.generation, amzft.checkpoints) is imported by the functions that generate:
 scoring a predictions file loads no model, so it does not import the model backends either.
 """
 
@@ -28,10 +28,10 @@ from amzft.errors import ConfigError, DataError
 from amzft.evaluation.bootstrap import describe as describe_interval
 from amzft.evaluation.bootstrap import paired_ratio_interval
 from amzft.evaluation.scoring import failure_views, overlap_scores, rouge_l_per_pair
-from amzft.inference.decoding import GenerationOptions, describe
+from amzft.model.decoding import GenerationOptions, describe
 
 if TYPE_CHECKING:
-    from amzft.inference.generate import Answer
+    from amzft.model.generation import Answer
 
 PREDICTIONS_SPLIT = "predictions"
 SPLIT_MEANING = {"train": "products seen in training", "validation": "held-out (validation)", "test": "held-out products",
@@ -84,7 +84,7 @@ def sample_rows(dataset, n: int, seed: int) -> dict[str, list]:
 
 def evaluate_split(module, fmt, rows: dict, options: GenerationOptions, with_adapter: bool, batch_size: int,
                    with_base: bool = True) -> dict:
-    from amzft.inference import generate as generation  # noqa: PLC0415 - the model backends (module doc)
+    from amzft.model import generation  # noqa: PLC0415 - the model backends (module doc)
 
     prompts = [fmt.render(t) for t in rows["title"]]
     models = ({"base": False} if with_base or not with_adapter else {}) | ({"fine-tuned": True} if with_adapter else {})
@@ -179,7 +179,7 @@ def split_by_seen(dataset, trained_titles) -> dict:
     return {"seen": dataset.select(np.flatnonzero(seen)), "unseen": dataset.select(np.flatnonzero(~seen))}
 
 
-def other_file(ckpt: str, dm, path) -> tuple | None:
+def other_file(answerer, dm, path) -> tuple | None:
     """``path``, a file other than the one the checkpoint was trained on: its data module (the
     checkpoint's filters, prompt and tokenizer; every product in one split, no read limit) and
     its products as ``seen`` / ``unseen`` by the checkpoint (``split_by_seen``). None when
@@ -190,9 +190,7 @@ def other_file(ckpt: str, dm, path) -> tuple | None:
         return None
     if check_data_file(path).resolve() == check_data_file(dm.settings.path).resolve() and dm.settings.limit is None:
         return None
-    from amzft.checkpoints.restore import datamodule_from_checkpoint  # noqa: PLC0415 - Lightning (module doc
-
-    other, _ = datamodule_from_checkpoint(ckpt, path=str(path), val_fraction=0.0, test_fraction=0.0, limit=None)
+    other = answerer.datamodule(path=str(path), holdout={"val_fraction": 0.0, "test_fraction": 0.0}, limit=None)
     return other, split_by_seen(other.split("train"), dm.split("train")["title"])
 
 

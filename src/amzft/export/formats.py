@@ -7,7 +7,7 @@
 * ``gguf``: the merged model as one llama.cpp GGUF file (f16 or q8_0) and an Ollama
   ``Modelfile`` (amzft.export.gguf).
 
-Every export decodes as amzft does (``amzft.inference.decoding``, ``DEFAULT_DECODING`` unless
+Every export decodes as amzft does (``amzft.model.decoding``, ``DEFAULT_DECODING`` unless
 ``--decoding`` says otherwise): ``generation_config.json`` (peft, merged) holds the
 transformers settings, so ``model.generate(ids)`` needs no arguments; the Modelfile holds the
 repetition penalty (llama.cpp and Ollama have no ``no_repeat_ngram_size``).
@@ -15,7 +15,7 @@ repetition penalty (llama.cpp and Ollama have no ``no_repeat_ngram_size``).
 Every export carries the prompt the model was trained on, needed to ask it: as the
 tokenizer's chat template (``apply_chat_template`` on the question gives exactly the training
 prompt's ids) and as ``amzft_prompt.json``. A base folder saved in 4-bit (bitsandbytes, e.g. the
-Unsloth + TRL notebook's ``…-bnb-4bit``) is dequantised for exports (``full_precision_module``):
+Unsloth + TRL notebook's ``…-bnb-4bit``) is dequantised for exports (``load_answerer(..., full_precision=True)``):
 merged and GGUF weights are the 4-bit base's, dequantised, not the original full-precision
 model's, and ``amzft_base.json`` says so.
 """
@@ -28,32 +28,14 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from amzft.checkpoints.io import load_checkpoint_file
-from amzft.data.prompt import PromptFormat, chat_template_for
+from amzft.data.prompt import chat_template_for
 from amzft.errors import ConfigError
 from amzft.export.gguf import GGUF_TYPES, check_supported, export_gguf
 from amzft.files import staging_dir
-from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions, generation_config
-from amzft.model.backends import prequantized
-from amzft.model.module import LoraCausalLM
+from amzft.inference.load import load_answerer
+from amzft.model.decoding import DEFAULT_DECODING, GenerationOptions, generation_config
 
 FORMATS = ("peft", "merged", "gguf")
-DEQUANTIZED_NOTE = "weights are the 4-bit base's, dequantized (not the original full-precision model's)"
-
-
-def full_precision_module(ckpt_path: str) -> tuple[LoraCausalLM, PromptFormat, str | None]:
-    """The checkpoint's module on a full-precision base, built with transformers: what merged
-    and GGUF exports fold LoRA into. The adapter's weights do not depend on how the base was
-    loaded, so an adapter trained on a 4-bit base (nf4 or Unsloth) exports on a machine without
-    a GPU, and a merged model is a plain model (merging into 4-bit weights would round the LoRA
-    update away and need bitsandbytes to load). A base folder saved in 4-bit has no
-    full-precision weights to offer: it is dequantised, and the third value is a note saying so
-    (None otherwise)."""
-    hparams = load_checkpoint_file(ckpt_path)["hyper_parameters"]
-    saved_4bit = prequantized(str(hparams.get("name_or_path", "embedded"))) is not None
-    module, fmt = LoraCausalLM.from_checkpoint(ckpt_path, backend="hf", quantization="none", dequantize_base=saved_4bit,
-                                               kernels="none")
-    return module, fmt, DEQUANTIZED_NOTE if saved_4bit else None
 
 
 def _generation_config(module, options: GenerationOptions):
@@ -72,10 +54,11 @@ def export(ckpt_path: str, out: str | Path, merge: bool = False, fmt: str | None
         raise ConfigError("--merge true contradicts --format peft: pass one of them")
     if fmt == "gguf" and gguf_type not in GGUF_TYPES:
         raise ConfigError(f"--gguf_type takes {', '.join(GGUF_TYPES)}; found {gguf_type!r}")
-    module, prompt, note = full_precision_module(ckpt_path)
+    answerer = load_answerer(ckpt_path, full_precision=True)
+    module, prompt, note = answerer.module, answerer.prompt, answerer.note
     if fmt == "gguf":
         check_supported(module.model.config)  # before minutes of work, not after
-    # The tokenizer is shared in this process (amzft.model.sources.load_tokenizer): the export's
+    # The tokenizer is shared in this process (amzft.sources.load_tokenizer): the export's
     # chat template goes on a copy.
     module.tokenizer = copy.deepcopy(module.tokenizer)
     module.tokenizer.chat_template = chat_template_for(module.tokenizer, prompt)

@@ -25,7 +25,7 @@ import torch
 
 from amzft.data.prompt import PromptFormat, adds_bos
 from amzft.errors import ConfigError, ModelError
-from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions
+from amzft.model.decoding import DEFAULT_DECODING, GenerationOptions
 
 SUPPORTED_MODEL_TYPES = ("llama",)  # config.model_type: SmolLM2 and Llama-3.x are "llama"
 GGUF_TYPES = {

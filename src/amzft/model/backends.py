@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from amzft.errors import ConfigError, ModelError
 from amzft.model.settings import DEFAULT_TARGETS
-from amzft.model.sources import force_offline, load_tokenizer, resolve_model_dir
+from amzft.sources import force_offline, load_tokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
 

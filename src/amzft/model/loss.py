@@ -22,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from amzft.data.encode import IGNORE_INDEX
 from amzft.errors import ConfigError
+
+# The label of a position that is not learnt (the prompt, padding): torch's cross_entropy default, which
+# amzft.data.encode writes. Defined here too so that the model does not import the data pipeline.
+IGNORE_INDEX = -100
 
 # Architectures whose logits are exactly lm_head(final hidden state): for them the loss is
 # computed from the label positions only. Others use the model's own forward.

@@ -1,8 +1,8 @@
 """The LightningModule: a causal LM with LoRA adapters, trained on response tokens only.
 
 The loss maths (response-only labels, normalisation over the accumulation window) live in
-``amzft.model.loss``; checkpoints (adapter only, validated on load, rebuilt by ``from_checkpoint``)
-in ``amzft.checkpoints``; the NaN/inf guard is a callback (``amzft.training.nonfinite``).
+``amzft.model.loss``; checkpoints (adapter only, validated on load) in ``amzft.model.adapter_state``,
+rebuilt into a whole module by ``amzft.inference.load``; the NaN/inf guard is a callback (``amzft.training.nonfinite``).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_linear_schedule_with_warmup
 
-from amzft.checkpoints.adapter import AdapterCheckpointing
 from amzft.errors import ConfigError
-from amzft.inference import generate as generation
-from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions
+from amzft.lightning_compat import attached_trainer
+from amzft.model import generation
+from amzft.model.adapter_state import AdapterCheckpointing
 from amzft.model.backends import LoraSettings, build, prequantized, set_mode
+from amzft.model.decoding import DEFAULT_DECODING, GenerationOptions
 from amzft.model.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
 from amzft.model.neftune import NEFTune
-from amzft.model.settings import GROUPS, RENAMED, ComputeOptions, LoraOptions, OptimOptions
+from amzft.model.settings import GROUPS, ComputeOptions, LoraOptions, OptimOptions
 from amzft.settings import hyperparameters
-from amzft.training.lightning_compat import attached_trainer
 
 # Optimizer steps from which model.compute.compile=auto compiles: below, the one-time compilation
 # costs more than its speed-up gives back. 150 lies within the break-even measured on 2-core CPUs
@@ -118,8 +118,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             generation and exports are noise-free. Seeded per step, so resume stays exact.
     """
 
-    RENAMED = RENAMED  # the flat layout's option names -> their group (amzft.settings)
-    GROUPS = GROUPS
+    GROUPS = GROUPS  # the grouped options, for amzft.settings.init_kwargs
 
     def __init__(
         self,

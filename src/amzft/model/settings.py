@@ -127,12 +127,4 @@ class ComputeOptions:
         return problems
 
 
-# Where each option of the flat layout (checkpoints written before the groups, old configs) went.
-RENAMED = {
-    **{f"lora_{k}": f"lora.{k}" for k in ("r", "alpha", "dropout", "seed")},
-    **{k: f"lora.{k}" for k in ("target_modules", "use_dora", "use_rslora")},
-    **{k: f"optim.{k}" for k in ("optimizer", "lr", "weight_decay", "betas", "eps", "warmup_steps")},
-    **{k: f"compute.{k}" for k in ("quantization", "dequantize_base", "gradient_checkpointing", "compile", "kernels",
-                                   "loss_chunk_tokens")},
-}
 GROUPS = {"lora": LoraOptions, "optim": OptimOptions, "compute": ComputeOptions}

@@ -1,2 +1,2 @@
-"""What runs around the training loop: callbacks (in one stated order), validation schedule, and the one
-module that touches Lightning's private internals (``lightning_compat``)."""
+"""What runs around the training loop: the callbacks of a fit, in one stated order, and the
+validation schedule."""

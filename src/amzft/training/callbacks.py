@@ -17,8 +17,8 @@ from amzft.checkpoints.resume import save_last_now
 from amzft.data.split import seeded_sample
 from amzft.errors import ConfigError
 from amzft.evaluation.scoring import overlap_scores
-from amzft.inference.decoding import DEFAULT_DECODING, GenerationOptions
-from amzft.inference.generate import generate_answers
+from amzft.model.decoding import DEFAULT_DECODING, GenerationOptions
+from amzft.model.generation import generate_answers
 from amzft.training.validation import find_schedule
 
 

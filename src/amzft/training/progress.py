@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 
-from amzft.training.lightning_compat import bar_refresh_due, finite_total
+from amzft.lightning_compat import bar_refresh_due, finite_total
 
 # (logged metric, label on the bar, as a whole number): tokens/s reads better without decimals
 SHOWN = (("train/loss", "loss", False), ("val/loss", "val_loss", False), ("train/tokens_per_s", "tokens/s", True))

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from amzft.checkpoints.locate import MONITOR_MODES
 from amzft.checkpoints.resume import save_last_now
 from amzft.errors import ConfigError
-from amzft.training.lightning_compat import at_last_batch, decide_validation_with, inside_accumulation_window
+from amzft.lightning_compat import at_last_batch, decide_validation_with, inside_accumulation_window
 
 Monitor = Literal["val/loss", "val/rougeL"]
 

@@ -1,26 +1,21 @@
 """Adapter-only checkpoints: a checkpoint holds the trainable (LoRA) parameters and the training
 state, never the frozen base, which is rebuilt from ``model.name_or_path``. Loading checks that
 every adapter tensor is there with the right shape, so a checkpoint of another base or LoRA
-config is a one-line error, not a silently half-loaded model."""
+config is a one-line error, not a silently half-loaded model. A whole module is rebuilt from a
+checkpoint file by ``amzft.inference.load``."""
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import torch
 
-from amzft.checkpoints.io import load_checkpoint_file
-from amzft.data.prompt import PromptFormat, prompt_format_from
 from amzft.errors import ModelError
-from amzft.settings import with_overrides
 
 SKIPPED_STEPS_KEY = "amzft_skipped_steps"  # optimizer steps skipped for a non-finite loss
 
 
 class AdapterCheckpointing:
     """Mixed into the LightningModule (before ``LightningModule``): its checkpoints hold the
-    adapter only, are validated against the base on load, and rebuild a whole module."""
+    adapter only and are validated against the base on load."""
 
     def trainable_keys(self) -> dict[str, torch.Size]:
         return {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
@@ -51,17 +46,3 @@ class AdapterCheckpointing:
                 f"the checkpoint does not fit this model ({what}): it was made with another base model "
                 f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora.r={self.lora.r}"
             )
-
-    @classmethod
-    def from_checkpoint(cls, ckpt_path: str | os.PathLike, **overrides) -> tuple[Any, PromptFormat]:
-        """Base model + adapter rebuilt from a checkpoint's saved hyper-parameters (``overrides``
-        replace some, e.g. a full-precision base for merging), in eval mode, and the prompt
-        format it was trained with."""
-        checkpoint = load_checkpoint_file(ckpt_path)
-        module = cls(**with_overrides(cls, checkpoint["hyper_parameters"], overrides))
-        module.configure_model()
-        module.check_adapter_state(checkpoint["state_dict"])
-        module.load_state_dict(checkpoint["state_dict"], strict=False)
-        module.eval()
-        module.checkpoint_step = int(checkpoint.get("global_step", 0))  # for labels ("best (step 6)")
-        return module, prompt_format_from(checkpoint.get("datamodule_hyper_parameters"))

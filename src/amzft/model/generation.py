@@ -1,17 +1,20 @@
 """Answers from a trained (or base) model: batched, left-padded, each row stopping at its own EOS,
-decoded with ``amzft.inference.decoding``'s options (``DEFAULT_DECODING`` unless told otherwise)."""
+decoded with ``amzft.model.decoding``'s options (``DEFAULT_DECODING`` unless told otherwise)."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.integrations import sdpa_attention
 
-from amzft.data.prompt import PromptFormat
-from amzft.inference.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions
 from amzft.model.backends import set_mode
+from amzft.model.decoding import DEFAULT_DECODING, GREEDY, GenerationOptions
+
+if TYPE_CHECKING:  # a type only: the model does not import the data pipeline, its caller hands the format in
+    from amzft.data.prompt import PromptFormat
 
 __all__ = ["DEFAULT_DECODING", "GREEDY", "Answer", "GenerationOptions", "generate", "generate_answers", "generate_ids"]
 
@@ -98,7 +101,7 @@ def generate_ids(module, ids: list[list[int]], options: GenerationOptions | None
     was_training = model.training
     model.eval()
     set_mode(backend, model, training=False)
-    # A plain base model (amzft.inference.base) has no adapter to switch off.
+    # A plain base model (amzft.inference.load.plain_base) has no adapter to switch off.
     switch = contextlib.nullcontext() if use_adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
     if options.do_sample:
         torch.manual_seed(options.seed)

@@ -30,7 +30,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from amzft.errors import ConfigError
-from amzft.training.lightning_compat import PrecisionInput
+from amzft.lightning_compat import PrecisionInput
 
 PROBE_ENV = "AMZFT_PRECISION_PROBE"
 RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<device kind>:<precision>": what process <pid> chose
