@@ -126,7 +126,7 @@ class RecordSteps(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # Callbacks run before the module's hook, which logs this same value as train/loss.
-        self.losses.append(pl_module._window_loss / pl_module._window_tokens)
+        self.losses.append(pl_module.window.loss_sum / pl_module.window.label_tokens)
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters() if p.grad is not None})
 
 

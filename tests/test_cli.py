@@ -196,6 +196,15 @@ def test_every_command_reads_every_config(command, config, monkeypatch):
     assert seen["cfg"] is not None
 
 
+@pytest.mark.parametrize(("argv", "key"), [(["ask", "Mug", "--trainer.max_steps", "5"], "trainer"),
+                                         (["export", "--out", "x", "--best.monitor=val/loss"], "best"),
+                                         (["data", "--repetition_penalty", "1.2"], "repetition_penalty")])
+def test_training_keys_on_a_command_line_that_ignores_them_are_refused(argv, key, capsys):
+    """A config file's training keys are ignored by the commands that do not train; typed on their
+    command line they would be silently ignored, so they are a one-line error instead."""
+    assert f"amzft {argv[0]} does not use --{key}" in one_line_error(capsys, *argv)
+
+
 def test_cpu_yaml_names_the_seed_recipe_on_a_cpu(tiny_model_dir, tiny_data, tmp_path):
     """cpu.yaml departs from the seed; the one-line override its header gives for the seed's own
     settings on a CPU must parse and train (with the tiny model standing in for the embedded one)."""

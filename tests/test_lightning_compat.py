@@ -154,3 +154,37 @@ def test_a_fit_runs_the_guard_before_the_callbacks_a_user_gives(tiny_model_dir, 
     cli = cli_main(fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.callbacks", given), run=False)
     kinds = [type(c) for c in cli.trainer.callbacks]
     assert kinds[0] is NonFiniteGuard and kinds.count(StopAtStep) == 1 and kinds.count(NonFiniteGuard) == 1
+
+
+STEP_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end", "on_validation_end")
+
+
+def _stated_step_order() -> dict[str, list[str]]:
+    """training/stack.py's table: for each per-step hook, the callbacks in the order stated."""
+    from amzft.training import stack  # noqa: PLC0415
+
+    stated: dict[str, list[str]] = {hook: [] for hook in STEP_HOOKS}
+    hook = None
+    for line in stack.__doc__.splitlines():
+        if not line.strip() or line.startswith("=") or line.startswith("hook "):
+            continue
+        first, rest = line[:28].strip(), line[28:52]
+        if first:
+            hook = first if first in stated else None
+        if hook is not None:
+            stated[hook] += [name.strip() for name in rest.split(",") if name.strip()]
+    return stated
+
+
+def test_the_step_table_in_stack_is_the_order_a_fit_runs(tiny_model_dir, tiny_data, tmp_path):
+    """Each per-step hook of a real fit's callbacks (early stopping on, the progress bar on),
+    in the order Lightning calls them, is the list training/stack.py's docstring states."""
+    from amzft.cli.lightning_cli import cli_main  # noqa: PLC0415
+    from helpers import fit_args  # noqa: PLC0415
+
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--early_stopping.patience", "2",
+                    "--trainer.enable_progress_bar", "true")
+    callbacks = cli_main(args, run=False).trainer.callbacks
+    ran = {hook: [type(c).__name__ for c in callbacks if getattr(type(c), hook) is not getattr(Callback, hook)]
+           for hook in STEP_HOOKS}
+    assert ran == _stated_step_order()

@@ -1,6 +1,5 @@
-"""Files amzft writes: where derived files live (cleaned datasets, the materialised embedded
-model), and the one atomic write every file a reader or a kill must never see half-written goes
-through (checkpoints, caches, manifests, results)."""
+"""Where amzft's derived files live, and the one atomic write for every file a reader or a kill must
+never see half-written."""
 
 from __future__ import annotations
 
@@ -25,14 +24,10 @@ def shipped_sample() -> Path:
 
 
 def staging_dir(parent: Path, prefix: str) -> Path:
-    """A temporary folder beside its final place, to fill and then rename into place (atomic).
-
-    mkdtemp makes it private (0700); after the rename it is a normal folder, so give it the
-    permissions a plain mkdir would (0777 less the umask).
-    """
+    """A temporary folder beside its final place, to fill and then rename into place (atomic)."""
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    path.chmod(0o777 & ~current_umask())
+    path.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; a plain mkdir would not
     return path
 
 
@@ -47,10 +42,8 @@ def _temp_prefix(path: Path) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Fill a temporary file beside ``path`` with ``write(handle)``, sync it, rename it into
-    place and sync the folder (so the rename itself survives a power loss): a reader, or a
-    kill, sees the old file or the whole new one, never a part. Raises ``OSError`` as it comes;
-    callers say what it means for their file."""
+    """Fill a temporary file beside ``path`` with ``write(handle)``, sync it, rename it into place and
+    sync the folder: readers see the old file or the whole new one. ``OSError`` is the caller's to word."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
@@ -72,7 +65,6 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of ``path`` left by a process killed mid-write (one writer per path:
-    rank 0 under DDP), removed once a newer write of the same file has succeeded."""
+    """Remove ``path``'s temporaries left by a writer killed mid-write (call after a successful write)."""
     for stale in Path(path).parent.glob(_temp_prefix(Path(path)) + "*.tmp"):
         stale.unlink(missing_ok=True)

@@ -1,15 +1,6 @@
-"""Every use of Lightning's private internals, in one place.
-
-Lightning has no public hook for a few things amzft needs (validation after optimizer step N,
-the loop's batch count for an exact resume, callbacks chosen after the config is parsed). Each
-function below names what it reaches into and why no public API does the job; nothing else in
-``amzft`` names a private Lightning attribute (``tests/test_lightning_compat.py`` fails if one
-does) and each use is exercised against the installed Lightning by the same tests.
-
-Checked against: lightning ``CHECKED_WITH`` (``pyproject.toml`` pins ``lightning>=2.6,<2.7``).
-A new minor version means re-running ``tests/test_lightning_compat.py`` and the resume tests,
-then widening both.
-"""
+"""Every use of Lightning's private internals, each naming what it reaches into and why no public
+API does the job; tests/test_lightning_compat.py checks them against the installed Lightning.
+Checked with ``CHECKED_WITH`` (pyproject.toml pins it): a new minor means re-running those tests."""
 
 from __future__ import annotations
 
@@ -18,8 +9,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 CHECKED_WITH = ("2.6",)
 
-# Lightning's own type of ``Trainer(precision=...)``; a private alias, and the only statement of
-# its accepted values, so the CLI still rejects an unknown precision at parse time.
+# ``Trainer(precision=...)``'s type, the only statement of its values: the CLI rejects unknown ones.
 PrecisionInput = _PRECISION_INPUT
 
 
@@ -31,16 +21,13 @@ def attached_trainer(module):
 
 # ------------------------------------------------------------------------------- fit loop
 def decide_validation_with(trainer, should_validate) -> None:
-    """Make ``should_validate(data_fetcher=None) -> bool`` the fit loop's per-batch "validate
-    now?" decision, for this trainer only. Lightning counts ``val_check_interval`` in batches,
-    not optimizer steps, and has no hook for "after step N"; ``epoch_loop._should_check_val_fx``
-    is the one function both its interval and its epoch-end checks go through."""
+    """Make ``should_validate(data_fetcher=None) -> bool`` this trainer's per-batch "validate now?"
+    (no hook for "after step N"; ``epoch_loop._should_check_val_fx`` decides both interval and epoch end)."""
     trainer.fit_loop.epoch_loop._should_check_val_fx = should_validate
 
 
 def inside_accumulation_window(trainer) -> bool:
-    """Whether the batch just run ends no optimizer step (``epoch_loop._should_accumulate``: the
-    loop's own rule, which counts an epoch's part window at its end as a step)."""
+    """Whether the batch just run ends no optimizer step (``epoch_loop._should_accumulate``, the loop's rule)."""
     return trainer.fit_loop.epoch_loop._should_accumulate()
 
 
@@ -61,19 +48,11 @@ def epoch_number(trainer) -> int:
 
 
 def reopen_interrupted_epoch(checkpoint: dict) -> bool:
-    """Work around Lightning marking an epoch *finished* when training stops inside it, by
-    editing the saved loop state (``loops.fit_loop.epoch_progress``) before it is restored.
-
-    When fit ends (``max_steps``, ``should_stop`` from SIGTERM or the demo's stop), Lightning
-    closes the epoch before ``ModelCheckpoint.on_train_end`` writes ``last.ckpt``, even if only
-    some of its batches ran, while the epoch's batch counter is kept. Resuming that state goes
-    wrong both ways: cut short, the resume starts epoch e + 1 and silently skips the rest of
-    epoch e; at the exact end of an epoch, epoch e + 1 starts with the old batch counter and ends
-    after one batch. So whenever an epoch is marked closed while its batch counter still holds
-    batches, mark it "started, not finished": Lightning then restarts it mid-epoch, the
-    resumable sampler skips exactly the batches already run (all of them at an epoch's end), and
-    the next epoch starts cleanly. Returns whether it changed anything.
-    """
+    """Work around Lightning closing the epoch before ``last.ckpt`` is written when fit stops inside
+    it (``max_steps``, SIGTERM), keeping its batch counter: a resume would skip the epoch's rest,
+    or end the next after one batch. An epoch closed with batches counted is reopened in the saved
+    ``loops.fit_loop.epoch_progress``, so the resumable sampler skips exactly what ran. Returns
+    whether it changed anything."""
     fit = checkpoint.get("loops", {}).get("fit_loop")
     if not fit:
         return False
@@ -104,11 +83,8 @@ def bar_refresh_due(bar, step: int, total) -> bool:
 
 # ------------------------------------------------------------------------------------- CLI
 class TrainerBuildHook:
-    """Mixed into a ``LightningCLI`` subclass: ``trainer_parts(config, callbacks)`` returns the
-    trainer's config and callbacks just before the trainer is built. LightningCLI's only
-    public place for them, ``trainer_defaults``, is fixed before parsing, but the logger's
-    version (a resumed run's) and the callbacks that depend on the config are known only
-    after it; ``_instantiate_trainer`` is the step that builds the trainer from both."""
+    """Mixed into a ``LightningCLI``: ``trainer_parts(config, callbacks)`` edits both just before the
+    trainer is built (``trainer_defaults`` is fixed before parsing; ``_instantiate_trainer`` is after)."""
 
     def trainer_parts(self, config: dict, callbacks: list) -> tuple[dict, list]:
         return config, callbacks

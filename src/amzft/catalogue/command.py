@@ -1,7 +1,7 @@
 """``python -m amzft describe --ckpt_path best --data.path titles.jsonl --out descriptions.jsonl``.
 
-Arguments are parsed and checked before anything heavy is imported (``--help`` answers at
-once). Under ``--trainer.devices N --trainer.strategy ddp`` Lightning's launcher runs this same
+Paths and options are checked before anything heavy is imported (the parser is
+``amzft.cli.commands.describe_command``). Under ``--trainer.devices N --trainer.strategy ddp`` Lightning's launcher runs this same
 command once more per extra process: each of them reads the manifest the first one wrote.
 """
 
@@ -13,41 +13,15 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-from jsonargparse import ArgumentParser
 
 from amzft.errors import ConfigError, DataError
-from amzft.model.decoding import add_decoding_arguments, decoding_from, describe
+from amzft.model.decoding import decoding_from, describe
 from amzft.settings import as_dict
 
 
-def _parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="amzft describe", default_env=False, exit_on_error=False, description=(
-        "Write a description for every title of a JSON Lines file (title required; uid, content optional), "
-        "appended as batches finish; the same command resumes an interrupted run."))
-    parser.add_argument("--data.path", required=True, help="titles: JSON Lines (plain, gzip, bz2, xz), one object a line")
-    parser.add_argument("--data.strict", type=bool, default=False, help="stop at the first bad line instead of counting it")
-    parser.add_argument("--out", required=True, help="output JSON Lines (resumed if it was interrupted)")
-    parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`, `best`); none: the base model")
-    parser.add_argument("--use_adapter", type=bool, default=True, help="false: answer with the base model of the checkpoint")
-    parser.add_argument("--model", type=Any, default=None, help="base-model options (name_or_path …) without --ckpt_path")
-    parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
-    parser.add_argument("--max_new_tokens", type=int | None, default=None, help="answer length cap (default: the checkpoint's)")
-    parser.add_argument("--token_budget", type=int, default=16384,
-                        help="rows x (longest prompt + max_new_tokens) per batch: the batch's KV-cache bound")
-    parser.add_argument("--max_batch", type=int, default=64, help="rows per batch at most")
-    parser.add_argument("--trainer.accelerator", default="auto", help="cpu, gpu or auto")
-    parser.add_argument("--trainer.devices", type=int | str, default=1, help="processes (CPU) or GPUs")
-    parser.add_argument("--trainer.strategy", default="auto", help="ddp for several processes or GPUs")
-    parser.add_argument("--trainer.precision", default=None, help="default: 32-true on CPU, bf16-mixed on a GPU that has it")
-    parser.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines")
-    add_decoding_arguments(parser)
-    return parser
-
-
-def describe_command(argv: list[str]) -> None:
-    cfg = _parser().parse_args(argv)
+def describe_catalogue(cfg) -> None:
+    """``describe``: every title of ``cfg.data.path`` answered into ``cfg.out`` (the parsed options of
+    ``amzft.cli.commands.describe_command``)."""
     decoding_from(cfg)  # a bad value fails here, before the model loads
     source, store = _checked_paths(cfg)
     titles = _count_titles(source, cfg.data.strict)  # a file with nothing to answer fails before the model loads

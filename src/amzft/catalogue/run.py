@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import BasePredictionWriter
 
 from amzft.catalogue.plan import Batch, PlanSettings, plan_batches, shard
 from amzft.catalogue.store import OutputStore, row_bytes
@@ -86,12 +87,13 @@ class Describer(LightningModule):
         return rows
 
 
-class PartWriter(Callback):
+class PartWriter(BasePredictionWriter):
     """Appends each finished batch's rows to this rank's part file, flushed and synced (a kill
     loses at most the batches in flight); rank 0 shows products/s and an ETA, and merges the
     parts in input order once every rank is done."""
 
     def __init__(self, store: OutputStore, total: int, summary: Callable[[], dict], every_s: float = 10.0):
+        super().__init__(write_interval="batch")
         self.store, self.total, self.summary, self.every_s = store, total, summary, every_s
         self.handle = None
         self.written = 0
@@ -102,7 +104,7 @@ class PartWriter(Callback):
         self.handle = self.store.open_part(trainer.global_rank)
         self.started = self.last_shown = time.perf_counter()
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def write_on_batch_end(self, trainer, pl_module, outputs, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         self.handle.write(b"".join(row_bytes(row) for row in outputs))
         self.handle.flush()
         # fsync: a batch takes seconds to generate, a sync milliseconds; without it a machine

@@ -1,10 +1,5 @@
-"""Checkpoint files written atomically and read safely.
-
-Lightning's ``TorchCheckpointIO`` writes straight to the final path, so a crash mid-write would
-leave a broken ``last.ckpt``: ``AtomicCheckpointIO`` writes through ``amzft.files.atomic_write``
-(temporary file in the same folder, fsync, rename, fsync of the folder). Loading is
-``weights_only=True``, with one-line errors for missing or corrupt files.
-"""
+"""Checkpoint files written atomically (``amzft.files.atomic_write``: Lightning's TorchCheckpointIO writes
+in place, so a crash mid-write would break ``last.ckpt``) and read with ``weights_only`` and one-line errors."""
 
 from __future__ import annotations
 
@@ -35,22 +30,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def check_writable(folder: str | os.PathLike, need_bytes: int = 0, what: str = "log folder") -> None:
-    """Fail before training, not at the first checkpoint, if ``folder`` cannot be created or
-    written, or its disk has less than ``need_bytes`` free."""
+    """Fail before training, not at the first checkpoint, if ``folder`` is not writable or has under ``need_bytes`` free."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".amzft-write-test.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.NamedTemporaryFile(prefix=".amzft-write-test.", dir=folder):
+            pass
     except OSError as exc:
         raise ModelError(f"the {what} {folder} is not writable: {exc.strerror or exc}") from None
     free = shutil.disk_usage(folder).free
     if free < need_bytes:
-        raise ModelError(
-            f"the {what} {folder} has {free / 2**20:.0f} MiB free; checkpoints need about "
-            f"{need_bytes / 2**20:.0f} MiB: free some space or set trainer.default_root_dir elsewhere"
-        )
+        raise ModelError(f"the {what} {folder} has {free / 2**20:.0f} MiB free; checkpoints need about "
+                         f"{need_bytes / 2**20:.0f} MiB: free some space or set trainer.default_root_dir elsewhere")
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict:

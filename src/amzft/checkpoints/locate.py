@@ -1,5 +1,4 @@
-"""Finding checkpoints by name: ``--ckpt_path last`` is the newest ``last.ckpt`` under the log
-folder, ``--ckpt_path best`` the newest run's best monitored checkpoint."""
+"""Finding checkpoints by name (``--ckpt_path last`` / ``best``) and reading what a best checkpoint was ranked by."""
 
 from __future__ import annotations
 
@@ -16,29 +15,17 @@ from amzft.errors import ConfigError
 LOG_NAME = "amzft"  # runs live in <trainer.default_root_dir>/amzft/version_N/
 
 
-def find_last_checkpoint(root: str | os.PathLike) -> Path:
-    """The newest ``last.ckpt`` under ``root/amzft/version_*/checkpoints`` (``--ckpt_path last``)."""
-    candidates = list(Path(root, LOG_NAME).glob("version_*/checkpoints/last.ckpt"))
-    if not candidates:
-        raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/{LOG_NAME}/version_*/checkpoints")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
-
-
 def resolve_ckpt_path(ckpt_path: str | os.PathLike, log_root: str | os.PathLike = "logs") -> str:
-    """A checkpoint file from what a user typed: a path, ``last`` or ``best`` (which also says,
-    on rank 0, which step it is and why)."""
+    """A checkpoint file from a path, ``last`` (the newest last.ckpt) or ``best`` (described on rank 0)."""
     if str(ckpt_path) == "last":
-        return str(find_last_checkpoint(log_root))
+        if not (candidates := list(Path(log_root, LOG_NAME).glob("version_*/checkpoints/last.ckpt"))):
+            raise ConfigError(f"--ckpt_path last: no last.ckpt under {log_root}/{LOG_NAME}/version_*/checkpoints")
+        return str(max(candidates, key=lambda p: p.stat().st_mtime))
     if str(ckpt_path) == "best":
         best = find_best_checkpoint(log_root)
-        _print_rank_zero(f"amzft: {best.describe()}")
+        rank_zero_only(print)(f"amzft: {best.describe()}", flush=True)
         return str(best.path)
     return str(ckpt_path)
-
-
-@rank_zero_only
-def _print_rank_zero(text: str) -> None:
-    print(text, flush=True)
 
 
 # The direction of each metric a best checkpoint can monitor (amzft.checkpoints.best.BestCheckpoint).
@@ -46,12 +33,6 @@ MONITOR_MODES = {"val/loss": "min", "val/rougeL": "max"}
 BEST_PREFIX = "best-"
 # The key of BestCheckpoint's saved state saying why its run kept no best file (None: it ranked).
 UNRANKED_KEY = "unranked"
-
-
-def best_filename(monitor: str) -> str:
-    """ModelCheckpoint's filename template for best checkpoints: step and score in the name
-    (``best-step00020-val_loss3.2153.ckpt``), so a listing already says which is which."""
-    return f"{BEST_PREFIX}step{{step:05d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
 
 
 @dataclass(frozen=True)
@@ -66,17 +47,15 @@ class BestChoice:
     unranked: str | None = None  # the run could not rank: path is its last checkpoint, and this says why
 
     def describe(self) -> str:
-        run = self.path.parent.parent.name
         if self.unranked:
             return f"best checkpoint: the last, step {self.step} ({self.unranked}): {self.path}"
         better = "lowest" if MONITOR_MODES.get(self.monitor, "min") == "min" else "highest"
         return (f"best checkpoint: step {self.step}, {self.monitor} {self.score:.4f} ({better} of the {len(self.kept)} "
-                f"kept in {run}): {self.path}")
+                f"kept in {self.path.parent.parent.name}): {self.path}")
 
 
 def saved_callback_states(path: str | os.PathLike) -> tuple[int, list[dict]] | None:
-    """(global step, the callbacks' saved states) of a checkpoint, memory-mapped: only the
-    small entries are read. None for a file being written or broken."""
+    """(global step, callbacks' saved states) of a checkpoint, memory-mapped; None for a file being written or broken."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -86,9 +65,7 @@ def saved_callback_states(path: str | os.PathLike) -> tuple[int, list[dict]] | N
 
 
 def best_record(path: str | os.PathLike) -> tuple[int, str, float] | None:
-    """(step, monitor, score) a best-k checkpoint was saved with, read from the ModelCheckpoint
-    state inside it (Lightning sets ``current_score`` before writing the file); None if it
-    holds no monitored checkpoint state (or cannot be read: not a candidate)."""
+    """(step, monitor, ModelCheckpoint's ``current_score``) a best-k checkpoint was saved with, else None."""
     saved = saved_callback_states(path)
     for state in saved[1] if saved else ():
         if state.get("monitor") and state.get("current_score") is not None:
@@ -97,25 +74,24 @@ def best_record(path: str | os.PathLike) -> tuple[int, str, float] | None:
 
 
 def find_best_checkpoint(root: str | os.PathLike) -> BestChoice:
-    """``--ckpt_path best``: the best of the ``best-*.ckpt`` files of the newest run under
-    ``root/amzft`` (the run holding the newest checkpoint of any kind), scored by the state each
-    file was saved with. Read from the files rather than from ``last.ckpt``'s callback state:
-    ``last.ckpt`` is written before the validation of its step, so its record can lag one
-    validation behind the files."""
-    runs = list(Path(root, LOG_NAME).glob("version_*/checkpoints"))
-    newest = {run: max((p.stat().st_mtime for p in run.glob("*.ckpt")), default=None) for run in runs}
-    newest = {run: t for run, t in newest.items() if t is not None}
+    """``--ckpt_path best``: the best ``best-*.ckpt`` of the run holding the newest checkpoint, by the state
+    each file was saved with (``last.ckpt`` is written before its step's validation: its record can lag)."""
+    newest = {run: t for run in Path(root, LOG_NAME).glob("version_*/checkpoints")
+              if (t := max((p.stat().st_mtime for p in run.glob("*.ckpt")), default=None)) is not None}
     how = ("set validation.every_n_steps > 0 (with a validation split: data.holdout.val_fraction > 0) and best.monitor "
            "(val/loss or val/rougeL), then fit again")
     if not newest:
         raise ConfigError(f"--ckpt_path best: no checkpoint under {root}/{LOG_NAME}/version_*/checkpoints; {how}")
     run = max(newest, key=newest.get)
-    records = [(p, best_record(p)) for p in sorted(run.glob(BEST_PREFIX + "*.ckpt"))]
-    records = [(p, r) for p, r in records if r is not None]
+    records = [(p, r) for p in sorted(run.glob(BEST_PREFIX + "*.ckpt")) if (r := best_record(p)) is not None]
     if not records:
-        unranked = unranked_choice(run)
-        if unranked is not None:
-            return unranked
+        # A run whose BestCheckpoint could not rank: its last checkpoint (last.ckpt, else its newest file).
+        last = run / "last.ckpt"
+        path = last if last.is_file() else max(run.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+        saved = saved_callback_states(path) if path is not None else None
+        for state in saved[1] if saved else ():
+            if state.get(UNRANKED_KEY):
+                return BestChoice(path, saved[0], state.get("monitor") or "", float("nan"), [], unranked=state[UNRANKED_KEY])
         raise ConfigError(f"--ckpt_path best: the newest run {run.parent} kept no monitored best checkpoint; {how}")
     monitor = records[-1][1][1]  # the newest file's monitor (a resumed run may have changed it)
     records = [(p, r) for p, r in records if r[1] == monitor]
@@ -126,20 +102,7 @@ def find_best_checkpoint(root: str | os.PathLike) -> BestChoice:
     return BestChoice(path, step, monitor, score, [(r[0], r[2]) for _, r in records])
 
 
-def unranked_choice(run: Path) -> BestChoice | None:
-    """The run's last checkpoint (``last.ckpt``, else its newest step file) when its
-    BestCheckpoint said it could not rank (too few validation products); None otherwise."""
-    last = run / "last.ckpt"
-    path = last if last.is_file() else max(run.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
-    saved = saved_callback_states(path) if path is not None else None
-    for state in saved[1] if saved else ():
-        if state.get(UNRANKED_KEY):
-            return BestChoice(path, saved[0], state.get("monitor") or "", float("nan"), [], unranked=state[UNRANKED_KEY])
-    return None
-
-
 def run_version(ckpt_path: str | os.PathLike) -> int | None:
-    """N of the ``version_N/checkpoints/`` folder a checkpoint sits in (to keep logging into
-    that TensorBoard run on resume); None for a checkpoint elsewhere."""
+    """N of the ``version_N/checkpoints/`` folder a checkpoint is in (resume logs into that run), else None."""
     match = re.fullmatch(r"version_(\d+)", Path(ckpt_path).parent.parent.name)
     return int(match.group(1)) if match else None

@@ -1,5 +1,4 @@
-"""Exact resume: ``last.ckpt`` on demand, and the repair of Lightning's epoch bookkeeping of a run
-that stopped inside an epoch."""
+"""Exact resume: ``last.ckpt`` on demand, and Lightning's epoch bookkeeping repaired for a run stopped mid-epoch."""
 
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ from amzft.lightning_compat import reopen_interrupted_epoch
 
 
 def save_last_now(trainer) -> str | None:
-    """Write ``last.ckpt`` at this point of training (ModelCheckpoint only writes it on its own
-    schedule), so that ``fit --ckpt_path last`` continues from here."""
+    """Write ``last.ckpt`` now (ModelCheckpoint writes it on its own schedule): ``fit --ckpt_path last`` continues here."""
     callback = trainer.checkpoint_callback
     if callback is None or callback.dirpath is None:
         return None
@@ -20,8 +18,7 @@ def save_last_now(trainer) -> str | None:
 
 
 class ResumeMidEpoch(Callback):
-    """Applies ``reopen_interrupted_epoch`` to the checkpoint being resumed (callbacks'
-    ``on_load_checkpoint`` runs before Lightning restores its loops)."""
+    """``reopen_interrupted_epoch`` on the checkpoint being resumed (before Lightning restores its loops)."""
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         reopen_interrupted_epoch(checkpoint)

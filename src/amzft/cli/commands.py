@@ -1,5 +1,6 @@
-"""The commands that are not Lightning loops: ``data`` (report), ``ask``, ``evaluate``, ``export``
-(``demo`` is ``amzft.cli.demo``, ``describe`` ``amzft.catalogue.command``).
+"""The commands that are not Lightning loops: ``data`` (report), ``ask``, ``evaluate``, ``export``,
+``describe`` (its work: ``amzft.catalogue.command``); ``demo`` is ``amzft.cli.demo``. One parser
+family (``command_parser``) for all of them.
 
 Modules that import torch, Lightning or transformers are imported inside each command, after
 its arguments are parsed: ``--help`` and argument errors answer at once, not after seconds of
@@ -13,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import SUPPRESS, ActionConfigFile, ArgumentParser
 
 from amzft.errors import ConfigError
 from amzft.model.decoding import (
@@ -26,30 +27,49 @@ from amzft.model.decoding import (
 )
 from amzft.settings import as_dict
 
-# Top-level keys of a training config that a command may not use: accepted, then ignored,
-# so every command reads the same YAML files.
+# Top-level keys of a training config that a command does not use: read from a --config file
+# and ignored, so every command reads the same YAML files; on the command line, refused.
 _TRAINING_KEYS = (
     "model", "trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything", "checkpoint", "sample_answers",
     "validation", "best", "early_stopping",
 )
 
 
-def command_parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = (), decoding: bool = True):
-    # exit_on_error=False: amzft.cli.main prints parse errors as one line instead of the usage dump.
-    parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/*.yaml)")
+class CommandParser(ArgumentParser):
+    """The parser of every command that is not a Lightning loop."""
+
+    def __init__(self, *args, ignored: tuple[str, ...] = (), **kwargs):
+        # exit_on_error=False: amzft.cli.main prints parse errors as one line instead of the usage dump.
+        super().__init__(*args, default_env=False, exit_on_error=False, **kwargs)
+        self.ignored = ignored
+
+    def parse_args(self, args=None, **kwargs):
+        for arg in args or ():
+            key = arg[2:].split("=", 1)[0].split(".", 1)[0] if arg.startswith("--") else None
+            if key in self.ignored:
+                raise ConfigError(f"{self.prog} does not use --{key}… (an option of `fit`); it is ignored only in a "
+                                  "--config file: drop it from the command line")
+        return super().parse_args(args, **kwargs)
+
+
+def command_parser(prog: str, description: str, with_data: bool = True, own: tuple[str, ...] = (),
+                   decoding: bool = True, reads_configs: bool = True) -> CommandParser:
+    """A command's parser: ``--config`` (the training YAMLs, their keys this command does not
+    use ignored; not with ``reads_configs=False``), the decoding options, ``--data.*``."""
+    ignored = tuple(k for k in _TRAINING_KEYS if k != "model" and k not in own) if reads_configs else ()
+    if reads_configs and not decoding:
+        ignored += DECODING_KEYS
+    parser = CommandParser(prog=prog, description=description, ignored=ignored)
+    if reads_configs:
+        parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (configs/*.yaml)")
     if decoding:  # the same options as every command that answers (amzft.model.decoding)
         add_decoding_arguments(parser)
-    else:
-        for key in DECODING_KEYS:
-            parser.add_argument(f"--{key}", type=Any, default=None, help="(read by the commands that answer; ignored here)")
     if with_data:
         from amzft.data.module import AmazonTitlesDataModule
 
         parser.add_class_arguments(AmazonTitlesDataModule, "data", instantiate=False)
-    for key in _TRAINING_KEYS:
-        if key != "model" and key not in own:
-            parser.add_argument(f"--{key}", type=Any, default=None, help="(read by `fit`; ignored here)")
+    for key in ignored:
+        parser.add_argument(f"--{key}", type=Any, default=None, help=SUPPRESS)
     return parser
 
 
@@ -248,3 +268,31 @@ def export_command(argv: list[str]) -> None:
               '"What is the description of product Girls Ballet Tutu?"')
     if (out / "amzft_base.json").is_file():  # a base folder saved in 4-bit: say what the weights are
         print(f"note: {json.loads((out / 'amzft_base.json').read_text())['note']}")
+
+
+def describe_command(argv: list[str]) -> None:
+    """A description for every title of a catalogue file (``amzft.catalogue``)."""
+    parser = command_parser("amzft describe", (
+        "Write a description for every title of a JSON Lines file (title required; uid, content optional), "
+        "appended as batches finish; the same command resumes an interrupted run."),
+        with_data=False, reads_configs=False)
+    parser.add_argument("--data.path", required=True, help="titles: JSON Lines (plain, gzip, bz2, xz), one object a line")
+    parser.add_argument("--data.strict", type=bool, default=False, help="stop at the first bad line instead of counting it")
+    parser.add_argument("--out", required=True, help="output JSON Lines (resumed if it was interrupted)")
+    parser.add_argument("--ckpt_path", default=None, help="a checkpoint (or `last`, `best`); none: the base model")
+    parser.add_argument("--use_adapter", type=bool, default=True, help="false: answer with the base model of the checkpoint")
+    parser.add_argument("--model", type=Any, default=None, help="base-model options (name_or_path …) without --ckpt_path")
+    parser.add_argument("--log_root", default="logs", help="where `--ckpt_path last` / `best` look")
+    parser.add_argument("--max_new_tokens", type=int | None, default=None, help="answer length cap (default: the checkpoint's)")
+    parser.add_argument("--token_budget", type=int, default=16384,
+                        help="rows x (longest prompt + max_new_tokens) per batch: the batch's KV-cache bound")
+    parser.add_argument("--max_batch", type=int, default=64, help="rows per batch at most")
+    parser.add_argument("--trainer.accelerator", default="auto", help="cpu, gpu or auto")
+    parser.add_argument("--trainer.devices", type=int | str, default=1, help="processes (CPU) or GPUs")
+    parser.add_argument("--trainer.strategy", default="auto", help="ddp for several processes or GPUs")
+    parser.add_argument("--trainer.precision", default=None, help="default: 32-true on CPU, bf16-mixed on a GPU that has it")
+    parser.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines")
+    cfg = parser.parse_args(argv)
+    from amzft.catalogue.command import describe_catalogue
+
+    describe_catalogue(cfg)

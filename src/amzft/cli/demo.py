@@ -1,9 +1,5 @@
 """``python -m amzft demo``: fine-tune the embedded model on the shipped sample (stopping half-way
-and resuming, as a user would), pick the checkpoint to show, and print base vs fine-tuned answers.
-
-Modules that import torch, Lightning or transformers are imported inside the functions, after
-the arguments are parsed, as in ``amzft.cli.commands``.
-"""
+and resuming, as a user would), then print base vs fine-tuned answers. Heavy imports stay lazy."""
 
 from __future__ import annotations
 
@@ -25,8 +21,6 @@ def _wrap(text: str, width: int = 96, indent: str = "      ") -> str:
 
 
 def demo_command(argv: list[str]) -> None:
-    """Fine-tune the embedded model on the bundled sample (stopping half-way and resuming, as a
-    real run would after an interruption), then print base vs fine-tuned answers."""
     parser = command_parser("amzft demo", "Fine-tune on the bundled sample, resume, compare answers.", with_data=False)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
     parser.add_argument("--max_new_tokens", type=int, default=96)
@@ -97,18 +91,14 @@ def _demo_train(config: str, extra: list[str], log_root: str):
     print(f"\n== 2/3 resuming from {resolve_ckpt_path('last', log_root)} ==")
     second = cli_main(["fit", "--config", config, *extra, "--ckpt_path", "last"], run=False)
     second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=second.ckpt_path)
-    # Each run's validations (the first run's last one comes after its last.ckpt, so the
-    # checkpoint's own record cannot give them all).
+    # Both runs' validations: the first run's last one comes after its last.ckpt.
     history = [row for cli in (first, second) for c in cli.trainer.callbacks if isinstance(c, ValidationSchedule) for row in c.history]
     return Path(second.trainer.checkpoint_callback.last_model_path), second.datamodule, history
 
 
 def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = None) -> None:
-    """Base and fine-tuned answers for the notebook's titles and one seen / one held-out product;
-    with ``last``, that checkpoint's answers too. The best checkpoint by validation (held-out
-    products) can come before the products trained on are recalled: on the bundled sample the
-    best by val/loss recalled far less than the last (docs/performance.md, "Fine-tuning runs
-    (CPU)"), so the demo shows both rather than hide either."""
+    """Base and fine-tuned answers for the notebook's titles and one seen / one held-out product; with
+    ``last``, that checkpoint's too (the best by validation can recall the training products less)."""
     from amzft.inference.load import load_answerer
     from amzft.model.generation import generate_answers
 
@@ -119,9 +109,8 @@ def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = Non
     for split in ("train", "test"):
         rows = datamodule.split(split)
         if len(rows):
-            row = rows[0]
-            titles.append(row["title"])
-            references[row["title"]] = (split, row["content"])
+            titles.append(rows[0]["title"])
+            references[rows[0]["title"]] = (split, rows[0]["content"])
     base = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=False, options=options)
     tuned = generate_answers(module, titles, fmt, options.max_new_tokens, use_adapter=True, options=options)
     at_last, best_step, last_step = [None] * len(titles), best.step, None
@@ -134,15 +123,11 @@ def _demo_answers(checkpoint: Path, datamodule, options, last: Path | None = Non
         split, reference = references.get(title, ("not in the data", None))
         print(f"\n### {title}  [{'seen in training' if split == 'train' else 'held-out product' if split == 'test' else split}]")
         if reference:
-            print("  reference:")
-            print(_wrap(reference))
-        print("  base model:")
-        print(_wrap(b))
-        print("  fine-tuned:" if f is None else f"  fine-tuned, best (step {best_step}):")
-        print(_wrap(t))
+            print("  reference:\n" + _wrap(reference))
+        print("  base model:\n" + _wrap(b))
+        print(("  fine-tuned:" if f is None else f"  fine-tuned, best (step {best_step}):") + "\n" + _wrap(t))
         if f is not None:
-            print(f"  fine-tuned, last (step {last_step}):")
-            print(_wrap(f))
+            print(f"  fine-tuned, last (step {last_step}):\n" + _wrap(f))
 
 
 def _default_cpu_config():

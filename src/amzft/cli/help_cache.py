@@ -1,17 +1,6 @@
-"""``fit --help`` (and validate / test / predict) answered without importing torch.
-
-LightningCLI builds its parser from the signatures of Lightning's Trainer, the model and the
-data module, so rendering the help imports torch, Lightning, transformers and peft: seconds that
-a person reading the options waits for. The text depends only on what went into the parser, so
-the first call renders it and keeps it under the cache folder, keyed by everything it depends
-on; later calls print the kept text. No library keeps such a cache for LightningCLI (its
-``--help`` always instantiates the parser), hence this module.
-
-The key covers: the command line (``--config`` files by their content), amzft's own source
-files (size and modification time), the versions of the libraries whose signatures the parser
-reads, the Python version and the terminal width the text was wrapped to. A change to any of
-them renders the help again; a cache that cannot be read or written only costs the render.
-"""
+"""``fit --help`` (and validate / test / predict) without importing torch: the first call renders
+LightningCLI's help and keeps it in the cache folder, keyed by everything the text depends on
+(command line and its config files, amzft's sources, library versions, Python, terminal width)."""
 
 from __future__ import annotations
 
@@ -59,8 +48,7 @@ def _sources_fingerprint() -> list:
 
 
 def _argument_files(args: list[str]) -> dict[str, str]:
-    """Content hashes of the arguments that name files (``--config configs/cpu.yaml``): the
-    help shows a config's values as defaults, so an edited config must render again."""
+    """Content hashes of the arguments that name files: the help shows a config's values as defaults."""
     hashes = {}
     for arg in args:
         value = arg.split("=", 1)[-1]
@@ -71,15 +59,8 @@ def _argument_files(args: list[str]) -> dict[str, str]:
 
 
 def help_key(command: str, args: list[str]) -> str:
-    parts = {
-        "command": command,
-        "args": args,
-        "files": _argument_files(args),
-        "sources": _sources_fingerprint(),
-        "libraries": _library_versions(),
-        "python": sys.version,
-        "columns": shutil.get_terminal_size().columns,
-    }
+    parts = {"command": command, "args": args, "files": _argument_files(args), "sources": _sources_fingerprint(),
+             "libraries": _library_versions(), "python": sys.version, "columns": shutil.get_terminal_size().columns}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -101,8 +82,8 @@ def _forget_oldest(folder: Path) -> None:
 
 
 def render_and_keep(command: str, args: list[str], render) -> None:
-    """Run ``render()`` (which prints the help and exits, as argparse does), keep what it
-    printed when it exited cleanly, print it, and exit the same way."""
+    """Run ``render()`` (which prints the help and exits, as argparse does), keep what it printed
+    when it exited cleanly, print it, and exit the same way."""
     key = help_key(command, args)  # before rendering: the key is what the text was rendered from
     captured = io.StringIO()
     try:

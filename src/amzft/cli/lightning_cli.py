@@ -1,25 +1,9 @@
-"""The LightningCLI for fit / validate / test / predict.
-
-* ``model.name_or_path`` is linked to ``data.tokenizer`` and ``data.max_length`` to
-  ``model.max_length``: each is typed once.
-* Always on: TensorBoard under ``<trainer.default_root_dir>/amzft/version_N``, checkpoints of
-  the adapter (``checkpoint.*`` options, ``last.ckpt`` included) written atomically, learning
-  rate and token-throughput curves.
-* ``--ckpt_path last`` resumes (fit) or evaluates (validate / test / predict) the newest
-  ``last.ckpt`` under the log folder and keeps logging into the same TensorBoard run.
-* ``sample_answers.*``: answers for a few validation products go to TensorBoard text every N
-  steps, and their ROUGE-L is logged as ``val/rougeL`` at every validation.
-* ``validation.every_n_steps``: validation every N optimizer steps (``amzft.training.validation``).
-* ``best.*``: the best-k checkpoints by ``val/loss`` or ``val/rougeL``; ``--ckpt_path best``
-  (validate / test / predict, and ``ask`` / ``evaluate`` / ``export``) picks the newest run's best.
-* ``early_stopping.*``: Lightning's EarlyStopping on ``best.monitor``, when ``patience`` > 0.
-* SIGTERM / Ctrl-C: training finishes the accumulation window, writes ``last.ckpt`` and stops.
-* ``predict`` writes ``predictions.jsonl`` (title, reference, answer, stopped) into the run's folder.
-* ``trainer.precision: auto`` is resolved for this machine (``amzft.training.precision``) before the
-  trainer is built: the run's saved config.yaml records the precision used.
-* ``--decoding`` / ``--repetition_penalty`` / ``--no_repeat_ngram_size`` / ``--length_decay_*`` (top-level keys, as in
-  ``ask`` / ``evaluate`` / ``demo`` / ``export``): how ``predict`` and ``sample_answers``
-  (``val/rougeL``) decode, ``amzft.model.decoding.DEFAULT_DECODING`` unless said otherwise.
+"""The LightningCLI for fit / validate / test / predict: amzft's option groups (``checkpoint``,
+``sample_answers``, ``validation``, ``best``, ``early_stopping``, the decoding keys), the links
+``model.name_or_path`` -> ``data.tokenizer`` and ``data.max_length`` -> ``model.max_length``,
+``--ckpt_path last`` / ``best`` resolved to a file (a resume logs into the same TensorBoard run),
+``trainer.precision: auto`` resolved before the config is saved, and the callbacks in
+``amzft.training.stack``'s order.
 """
 
 from __future__ import annotations
@@ -80,7 +64,7 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
                 "checkpoint.enable_version_counter": False,
                 "trainer.default_root_dir": "logs",
                 "trainer.log_every_n_steps": 1,
-                # amzft's batch sampler shards itself across ranks (see data.sharding).
+                # amzft's batch sampler shards itself across ranks (see data.sampler).
                 "trainer.use_distributed_sampler": False,
             }
         )

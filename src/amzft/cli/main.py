@@ -71,7 +71,7 @@ def _run(command: str, args: list[str]) -> None:
 
         export_command(args)
     elif command == "describe":
-        from amzft.catalogue.command import describe_command  # noqa: PLC0415
+        from amzft.cli.commands import describe_command  # noqa: PLC0415
 
         describe_command(args)
     elif command == "demo":

@@ -20,33 +20,28 @@ class _DropLines(logging.Filter):
 _LIGHTNING_LINES = {
     # On every machine without a TPU; the GPU line (available, used) stays.
     "lightning.pytorch.utilities.rank_zero": _DropLines("TPU available: False"),
-    # Every save through Trainer.save_checkpoint without weights_only (amzft's stop-and-save
-    # paths): it states Lightning's default, which is what amzft wants (optimizer state kept).
+    # Every Trainer.save_checkpoint without weights_only: Lightning's default is what amzft wants.
     "lightning.pytorch.trainer.connectors.checkpoint_connector": _DropLines("`weights_only` was not set"),
 }
 
 
 def quiet_libraries() -> None:
-    # bitsandbytes looks for optional `kernels` CPU 4-bit kernels and warns when absent;
-    # its own CPU path works (docs/architecture.md, bitsandbytes on CPU).
+    # bitsandbytes warns when optional CPU 4-bit `kernels` are absent; its own CPU path works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Lightning advertises a cloud logger at every start.
     os.environ.setdefault("LITLOGGER_TIP_DISABLED", "1")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
     )
-    # We pass argv to LightningCLI explicitly (the `python -m amzft fit …` argv minus the
-    # subcommand routing), which Lightning flags as a possible mistake.
+    # amzft passes argv to LightningCLI explicitly, which Lightning flags as a possible mistake.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # Lightning calls a torch pytree API that newer torch deprecates; nothing for users to do.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     for name, line_filter in _LIGHTNING_LINES.items():
         logging.getLogger(name).addFilter(line_filter)  # the same object: added once, however often this runs
-    # `--ckpt_path last` resumes into the run's own version folder, which holds its checkpoints
-    # by design; a fresh run always gets a new folder (TensorBoard's version_N).
+    # `--ckpt_path last` resumes into the run's own version folder, checkpoints and all, by design.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # HF loaders' per-tensor progress bars ("Loading weights: 100%|…"), on every model load.
-    # (transformers takes seconds to import: only once a command runs, not at this module's import)
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    # HF loaders' per-tensor progress bars, on every model load.
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - seconds to import
 
     hf_logging.disable_progress_bar()

@@ -1,1 +1,1 @@
-"""The trn.json data pipeline: read → clean → filter → prompt → tokenise → cache → batches."""
+"""The trn.json data pipeline, one way: read → clean → split (cached) → encode → batch."""

@@ -1,21 +1,6 @@
-"""Order and layout of an epoch's batches: the seeded order of the examples, cut into plain,
-length-grouped or packed batches, one chunk of the order at a time; and how many batches an
-epoch has.
-
-* ``plain``: consecutive examples of the shuffled order.
-* ``grouped``: the shuffled order is cut into mega-batches of ``mega_batch`` batches, each
-  sorted by length and cut into batches, whose order within the mega-batch is then shuffled:
-  similar lengths share a batch (little padding), the epoch stays random.
-* ``packed``: the examples of each chunk of ``PACK_CHUNKS`` mega-batches are packed
-  first-fit-decreasing into rows of at most ``max_length`` tokens, whose order within the
-  chunk is shuffled; a batch is ``batch_size`` rows. The collator restarts position ids per
-  example so attention never crosses an example.
-
-Chunk by chunk: an epoch's batches are made as iteration reaches each chunk, so lengths may be
-lazy (tokenised when asked) and the first batch of a 2.2 M-record epoch needs the lengths of one
-chunk, not of the whole file. ``count`` then needs no lengths either (plain, grouped) or
-estimates packed rows from a fixed sample (``estimated_rows``).
-"""
+"""Batch stage, order: an epoch's seeded example order cut into ``plain`` batches,
+``grouped`` ones (sorted by length within each mega-batch) or ``packed`` rows (first-fit per
+chunk), one chunk at a time so lengths may be lazy; hands (indices, rows) to the sampler."""
 
 from __future__ import annotations
 
@@ -32,7 +17,7 @@ ESTIMATE_SAMPLE = 2048  # examples whose lengths estimate a lazily packed epoch'
 
 @dataclass(frozen=True)
 class BatchOrder:
-    """How an epoch's examples become batches (all ranks' batches: sharding comes after)."""
+    """How an epoch's examples become batches (all ranks' batches: the sampler deals them)."""
 
     batch_size: int
     seed: int = 0
@@ -49,9 +34,7 @@ class BatchOrder:
             raise ValueError("layout 'packed' needs max_length")
 
     def batches(self, n: int, lengths: Sequence[int] | None, epoch: int) -> Iterator[tuple[list[int], list[int] | None]]:
-        """Epoch ``epoch``'s batches of ``n`` examples as (indices, examples per row or None),
-        made as they are reached: grouped and packed batches one chunk of the epoch's order at
-        a time, so only the chunks reached so far need their lengths."""
+        """Epoch ``epoch``'s batches of ``n`` examples as (indices, examples per row or None)."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         size = self.batch_size
@@ -89,9 +72,8 @@ class BatchOrder:
                 yield [idx for row in group for idx in row], [len(row) for row in group]
 
     def count(self, n: int, lengths: Sequence[int] | None) -> int:
-        """Batches (all ranks') in epoch 0 of ``n`` examples. Plain and grouped batches are
-        counted from ``n`` alone; packed rows from the packing itself, or, when the lengths are
-        lazy (a split too big to count first), estimated from a fixed sample."""
+        """Batches (all ranks') in epoch 0 of ``n`` examples: from ``n`` alone (plain, grouped), by
+        packing (packed), or estimated from a fixed sample when the lengths are lazy."""
         size = self.batch_size
         if self.layout == "packed":
             if not getattr(lengths, "lazy", False):
@@ -106,10 +88,8 @@ class BatchOrder:
         return n // chunk * batches_of(chunk) + batches_of(n % chunk)
 
     def estimated_rows(self, n: int, lengths) -> int:
-        """Packed rows an epoch of ``n`` examples makes, from packing a fixed random sample of
-        them (at most ``ESTIMATE_SAMPLE``) in chunks as big as the epoch's: the lengths of a few
-        thousand examples instead of all of them. A pure function of the data and the RNG seed,
-        so every run of the same data (cold or warm cache, resumed or not) gets the same value."""
+        """Packed rows of ``n`` examples, from packing a fixed seeded sample of them in chunks as big
+        as the epoch's: the same for every run of the same data, cold or warm, resumed or not."""
         chunk = self.batch_size * self.mega_batch * PACK_CHUNKS
         take = min(n, max(ESTIMATE_SAMPLE, chunk))
         sample = np.sort(np.random.default_rng([self.seed, n]).choice(n, take, replace=False))
@@ -120,11 +100,8 @@ class BatchOrder:
 
 
 def pack_first_fit(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of examples into rows of at most ``capacity`` tokens.
-
-    Rows are kept in a list sorted by free space; each example (longest first) goes to the row
-    with the least free space that still fits it (best fit), found by bisection: O(n log n).
-    """
+    """Examples into rows of at most ``capacity`` tokens: longest first, each into the row with
+    the least free space that still fits it (found by bisection: O(n log n))."""
     ordered = sorted(indices.tolist(), key=lambda i: -int(lengths[i]))
     free: list[tuple[int, int]] = []  # (free tokens, row id), sorted
     rows: list[list[int]] = []

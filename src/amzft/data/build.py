@@ -1,20 +1,6 @@
-"""Build (once) and reopen (in a fraction of a second) the cleaned dataset as memory-mapped Arrow
-files; examples are tokenised on demand from it (data.lazy).
-
-The build is one pass that reads, cleans, filters, dedupes and splits the records and writes the
-kept ones' cleaned text: no tokenising, so training on the 2.2 M-record file starts in seconds,
-not minutes. The skip report stays exact: a record is skipped when its prompt alone does not
-fit ``max_length``, which only a title of nearly ``max_length`` bytes can cause (a token covers
-at least one byte), so only those few prompts are tokenised during the build. Whether a long
-response is cut is known when its example is tokenised (``LazyExamples.truncated``; the data
-report counts them): tokenising every long description here would be a large part of the
-build's work (docs/performance.md, "Time to the first step").
-
-The cache key covers the data file (path, size, mtime), every setting that changes the
-examples, the tokenizer's full definition and the pipeline version, so a stale cache is never
-reused. Files are written into a temporary folder and renamed into place, so an interrupted
-build never leaves a cache that looks complete.
-"""
+"""Stages read → clean → split, run once per data file and settings: records read (data.reader),
+cleaned and filtered (data.clean), prompt-checked and split by product (data.split) into cached
+memory-mapped Arrow files; hands ``PreparedData`` (cleaned text, tokenised on demand) to the module."""
 
 from __future__ import annotations
 
@@ -32,28 +18,27 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder
-from amzft.data.lazy import PROBE, LazyExamples, default_num_proc, settled_encoder
+from amzft.data.lazy import LazyExamples, default_num_proc, tokenizer_processes
 from amzft.data.prompt import PromptFormat
-from amzft.data.reader import check_data_file, is_plain_json_lines, iter_raw_lines, parse_line
+from amzft.data.reader import check_data_file, is_plain_json_lines, parse_line, raw_lines
 from amzft.data.split import SPLITS, assign_split
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
 from amzft.files import cache_root, staging_dir
 
-# bump when the examples a given setting produces change (2: HTML tags and control characters
-# removed; 3: the cache holds cleaned text, tokenised on demand; 4: cut responses are counted with
-# the tokens, not by the build)
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 4  # part of the cache key: bump when the examples a given setting produces change
 CHUNK = 4096  # records per worker task / per exact-length check
 BLOCK = 1 << 21  # bytes of whole lines per worker task when a plain file is read in blocks
-# Tokens a prompt + response can have beyond their UTF-8 bytes: special tokens (BOS, EOS), a
-# SentencePiece word-start marker per separately tokenised piece. Generous on purpose.
+# Tokens a prompt can have beyond its UTF-8 bytes (a token covers at least one byte): special
+# tokens, SentencePiece word-start markers. Generous on purpose.
 SLACK = 16
+PROBE = 64  # titles the prompt encoder's prefix check runs on (fixed, so ids never depend on batch order)
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +59,8 @@ class DataSettings:
 
 
 class TokenisedSplits(Mapping):
-    """Split name -> its ``datasets.Dataset`` whose rows come with their tokens (``input_ids``,
-    ``prompt_len``, ``num_labels``; a format transform tokenises the rows read). Made on first
-    use: setting a transform costs time (datasets fingerprints it) that training never needs."""
+    """Split name -> its ``datasets.Dataset`` with rows tokenised as read; each made on first use
+    (setting a transform costs a fingerprint that training never needs)."""
 
     def __init__(self, prepared: PreparedData):
         self.prepared = prepared
@@ -117,18 +101,17 @@ class PreparedData:
 
     def examples(self, name: str) -> LazyExamples:
         """The split's ``LazyExamples`` (one per split, so its token counts accumulate)."""
-        if self._encoder is None:  # settled on a fixed sample: the first titles of each split
-            probe = [title for split in self.raw.values() for title in split[:PROBE]["title"]]
-            self._encoder = settled_encoder(self.tokenizer, self.settings.prompt, probe)
+        if self._encoder is None:
+            self._encoder = PromptEncoder(self.tokenizer, self.settings.prompt)
+            self._encoder([title for split in self.raw.values() for title in split[:PROBE]["title"]] or ["a"])
         if name not in self._examples:
             counts = self.directory / f"{name}.counts.npy"
             self._examples[name] = LazyExamples(self.raw[name], self.tokenizer, self.settings, self._encoder, counts)
         return self._examples[name]
 
 
-# A tokenizer's definition hash, per instance: one process shares one tokenizer per folder
-# (amzft.sources.load_tokenizer), and serialising Llama-3.2's takes ~0.2 s a call. Weak
-# keys: a tokenizer no one holds any more is forgotten with it.
+# Per tokenizer instance (one per folder in a process, amzft.sources): serialising Llama-3.2's
+# takes ~0.2 s. Weak keys: a tokenizer no one holds any more is forgotten with it.
 _DEFINITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -141,8 +124,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((_DEFINITIONS[tokenizer] + extra).encode()).hexdigest()[:16]
 
 
-def cache_key(settings: DataSettings, tokenizer) -> str:
-    data_file = check_data_file(settings.path).resolve()
+def cache_key(settings: DataSettings, tokenizer, data_file: Path) -> str:
+    """The data file (path, size, mtime), every setting, the tokenizer and the pipeline version:
+    a stale cache is never reused."""
+    data_file = data_file.resolve()
     st = data_file.stat()
     payload = {
         "version": PIPELINE_VERSION,
@@ -157,34 +142,26 @@ def cache_key(settings: DataSettings, tokenizer) -> str:
 # and so does each worker process of a spawn-started build, which never needs it.
 
 
-def _features():
-    from datasets import Features, Value  # noqa: PLC0415 - start-up time (see above)
-
-    return Features({"title": Value("string"), "content": Value("string"), "line": Value("int64")})
-
-
-def _load(directory: Path, settings: DataSettings, tokenizer) -> PreparedData:
+def _load(directory: Path, settings: DataSettings, tokenizer, from_cache: bool) -> PreparedData:
     from datasets import Dataset  # noqa: PLC0415 - start-up time
-
     stats = PipelineStats.from_dict(json.loads((directory / "stats.json").read_text()))
     splits = {name: Dataset.from_file(str(directory / f"{name}.arrow")) for name in SPLITS}
-    return PreparedData(splits, stats, directory, True, tokenizer, settings)
+    return PreparedData(splits, stats, directory, from_cache, tokenizer, settings)
 
 
-def prepare(
-    settings: DataSettings, tokenizer, cache_dir: str | Path | None = None, num_proc: int | None = None
-) -> PreparedData:
+def prepare(settings: DataSettings, tokenizer, cache_dir: str | Path | None = None, num_proc: int | None = None) -> PreparedData:
     """Reopen the cached records for these settings, or build them with ``num_proc`` worker
-    processes (None: one per available core; 1: in this process). The result does not depend
-    on ``num_proc``, so it is not part of the cache key."""
+    processes (None: one per core; 1: in this process; the result is the same for any)."""
+    data_file = check_data_file(settings.path)  # the one check of the path: read stages trust it
     root = Path(cache_dir) if cache_dir else cache_root() / "datasets"
-    directory = root / cache_key(settings, tokenizer)
+    directory = root / cache_key(settings, tokenizer, data_file)
     if (directory / "stats.json").is_file():
-        return _load(directory, settings, tokenizer)
+        return _load(directory, settings, tokenizer, True)
+    # Built in a temporary folder renamed into place: an interrupted build never looks complete.
     tmp = staging_dir(root, ".build-")
     try:
         procs = default_num_proc() if num_proc is None else max(1, num_proc)
-        stats = _build(settings, tokenizer, tmp, procs)
+        stats = _build(settings, data_file, tokenizer, tmp, procs)
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
         try:
             os.replace(tmp, directory)
@@ -192,103 +169,69 @@ def prepare(
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    built = _load(directory, settings, tokenizer)
-    built.from_cache = False
-    return built
+    return _load(directory, settings, tokenizer, False)
 
 
-class PromptCheck:
-    """Which cleaned records' prompts do not fit ``max_length`` (a ``prompt_too_long`` skip,
-    exactly as the tokenised example would be refused), tokenising only the prompts whose UTF-8
-    size says they might not: those of titles of nearly ``max_length`` bytes."""
-
-    def __init__(self, settings: DataSettings, tokenizer):
-        self.settings, self.tokenizer = settings, tokenizer
-        fmt = settings.prompt
-        self.prompt_bytes = len(fmt.render("").encode())  # the prompt without its title
-        self.per_title = fmt.question.count("{title}")
-        self.encode_prompts: PromptEncoder | None = None  # made on first need
-
-    def __call__(self, chunk: list[tuple[int, str, str]]) -> list[int]:
-        """For cleaned (line, title, content) records: the lines of those whose prompt does not fit."""
-        limit = self.settings.max_length - SLACK
-        unsure = [record for record in chunk if self.prompt_bytes + self.per_title * len(record[1].encode()) > limit]
-        if not unsure:
-            return []
-        if self.encode_prompts is None:
-            self.encode_prompts = PromptEncoder(self.tokenizer, self.settings.prompt)
-        prompts = self.encode_prompts([title for _, title, _ in unsure])
-        # join_example's own test: at least one response token must fit after the prompt
-        return [line for (line, _, _), ids in zip(unsure, prompts) if len(ids) >= self.settings.max_length]
-
-
-def _finish(settings: DataSettings, writers: dict, stats: PipelineStats) -> PipelineStats:
-    for name, writer in writers.items():
-        stats.split_sizes[name] = writer.finalize()[0]
-    if stats.kept == 0:
-        reasons = ", ".join(f"{k}={v}" for k, v in stats.skipped.most_common()) or "none"
-        raise DataError(
-            f"{settings.path}: no usable records ({stats.records_read} read; skipped: {reasons})"
-        )
-    return stats
-
-
-def _split_of(title: str, settings: DataSettings) -> str:
-    return assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt)
+def _too_long(records: list[tuple[int, str, str]]) -> list[int]:
+    """The lines of the cleaned (line, title, content) records whose prompt alone does not fit
+    ``max_length`` (``prompt_too_long``, as the example would be refused). Only a title of nearly
+    ``max_length`` bytes can cause it, so only those prompts are tokenised: the build tokenises nothing else."""
+    settings: DataSettings = _WORKER["settings"]
+    fmt, limit = settings.prompt, settings.max_length - SLACK
+    prompt_bytes, per_title = len(fmt.render("").encode()), fmt.question.count("{title}")
+    unsure = [record for record in records if prompt_bytes + per_title * len(record[1].encode()) > limit]
+    if not unsure:
+        return []
+    if "encode_prompts" not in _WORKER:  # made on first need
+        _WORKER["encode_prompts"] = PromptEncoder(_WORKER["tokenizer"], fmt)
+    prompts = _WORKER["encode_prompts"]([title for _, title, _ in unsure])
+    # join_example's own test: at least one response token must fit after the prompt
+    return [line for (line, _, _), ids in zip(unsure, prompts) if len(ids) >= settings.max_length]
 
 
 def _split_columns(rows: list[tuple]) -> dict[str, dict]:
-    """Kept (line, title, content, split, ...) records as each split's typed Arrow columns
-    (title, content, line), in their order; splits without rows are left out."""
+    """Kept (line, title, content, split) records as each split's typed Arrow columns (title,
+    content, line), in order; splits without rows are left out."""
     import pyarrow as pa  # noqa: PLC0415 - start-up time (datasets imports it anyway)
-
     lists = {name: ([], [], []) for name in SPLITS}
-    for line, title, content, split, *_ in rows:
+    for line, title, content, split in rows:
         titles, contents, lines = lists[split]
         titles.append(title)
         contents.append(content)
         lines.append(line)
-    # typed Arrow arrays: datasets' own type inference from Python lists is a large part of the
-    # parallel build's parent process, its bottleneck (docs/performance.md, "Time to the first step")
+    # typed arrays: datasets' type inference from Python lists would be the parent's bottleneck
     return {name: {"title": pa.array(titles, pa.string()), "content": pa.array(contents, pa.string()),
                    "line": pa.array(lines, pa.int64())}
             for name, (titles, contents, lines) in lists.items() if lines}
 
 
 def _writers(out: Path) -> dict:
-    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time (slow to import)
+    from datasets import Features, Value  # noqa: PLC0415 - start-up time
+    from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time
 
-    return {name: ArrowWriter(features=_features(), path=str(out / f"{name}.arrow")) for name in SPLITS}
+    features = Features({"title": Value("string"), "content": Value("string"), "line": Value("int64")})
+    return {name: ArrowWriter(features=features, path=str(out / f"{name}.arrow")) for name in SPLITS}
 
 
 # ------------------------------------------------------------------ the workers
-_WORKER: dict = {}  # a worker's filter, prompt check and settings (this process's, with one worker)
+_WORKER: dict = {}  # a worker's filter, settings and tokenizer (this process's, with one worker)
 
 
 def _worker_init(settings: DataSettings, tokenizer) -> None:
     # Dedupe needs every record seen so far: the parent does it, in file order.
     filters = FilterSettings(**{**asdict(settings.filters), "dedupe": False})
-    _WORKER.update(keep=RecordFilter(filters), check=PromptCheck(settings, tokenizer), settings=settings)
-
-
-def _block_lines(first: int, block: bytes) -> list[tuple[int, bytes]]:
-    """(line number, raw bytes) of a block of whole lines whose first line is ``first``, blank
-    lines left out (numbered all the same), as ``iter_raw_lines`` yields them."""
-    return [(first + k, raw) for k, raw in enumerate(block.split(b"\n")) if raw.strip()]
+    _WORKER.update(keep=RecordFilter(filters), settings=settings, tokenizer=tokenizer)
 
 
 def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
-    """Parse, validate, clean, filter, prompt-check and split raw lines (or a (first line,
-    bytes) block of them). Returns the number of records read, the chunk's skips (a
-    ``PipelineStats``), the first unreadable line's one-line error (``strict`` raises it) and,
-    per split, the kept records' Arrow columns (``_split_columns``) with their dedupe keys
-    (None without dedupe). Arrow columns, not Python tuples, go back to the parent: unpickling
-    records' strings one by one is costly work for the parent, the build's bottleneck
-    (docs/performance.md, "Time to the first step")."""
-    w = _WORKER
-    settings: DataSettings = w["settings"]
-    if isinstance(lines, tuple):
-        lines = _block_lines(*lines)
+    """Parse, clean, filter, prompt-check and split raw (line, bytes) pairs, or a (first line,
+    block of whole lines) of a plain file. Returns the records read, the skips, the first bad
+    line's error (``strict`` raises it) and per split the kept records' Arrow columns with their
+    dedupe keys (None without dedupe): Arrow, as unpickling strings one by one would load the parent."""
+    settings: DataSettings = _WORKER["settings"]
+    if isinstance(lines, tuple):  # blank lines left out, numbered all the same
+        first, block = lines
+        lines = [(first + k, raw) for k, raw in enumerate(block.split(b"\n")) if raw.strip()]
     skips, error, records = PipelineStats(), None, []
     for line, raw in lines:
         parsed = parse_line(raw)
@@ -297,16 +240,17 @@ def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
             if error is None:
                 error = f"{settings.path}:{line}: {parsed[1]}"
             continue
-        title, content, reason = w["keep"](parsed["title"], parsed["content"])
+        title, content, reason = _WORKER["keep"](parsed["title"], parsed["content"])
         if reason is not None:
             skips.skip(reason, line)
             continue
         records.append((line, title, content))
-    too_long = w["check"](records) if records else []
+    too_long = _too_long(records) if records else []
     for line in too_long:
         skips.skip("prompt_too_long", line)
     refused = set(too_long)
-    kept = [(line, title, content, _split_of(title, settings)) for line, title, content in records if line not in refused]
+    kept = [(line, title, content, assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt))
+            for line, title, content in records if line not in refused]
     keys = {name: [] for name in SPLITS}
     if settings.filters.dedupe:
         for _, title, content, split in kept:
@@ -317,11 +261,10 @@ def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
 
 
 def _deduped(parts: dict, seen: set[bytes], stats: PipelineStats) -> dict[str, dict]:
-    """Each split's columns without the records whose dedupe key is in ``seen`` (or earlier in
-    the chunk), counted as ``duplicate`` skips in line order; the new keys join ``seen``.
-    Identical records share a title and so a split: each split's order is the file's."""
+    """Each split's columns without the records whose dedupe key is in ``seen`` (or earlier in the
+    chunk), counted as ``duplicate`` skips in line order; the new keys join ``seen``. Identical
+    records share a title and so a split: each split's order is the file's."""
     import pyarrow as pa  # noqa: PLC0415 - start-up time (imported by the workers' results anyway)
-
     duplicates: list[int] = []
     out = {}
     for name, (columns, keys) in parts.items():
@@ -342,14 +285,12 @@ def _deduped(parts: dict, seen: set[bytes], stats: PipelineStats) -> dict[str, d
     return out
 
 
-def _raw_blocks(path: Path, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
-    """(first line number, bytes) blocks of about ``size`` bytes of whole lines of a plain JSON
-    Lines file: the parent process only reads and counts newlines (memchr speed), the workers
-    split the lines, so the parent does not become the build's bottleneck. A leading UTF-8 BOM is
-    dropped, as ``iter_raw_lines`` does."""
+def _raw_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(first line number, bytes) blocks of about ``BLOCK`` bytes of whole lines of a plain file:
+    the parent only counts newlines, the workers split the lines. A leading BOM is dropped."""
     line = 1
     with path.open("rb") as handle:
-        while block := handle.read(size):
+        while block := handle.read(BLOCK):
             if not block.endswith(b"\n"):
                 block += handle.readline()
             if line == 1 and block.startswith(codecs.BOM_UTF8):
@@ -358,18 +299,11 @@ def _raw_blocks(path: Path, size: int = BLOCK) -> Iterator[tuple[int, bytes]]:
             line += int(np.count_nonzero(np.frombuffer(block, np.uint8) == 10))  # faster than bytes.count
 
 
-def _reads_blocks(settings: DataSettings) -> bool:
-    """Whether the parallel build hands the workers blocks of bytes (a plain JSON Lines file
-    read whole; the workers then count ``records_read``) rather than numbered lines (gzip, a
-    JSON array, a ``limit``: ``_raw_lines`` counts them)."""
-    return settings.limit is None and is_plain_json_lines(check_data_file(settings.path))
-
-
-def _raw_lines(settings: DataSettings, stats: PipelineStats) -> Iterator[list[tuple[int, bytes]]]:
-    """Lists of ``CHUNK`` (line number, raw bytes) pairs from ``iter_raw_lines``, counting
-    ``records_read`` (and stopping at ``limit``) as it goes."""
+def _raw_lines(settings: DataSettings, data_file: Path, stats: PipelineStats) -> Iterator[list[tuple[int, bytes]]]:
+    """Lists of ``CHUNK`` (line number, raw bytes) pairs, counting ``records_read`` (and stopping
+    at ``limit``) as it goes."""
     chunk: list[tuple[int, bytes]] = []
-    for line, raw in iter_raw_lines(settings.path, stats, settings.strict):
+    for line, raw in raw_lines(data_file, stats, settings.strict):
         if settings.limit is not None and stats.records_read >= settings.limit:
             break
         stats.records_read += 1
@@ -381,25 +315,15 @@ def _raw_lines(settings: DataSettings, stats: PipelineStats) -> Iterator[list[tu
         yield chunk
 
 
-class _Done:
-    """A result already computed, read as a pool's ``AsyncResult`` is."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def get(self):
-        return self.value
-
-
 class _InProcess:
-    """The pool's interface run in this process: ``num_proc`` 1 takes the very path several
-    workers do (one build path), without forking."""
+    """The pool's interface in this process: ``num_proc`` 1 runs the workers' very code, unforked."""
 
     def __init__(self, settings: DataSettings, tokenizer):
         _worker_init(settings, tokenizer)
 
     def apply_async(self, function, args):
-        return _Done(function(*args))
+        value = function(*args)
+        return SimpleNamespace(get=lambda: value)
 
     def __enter__(self):
         return self
@@ -408,23 +332,23 @@ class _InProcess:
         _WORKER.clear()
 
 
-def _build(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> PipelineStats:
-    """Parse, clean, filter, prompt-check and split the records into the Arrow files, the work
-    spread over ``num_proc`` worker processes (1: in this process, by the same code). The parent
-    only reads blocks of lines, dedupes and writes, consuming results in file order, so the
-    output (and the first lines listed per skip reason) do not depend on the number of
-    processes. At most 2 x num_proc chunks are in flight (16 x while datasets is being
-    imported): memory stays bounded whatever the file size."""
+def _build(settings: DataSettings, data_file: Path, tokenizer, out: Path, num_proc: int) -> PipelineStats:
+    """Read, clean, filter, prompt-check and split the records into the Arrow files over
+    ``num_proc`` worker processes (1: in this process, by the same code). The parent reads, dedupes
+    and writes in file order, so the output does not depend on ``num_proc``; at most 2 x num_proc
+    chunks are in flight (16 x while datasets is imported), so memory stays bounded."""
     stats = PipelineStats()
     writers: dict = {}
     seen: set[bytes] = set()
-    blocks = _reads_blocks(settings)
+    # Plain JSON Lines are handed to the workers in blocks of bytes (they count records_read);
+    # gzip, UTF-16, a JSON array or a limit in numbered lines.
+    blocks = settings.limit is None and is_plain_json_lines(data_file)
 
     def collect(result) -> None:
         read, skips, error, parts = result.get()
         if error is not None and settings.strict:
             raise DataError(error)
-        if blocks:  # the workers counted the records they split off
+        if blocks:
             stats.records_read += read
         stats.add_skips(skips)
         columns = _deduped(parts, seen, stats)
@@ -437,17 +361,14 @@ def _build(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> Pipel
 
     # fork: workers inherit the loaded tokenizer instantly (spawn would re-import everything).
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes, not Rust threads; no fork warning
-    chunks = _raw_blocks(check_data_file(settings.path)) if blocks else _raw_lines(settings, stats)
-    pool = (context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) if num_proc > 1
-            else _InProcess(settings, tokenizer))
-    try:
+    chunks = _raw_blocks(data_file) if blocks else _raw_lines(settings, data_file, stats)
+    with tokenizer_processes():
+        pool = (context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) if num_proc > 1
+                else _InProcess(settings, tokenizer))
         with pool:
-            # datasets (slow to import, needed for the writers) is imported in a thread while the
-            # workers start on the first blocks, which may run further ahead until it is done.
-            # Started after the workers are forked: a fork during an import could leave them
-            # a half-imported module.
+            # datasets (needed for the writers) is imported in a thread while the workers start,
+            # which may run further ahead until it is done; started after the fork, which could
+            # leave the workers a half-imported module.
             importer = threading.Thread(target=importlib.import_module, args=("datasets.arrow_writer",), daemon=True)
             importer.start()
             pending: deque = deque()
@@ -458,11 +379,11 @@ def _build(settings: DataSettings, tokenizer, out: Path, num_proc: int) -> Pipel
             while pending:
                 collect(pending.popleft())
             importer.join()
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
     if not writers:
         writers.update(_writers(out))
-    return _finish(settings, writers, stats)
+    for name, writer in writers.items():
+        stats.split_sizes[name] = writer.finalize()[0]
+    if stats.kept == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in stats.skipped.most_common()) or "none"
+        raise DataError(f"{settings.path}: no usable records ({stats.records_read} read; skipped: {reasons})")
+    return stats

@@ -1,13 +1,5 @@
-"""Cleaning and filtering of trn.json records.
-
-What the real AmazonTitles-1.3MM records hold (checked on the real trn.json): every non-ASCII
-character is an HTML entity (``&#8217;``, ``&#xE7;``, ``&quot;``), in titles too; Amazon's
-"--This text refers to … edition." boilerplate, often with its spaces missing
-(``thePaperbackedition``); double spaces; contents that say nothing ("VHS Tape", "Book by",
-"Text: English, French (translation)", the title again); duplicates. What files from other
-sources hold: HTML markup (``<br/>``, ``<p>&nbsp;</p>``, also entity-escaped as ``&lt;br&gt;``)
-and control characters (NUL, BEL, ...) that would otherwise go into prompts and targets.
-"""
+"""Clean stage: HTML entities, tags, control characters, Amazon boilerplate and extra whitespace
+removed, empty, junk, title-only and duplicate records dropped; hands kept records to the split."""
 
 from __future__ import annotations
 
@@ -16,10 +8,8 @@ import html
 import re
 from dataclasses import dataclass
 
-# "--This text refers to thePaperbackedition." / "... an alternateHardcoveredition." /
-# "... an out of print or unavailable edition of this title." / "... thePrint on Demand
-# (Paperback)edition." The lazy ".*?edition" stops at the first "edition", which is the
-# format's own word even when run together with it.
+# "--This text refers to thePaperbackedition." (spaces often missing) / "... an out of print or
+# unavailable edition of this title.": the lazy ".*?edition" stops at the format's own word.
 _BOILERPLATE = re.compile(
     r"\s*-*\s*This text refers to\s*(?:an?\s*|the\s*)?.{0,80}?edition(?:\s*of this title)?\s*\.?",
     re.IGNORECASE,
@@ -39,32 +29,19 @@ _TAG = re.compile(
     r"s|small|span|strike|strong|sub|sup|table|tbody|td|th|thead|tr|tt|u|ul)(?:\s[^<>]*)?/?>",
     re.IGNORECASE | re.DOTALL,
 )
-# Control characters. C1 ones (U+0080-U+009F) in scraped text are Windows-1252 bytes read as
-# Latin-1 ("don\x92t"): they become that character, as html.unescape does for "&#146;". The
-# others (C0, DEL, the 5 C1 codes cp1252 leaves undefined) become a space, not nothing: a NUL
-# between two words is a separator in the files it comes from ("Mug\x00Blue"), and the whitespace
-# collapse removes the space wherever it was not one. Tab and newline are whitespace anyway.
-def _control_table() -> dict[int, str]:
-    table = {c: " " for c in [*range(0x00, 0x20), 0x7F] if chr(c) not in "\t\n"}
-    for c in range(0x80, 0xA0):
-        try:
-            table[c] = bytes([c]).decode("cp1252")
-        except UnicodeDecodeError:
-            table[c] = " "
-    return table
-
-
-_CONTROLS = _control_table()
-_LANGUAGE_ONLY = re.compile(
-    r"^(?:Text:\s*[A-Za-z ,]+(?:\s*\(translation\))?\s*)?(?:Original Language:\s*[A-Za-z ,]+)?$"
-)
+# C1 controls in scraped text are Windows-1252 bytes read as Latin-1 ("don\x92t"): they become
+# that character, as html.unescape does for "&#146;". Other controls become a space (a NUL often
+# separates words: "Mug\x00Blue"), which the whitespace collapse removes where it was none.
+_CONTROLS = {**{c: " " for c in [*range(0x00, 0x20), 0x7F] if chr(c) not in "\t\n"},
+             **{c: bytes([c]).decode("cp1252", "ignore") or " " for c in range(0x80, 0xA0)}}
+_LANGUAGE_ONLY = re.compile(r"^(?:Text:\s*[A-Za-z ,]+(?:\s*\(translation\))?\s*)?(?:Original Language:\s*[A-Za-z ,]+)?$")
 
 
 def clean_text(text: str, strip_boilerplate: bool = True) -> str:
     """Unescape HTML entities, drop HTML tags, control characters and Amazon boilerplate,
     collapse whitespace (``&nbsp;`` is whitespace too)."""
-    # The pre-checks skip the slow calls for the many texts that need none (isprintable is
-    # False for any control character, and for non-ASCII spaces, which are rare).
+    # The pre-checks skip the slow calls for the many texts that need none (isprintable is False
+    # for any control character and non-ASCII space).
     if "&" in text:
         text = html.unescape(text)  # first: tags arrive entity-escaped too ("&lt;br&gt;")
     if "<" in text:
@@ -81,11 +58,8 @@ def clean_text(text: str, strip_boilerplate: bool = True) -> str:
 
 
 def _strip_boilerplate(text: str) -> str:
-    r"""``_BOILERPLATE.sub(" ", text)``, faster on the real records, where the note ends a long
-    description (docs/performance.md, "Time to the first step"). The regex's leading
-    ``\s*-*\s*`` makes ``re`` try a match at every position of the text; no match can begin
-    before the whitespace and dashes that precede the first "This text refers to", so the regex
-    runs on the text from there only."""
+    r"""``_BOILERPLATE.sub(" ", text)``, faster: its leading ``\s*-*\s*`` would try every position,
+    so it runs only from the whitespace and dashes before the first "This text refers to"."""
     if text.isascii():  # lower() keeps positions, and IGNORECASE matches ASCII only to ASCII
         start = text.lower().find("this text refers to")  # a plain find: much faster than the regex
         if start < 0:
@@ -105,8 +79,7 @@ class FilterSettings:
     """Which records are kept (``data.filters.*``).
 
     Args:
-        min_content_chars: drop descriptions shorter than this (1: only empty ones, as the
-            notebook does).
+        min_content_chars: drop descriptions shorter than this (1: only empty ones, as the notebook).
         drop_title_only: drop descriptions that just repeat the title.
         drop_junk: drop descriptions such as "VHS Tape", "Book by", "Text: English".
         strip_boilerplate: remove Amazon's "--This text refers to … edition." notes.
@@ -126,8 +99,7 @@ class FilterSettings:
 
 
 def dedupe_key(title: str, content: str) -> bytes:
-    """Identity of a cleaned (title, description) pair for ``dedupe`` (RecordFilter and the
-    parallel build, which dedupes in the parent)."""
+    """Identity of a cleaned (title, description) pair for ``dedupe``."""
     return hashlib.blake2b(f"{title}\x00{content}".encode(), digest_size=12).digest()
 
 
@@ -145,11 +117,9 @@ class RecordFilter:
         if not title:
             return title, content, "empty_title"
         if not content:
-            # Only the boilerplate's removal counts as boilerplate_only: markup and whitespace
-            # ("<p>&nbsp;</p>") are an empty description.
+            # Only the boilerplate's removal is boilerplate_only: markup alone is an empty description.
             return title, content, "boilerplate_only" if s.strip_boilerplate and clean_text(raw, False) else "empty_content"
-        # The length tests skip casefolding long descriptions (speed): casefold() turns a
-        # character into 1 to 3, and no character but "." into one ending in ".".
+        # The length tests skip casefolding long descriptions: casefold() makes a character 1 to 3.
         if s.drop_title_only and len(content) <= 3 * len(title) and content.casefold() == title.casefold():
             return title, content, "content_equals_title"
         if s.drop_junk and ((len(content.rstrip(".")) <= _JUNK_LONGEST and content.casefold().rstrip(".") in _JUNK_EXACT)

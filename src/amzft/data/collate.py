@@ -1,5 +1,5 @@
-"""From a batch's indices to tensors: the dataset fetches (and tokenises) a whole batch in one
-read, the collator pads dynamically or packs rows."""
+"""Batch stage, tensors: the dataset fetches (and tokenises) a batch's examples in one read; the
+collator pads them, or packs rows, into the tensors a training step takes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from amzft.data.encode import IGNORE_INDEX
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """A split's examples (data.lazy.LazyExamples: tokenised on demand); fetches a whole batch
-    in one read."""
+    """A split's examples (data.lazy.LazyExamples), fetched a whole batch at a time."""
 
     def __init__(self, examples):
         self.examples = examples
@@ -35,29 +34,12 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right-pads to the longest row in the batch.
-
-    Unpacked: one example per row; the attention mask comes from the lengths, never from
-    ``input_ids != pad``, because the pad id may equal EOS and the EOS that ends each response
-    must be attended and learnt.
-
-    Packed (the batch says how many examples each row holds): examples are concatenated, their
-    ``position_ids`` restart at 0, and no attention mask is returned: transformers then builds a
-    block-diagonal causal mask from the position ids (``find_packed_sequence_indices``; varlen
-    flash-attention does the same on GPU), so no token attends across an example boundary. The
-    padded tail is a segment of its own, with no labels. No label crosses a boundary either:
-    each example starts with its (unlabelled) prompt.
-
-    Packed with ``share_prefix``: the tokens every example of the batch starts with (the
-    Alpaca preamble, a sizeable share of each example on the real records; docs/performance.md,
-    "Training throughput (CPU)") are stored once at the head of each row, each example follows without them, its position ids
-    continuing from the prefix's, and a 4-D boolean mask lets every token see the prefix and,
-    causally, its own example only. Each example's loss and gradients are those of the example
-    alone (tested); a row of k examples processes (k - 1) x prefix fewer tokens. The prefix is
-    cut one token short of the shortest prompt, so no label is predicted from it.
-    ``real_tokens`` still counts every example's full length (the work, as an unshared batch
-    or HF's Trainer counts it); ``input_tokens`` counts the non-pad positions processed.
-    """
+    """Right-pads to the longest row. Unpacked: the attention mask comes from the lengths (the
+    pad id may equal EOS, which must be learnt). Packed: examples concatenated, ``position_ids``
+    restarting at 0 and no mask, so transformers builds a block-diagonal causal mask.
+    ``share_prefix``: the tokens all examples start with (up to one before the shortest prompt)
+    stored once per row, and a 4-D mask letting each token see the prefix and its own example.
+    ``real_tokens`` counts every example's full length, ``input_tokens`` the positions processed."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, share_prefix: bool = False):
         self.pad_id, self.multiple, self.share_prefix = pad_id, max(1, pad_to_multiple_of), share_prefix
@@ -129,9 +111,8 @@ class Collator:
     @staticmethod
     def _finish(batch, input_ids, labels, row_lengths: list[int], real_tokens: int | None = None,
                 **extra) -> dict[str, torch.Tensor]:
-        """``row_lengths``: the positions each row computes, padding excluded (a packed row's
-        shared preamble once); ``real_tokens``: the examples' own tokens when sharing makes
-        them more than the rows' (default: the rows' sum)."""
+        """``row_lengths``: positions each row computes, padding excluded; ``real_tokens``: the
+        examples' own tokens where a shared prefix makes them more (default: the rows' sum)."""
         label_tokens = int((labels != IGNORE_INDEX).sum())
         window = batch.get("window_label_tokens") or label_tokens
         input_tokens = sum(row_lengths)

@@ -1,10 +1,5 @@
-"""Tokenisation with response-only labels: only the answer is learned, never the prompt.
-
-The prompt and the response are tokenised separately, so the label mask is exactly the prompt
-length (litgpt's approach): labels are -100 on the prompt, real ids on the response and on the
-EOS that ends it. Examples are stored as ``input_ids`` + ``prompt_len``; labels are derived in
-the collator, which keeps the cache half the size.
-"""
+"""Encode stage, tokens: a prompt and its response tokenised separately, so the label mask is
+exactly the prompt length; hands (input_ids, prompt_len) to data.lazy (labels: data.collate)."""
 
 from __future__ import annotations
 
@@ -21,25 +16,20 @@ class Encoded(NamedTuple):
 
 
 def encode_texts(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
-    """Batch-encode with the Rust tokenizer directly: it runs in parallel over the cores and
-    skips the Python-side bookkeeping (attention masks, BatchEncoding) we do not need here."""
+    """Batch-encode with the Rust tokenizer directly: parallel, and none of the Python-side
+    bookkeeping (attention masks, BatchEncoding) needed here."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        # encode_batch_fast (tokenizers >= 0.20) skips computing the character offsets we never use.
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=add_special_tokens)]
     return tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
 
 
 class PromptEncoder:
-    """Tokenises prompts without re-tokenising the template's fixed head every time.
-
-    Every prompt starts with the same text (the Alpaca preamble up to ``{instruction}``), which is
-    about half of the prompt's characters. It is tokenised once and the rest per example. That is
-    only correct where the tokenizer's pre-tokenisation splits at that point, so on the first
-    batch the split result is compared with whole-prompt tokenisation and, if they differ for any
-    example, whole prompts are used from then on.
-    """
+    """Tokenises prompts with the template's fixed head (the text before ``{instruction}``)
+    tokenised once. Correct only where the tokenizer splits there, so the first call compares
+    with whole-prompt tokenisation and, on any difference, tokenises whole prompts from then on."""
 
     PROBE = 512
 
@@ -64,12 +54,9 @@ class PromptEncoder:
 
 
 def join_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, max_length: int) -> Encoded | None:
-    """Prompt + response + EOS, truncated to ``max_length`` keeping the whole prompt.
-
-    A truncated response does not get an EOS: teaching the model to stop mid-sentence would be
-    wrong. Returns ``None`` when not even one response token fits (the example would have all
-    labels masked, which gives a NaN loss).
-    """
+    """Prompt + response + EOS, truncated to ``max_length`` keeping the whole prompt. A cut
+    response gets no EOS (stopping mid-sentence must not be learnt); None when no response token
+    fits (all labels masked: a NaN loss)."""
     room = max_length - len(prompt_ids)
     if room < 1 or not response_ids:
         return None

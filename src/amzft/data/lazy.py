@@ -1,21 +1,10 @@
-"""Tokenisation on demand: a split's cleaned records become examples when a batch asks for them.
-
-The cache holds cleaned text (title, description, line), not token ids, so building it is one
-read-clean-filter pass and training starts without tokenising the whole file (minutes for the
-full trn.json; docs/performance.md, "Data pipeline"). ``LazyExamples`` tokenises the records a
-batch needs (cheap with a fast tokenizer) and remembers every example's token and label
-counts, which the batch sampler asks for (label totals per accumulation window; lengths for
-grouped / packed batches, one chunk of the epoch at a time). ``ensure_counts`` tokenises all
-the records whose counts are still unknown (a small packed split, evaluation, the report) and
-keeps them beside the cache, so the next run that needs all of them reads them back instead
-of tokenising again.
-
-Examples are a pure function of (record, tokenizer, settings): the same whoever asks first, so
-batches and exact resume do not depend on timing.
-"""
+"""Encode stage, on demand: a split's cleaned records become examples when a batch asks for them,
+and every example's token and label counts are remembered (and kept beside the cache once all
+are counted); hands examples to data.collate and counts to the batch sampler."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -31,7 +20,6 @@ log = logging.getLogger(__name__)
 
 COUNT_CHUNK = 8192  # records tokenised per call when all counts are wanted
 REMEMBER = 8192  # recently tokenised examples kept (the sampler's window count, then the batch)
-PROBE = 64  # titles the prompt encoder's prefix check runs on (it depends on the template, not on titles)
 PARALLEL_FROM = 4 * COUNT_CHUNK  # fewer examples than this are counted in this process (no fork)
 
 
@@ -41,6 +29,20 @@ def default_num_proc() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def tokenizer_processes():
+    """While worker processes tokenise: no Rust thread pool (and so no fork warning) in them."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 _COUNTING = None  # the LazyExamples a counting worker counts (inherited through fork)
@@ -63,18 +65,9 @@ def count_row(example: Encoded) -> list[int]:
     return [len(example.input_ids), len(example.input_ids) - example.prompt_len, int(example.truncated)]
 
 
-def settled_encoder(tokenizer, prompt_format, titles) -> PromptEncoder:
-    """A PromptEncoder whose prefix-splitting check ran on ``titles``: a fixed sample, so the
-    ids do not depend on which batch happens to be tokenised first."""
-    encoder = PromptEncoder(tokenizer, prompt_format)
-    encoder(list(titles) or ["a"])
-    return encoder
-
-
 def encode_records(titles, contents, tokenizer, encoder: PromptEncoder, max_length: int) -> list[Encoded]:
-    """Examples for cleaned records the build kept. The build already dropped every record whose
-    prompt alone does not fit; should one still come out empty (a tokenizer that expands text
-    beyond the build's byte bound), it keeps its prompt's head and EOS: one harmless label."""
+    """Examples of cleaned records. One that still does not fit (a tokenizer that expands text
+    beyond the build's byte bound) keeps its prompt's head and EOS: one harmless label."""
     prompts = encoder(list(titles))
     responses = encode_texts(tokenizer, list(contents), False)
     eos = tokenizer.eos_token_id
@@ -89,8 +82,8 @@ def encode_records(titles, contents, tokenizer, encoder: PromptEncoder, max_leng
 
 
 class LazyCounts:
-    """``counts[indices]`` as a numpy array, tokenising the examples not yet counted. What the
-    batch sampler indexes instead of a ready array (``lazy`` tells it so)."""
+    """``counts[indices]`` as a numpy array, tokenising the examples not yet counted (``lazy``
+    tells the batch sampler so)."""
 
     lazy = True
 
@@ -116,26 +109,24 @@ class LazyExamples:
         read from ``counts_file`` when it matches, else all unknown."""
         self.records = records.select_columns(["title", "content"])
         self.tokenizer, self.max_length, self.settings = tokenizer, settings.max_length, settings
-        self.encoder = encoder  # one per dataset (settled_encoder), shared by its splits
+        self.encoder = encoder  # one per dataset (its check settled on fixed titles), shared by its splits
         n = len(self.records)
-        self.lengths = np.full(n, -1, dtype=np.int32)  # tokens per example, -1: not counted yet
-        self.num_labels = np.full(n, -1, dtype=np.int32)
-        self.truncated = np.full(n, -1, dtype=np.int32)  # 1: the response was cut at max_length
+        # rows: tokens, label tokens, response cut (1) per example; -1: not counted yet
+        self.counts = np.full((3, n), -1, dtype=np.int32)
+        self.lengths, self.num_labels, self.truncated = self.counts  # views
         self.counts_file = counts_file
         if counts is None and counts_file is not None and counts_file.is_file():
             counts = np.load(counts_file)
         if counts is not None and counts.shape == (3, n):
-            self.lengths[:], self.num_labels[:], self.truncated[:] = counts
+            self.counts[:] = counts
         self._recent: OrderedDict[int, Encoded] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.num_labels)
 
     def __deepcopy__(self, memo) -> LazyExamples:
-        # datasets deep-copies a dataset, with its format transform (this object's bound
-        # method), on every select_columns / with_format: a copy of the tokenizer each time,
-        # ~0.5 s for Llama-3.2's. Shared instead: what it caches is a pure function of the
-        # records (tokens and counts), the same for any copy.
+        # datasets deep-copies its format transform (a bound method of this) on every
+        # select_columns / with_format, tokenizer included; what this caches is the same for any copy.
         return self
 
     def label_counts(self) -> LazyCounts:
@@ -156,7 +147,7 @@ class LazyExamples:
         return [self._recent[i] for i in indices]
 
     def _remember(self, i: int, example: Encoded) -> None:
-        self.lengths[i], self.num_labels[i], self.truncated[i] = count_row(example)
+        self.counts[:, i] = count_row(example)
         self._recent[i] = example
         if len(self._recent) > REMEMBER:
             self._recent.popitem(last=False)
@@ -167,20 +158,19 @@ class LazyExamples:
         if len(todo):
             self.encode(np.unique(todo))
 
-    def ensure_counts(self, num_proc: int | None = None) -> None:
-        """Count every example (grouped / packed batches, evaluation, the report need them all)
-        with ``num_proc`` processes (None: one per core), then keep the counts beside the cache
-        for the next run. Counts are a pure function of each record: the same for any
-        ``num_proc``."""
+    def ensure_counts(self, num_proc: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(label counts, lengths) of every example, counting those not counted yet with
+        ``num_proc`` processes (None: one per core) and keeping them beside the cache."""
         todo = np.flatnonzero(self.lengths < 0)
         if not len(todo):
-            return
+            return self.num_labels, self.lengths
         procs = default_num_proc() if num_proc is None else max(1, num_proc)
         log.info("counting the tokens of %d examples (%d process%s)", len(todo), procs, "es" * (procs > 1))
         parts = [todo[start : start + COUNT_CHUNK].tolist() for start in range(0, len(todo), COUNT_CHUNK)]
         for part, rows in self._count_parts(parts, procs if len(todo) >= PARALLEL_FROM else 1):
-            self.lengths[part], self.num_labels[part], self.truncated[part] = np.asarray(rows, dtype=np.int32).T
+            self.counts[:, part] = np.asarray(rows, dtype=np.int32).T
         self._save_counts()
+        return self.num_labels, self.lengths
 
     def _count_parts(self, parts: list[list[int]], procs: int):
         if procs == 1 or "fork" not in mp.get_all_start_methods():
@@ -191,24 +181,15 @@ class LazyExamples:
                 _count_init(None)
             return
         # fork: workers inherit the tokenizer and the memory-mapped records at once (spawn would
-        # re-import torch and pickle the tokenizer); they run only the Rust tokenizer, no torch.
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes, not Rust threads; no fork warning
-        try:
-            with mp.get_context("fork").Pool(procs, initializer=_count_init, initargs=(self,)) as pool:
-                yield from pool.imap_unordered(_count_chunk, parts)
-        finally:
-            if previous is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        # re-import torch and pickle the tokenizer)
+        with tokenizer_processes(), mp.get_context("fork").Pool(procs, initializer=_count_init, initargs=(self,)) as pool:
+            yield from pool.imap_unordered(_count_chunk, parts)
 
     def _save_counts(self) -> None:
         if self.counts_file is None:
             return
-        counts = np.stack([self.lengths, self.num_labels, self.truncated])
         try:
-            atomic_write(self.counts_file, lambda f: np.save(f, counts))  # a reader sees all the counts or none
+            atomic_write(self.counts_file, lambda f: np.save(f, self.counts))  # a reader sees all or none
         except OSError as exc:  # a read-only cache still works, it just counts again next time
             log.info("could not keep the token counts in %s: %s", self.counts_file, exc)
 
@@ -216,13 +197,11 @@ class LazyExamples:
         """The examples at ``indices`` as their own (in-memory) collection, counts carried over."""
         indices = np.asarray(indices, dtype=np.int64)
         records = self.records.select(indices).flatten_indices(keep_in_memory=True)
-        counts = np.stack([self.lengths[indices], self.num_labels[indices], self.truncated[indices]])
-        return LazyExamples(records, self.tokenizer, self.settings, self.encoder, counts=counts)
+        return LazyExamples(records, self.tokenizer, self.settings, self.encoder, counts=self.counts[:, indices])
 
     def transform(self, batch: dict) -> dict:
-        """A ``datasets`` format transform: rows read from the split come with their tokens
-        (``input_ids``, ``prompt_len``, ``num_labels``); a query of other columns only (``titles``)
-        tokenises nothing."""
+        """A ``datasets`` format transform: rows read come with ``input_ids``, ``prompt_len`` and
+        ``num_labels``; a query of other columns only tokenises nothing."""
         if "title" not in batch or "content" not in batch:
             return batch
         examples = encode_records(batch["title"], batch["content"], self.tokenizer, self.encoder, self.max_length)

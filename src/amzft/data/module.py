@@ -1,5 +1,5 @@
-"""The LightningDataModule: settings in, memory-mapped cleaned splits (tokenised on demand) and
-loaders out."""
+"""The pipeline's entry: data settings in; read → clean → split (data.build), encode (data.lazy)
+and batch (data.sampler, data.collate) run in that order; training and evaluation loaders out."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from amzft.data.build import DataSettings, PreparedData, prepare
 from amzft.data.clean import FilterSettings
 from amzft.data.collate import Collator, TokenizedDataset
 from amzft.data.prompt import PromptFormat
-from amzft.data.reader import check_data_file
-from amzft.data.sampler import ResumableBatchSampler
+from amzft.data.sampler import Batch, ResumableBatchSampler
 from amzft.data.settings import GROUPS, BatchOptions, HoldoutOptions
 from amzft.data.split import seeded_sample
 from amzft.errors import ConfigError
@@ -25,59 +24,33 @@ from amzft.sources import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Packed splits up to this many examples are counted whole before training (cheap at this size),
-# which gives an exact epoch length; bigger ones are packed as the epoch reaches them.
+# Packed splits up to this many examples are counted whole before training (an exact epoch
+# length); bigger ones are packed as the epoch reaches them.
 COUNT_ALL_UP_TO = 10_000
 
 
-def counted(examples, num_proc: int | None = None):
-    """(label counts, token lengths) of every example of ``examples`` as numpy arrays, tokenising
-    those not counted yet (and keeping the counts beside the cache for the next run)."""
-    examples.ensure_counts(num_proc)
-    return examples.num_labels, examples.lengths
-
-
-class _EvalBatch(list):
-    """Dataset indices of one evaluation batch; a ``filler`` one is scored with no labels."""
-
-    filler = False
-
-
 def eval_shards(batches: list[list[int]], world: int) -> list[list[list[int]]]:
-    """Each DDP rank's evaluation batches (rank r's at index r), at least one per rank.
-
-    Lightning refuses an evaluation loader that is empty on one rank while not on all
-    (``has_len_all_ranks``: "`DataLoader` within local rank has zero length"), which a small
-    split hits when it has fewer batches than ranks. So:
-
-    * at least ``world`` batches: round-robin, the batches as one process has them (uneven
-      counts are fine: evaluation has no collective per step);
-    * fewer batches but at least ``world`` examples: the examples, in the same (length) order,
-      cut into ``world`` batches of n // world or n // world + 1 (no bigger than the batch size,
-      as n < world x batch size here; ``array_split``, not batches of ceil(n / world), which
-      can give fewer than ``world`` batches: 4 examples, 3 ranks);
-    * fewer examples than ranks: one example each, and a filler batch for the others that
-      repeats a real example with every label masked, so it adds 0 loss and 0 label tokens to
-      the module's token-weighted sums.
-
-    Every real example is scored exactly once across the ranks, so the (token-weighted) loss is
-    the single-process one."""
+    """Each DDP rank's evaluation batches (rank r's at index r), at least one per rank: Lightning
+    refuses a loader empty on some ranks only. At least ``world`` batches: dealt round-robin;
+    fewer, but ``world`` examples: the examples cut into ``world`` batches (``array_split``);
+    fewer examples: one each, and for the other ranks a filler batch with every label masked (0
+    loss, 0 label tokens). Every real example is scored once: the single-process loss."""
     if len(batches) >= world:
         return [batches[rank::world] for rank in range(world)]
     order = [int(i) for b in batches for i in b]
     if len(order) >= world:
-        return [[_EvalBatch(part.tolist())] for part in np.array_split(np.asarray(order), world)]
-    filler = _EvalBatch(order[:1])
+        return [[Batch(part.tolist())] for part in np.array_split(np.asarray(order), world)]
+    filler = Batch(order[:1])
     filler.filler = True
-    return [[_EvalBatch([order[rank]]) if rank < len(order) else filler] for rank in range(world)]
+    return [[Batch([order[rank]]) if rank < len(order) else filler] for rank in range(world)]
 
 
 class _EvalExamples(TokenizedDataset):
-    """TokenizedDataset that gives a filler batch (``_EvalBatch.filler``) no labels."""
+    """TokenizedDataset that gives a filler batch (``Batch.filler``) no labels."""
 
     def __getitems__(self, indices: list[int]) -> dict:
         batch = super().__getitems__(indices)
-        if getattr(indices, "filler", False):
+        if getattr(indices, "filler", False):  # plain index lists have none
             # Labels start after the prompt (Collator): a prompt as long as the example, none.
             batch["prompt_len"] = [len(ids) for ids in batch["input_ids"]]
         return batch
@@ -103,8 +76,8 @@ class AmazonTitlesDataModule(LightningDataModule):
 
     Args:
         path: trn.json / .jsonl, plain or gzip. None: the small sample shipped with amzft.
-        tokenizer: ``embedded`` (SmolLM2), ``llama3.2`` or a local tokenizer directory.
-            Linked from ``model.name_or_path`` by the CLI.
+        tokenizer: ``embedded`` (SmolLM2), ``llama3.2`` or a local tokenizer directory (the CLI
+            links it from ``model.name_or_path``).
         max_length: longest example in tokens; longer responses are cut (the prompt is kept).
         batch_size: examples per micro-batch for training.
         eval_batch_size: examples per batch for validation and test.
@@ -114,32 +87,17 @@ class AmazonTitlesDataModule(LightningDataModule):
         batches: order and layout of training batches (``amzft.data.settings.BatchOptions``).
         limit: read at most this many records.
         strict: stop at the first bad line instead of counting it as skipped.
-        num_proc: processes that parse, clean and filter when the cache is built, and that
-            count every example's tokens where all are needed first (a packed split of at most
-            ``COUNT_ALL_UP_TO`` examples, evaluation splits, the data report; null: one per
-            available core; 1: in the main process, by the same code). Training batches
-            tokenise on demand.
+        num_proc: processes that build the cache and count all examples' tokens where needed
+            (small packed splits, evaluation, the report); null: one per core; 1: this process.
         cache_dir: where the cleaned datasets go (default: ~/.cache/amzft/datasets).
     """
 
     GROUPS = GROUPS  # the grouped options, for amzft.settings.init_kwargs
 
-    def __init__(
-        self,
-        path: str | None = None,
-        tokenizer: str = "embedded",
-        max_length: int = 2048,
-        batch_size: int = 2,
-        eval_batch_size: int = 8,
-        prompt: PromptFormat = PromptFormat(),
-        filters: FilterSettings = FilterSettings(),
-        holdout: HoldoutOptions = HoldoutOptions(),
-        batches: BatchOptions = BatchOptions(),
-        limit: int | None = None,
-        strict: bool = False,
-        num_proc: int | None = None,
-        cache_dir: str | None = None,
-    ):
+    def __init__(self, path: str | None = None, tokenizer: str = "embedded", max_length: int = 2048, batch_size: int = 2,
+                 eval_batch_size: int = 8, prompt: PromptFormat = PromptFormat(), filters: FilterSettings = FilterSettings(),
+                 holdout: HoldoutOptions = HoldoutOptions(), batches: BatchOptions = BatchOptions(), limit: int | None = None,
+                 strict: bool = False, num_proc: int | None = None, cache_dir: str | None = None):
         super().__init__()
         problems = [*filters.problems(), *holdout.problems(), *batches.problems()]
         if max_length < 8:
@@ -156,24 +114,14 @@ class AmazonTitlesDataModule(LightningDataModule):
             path=path, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
             prompt=prompt, filters=filters, holdout=holdout, batches=batches, limit=limit, strict=strict,
             num_proc=num_proc, cache_dir=cache_dir)))
-        self.settings = DataSettings(
-            path=str(path) if path else str(shipped_sample()),
-            max_length=max_length,
-            filters=filters,
-            prompt=prompt,
-            val_fraction=holdout.val_fraction,
-            test_fraction=holdout.test_fraction,
-            split_salt=holdout.salt,
-            strict=strict,
-            limit=limit,
-        )
+        self.settings = DataSettings(str(path) if path else str(shipped_sample()), max_length, filters, prompt,
+                                     holdout.val_fraction, holdout.test_fraction, holdout.salt, strict, limit)
         self.tokenizer_name = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.holdout, self.batches = holdout, batches
         self.num_proc, self.cache_dir = num_proc, cache_dir
         self._tokenizer = None
         self.prepared: PreparedData | None = None
-        self._train_sampler: ResumableBatchSampler | None = None
 
     @property
     def tokenizer(self):
@@ -182,20 +130,15 @@ class AmazonTitlesDataModule(LightningDataModule):
         return self._tokenizer
 
     def prepare_data(self) -> None:
-        check_data_file(self.settings.path)
         # Runs on one process per node: builds the Arrow cache the other ranks then reopen.
         prepare(self.settings, self.tokenizer, self.cache_dir, self.num_proc)
 
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is None:
-            check_data_file(self.settings.path)  # before the (slow) tokenizer load
             self.prepared = prepare(self.settings, self.tokenizer, self.cache_dir, self.num_proc)
             stats = self.prepared.stats
-            log.info(
-                "data: %d read, %d kept (train %d / validation %d / test %d), skipped %s",
-                stats.records_read, stats.kept, *(stats.split_sizes[s] for s in ("train", "validation", "test")),
-                dict(stats.skipped),
-            )
+            log.info("data: %d read, %d kept (train %d / validation %d / test %d), skipped %s", stats.records_read,
+                     stats.kept, *(stats.split_sizes[s] for s in ("train", "validation", "test")), dict(stats.skipped))
 
     def split(self, name: str):
         self.setup()
@@ -204,19 +147,6 @@ class AmazonTitlesDataModule(LightningDataModule):
     def collator(self, train: bool = False) -> Collator:
         return Collator(self.tokenizer.pad_token_id, self.batches.pad_to_multiple_of,
                         share_prefix=train and self.batches.share_prefix)
-
-    def _accumulate(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.accumulate_grad_batches) if trainer is not None else 1
-
-    def _batches_consumed(self) -> int:
-        # The trainer's own count of training batches run this epoch: loaders fetch ahead, so
-        # counting what the sampler yielded would over-count on resume.
-        return batches_run_this_epoch(self.trainer)
-
-    def _epoch(self) -> int:
-        # The value Lightning itself passes to samplers' set_epoch at each epoch start.
-        return epoch_number(self.trainer)
 
     def examples(self, name: str):
         """The split's examples, tokenised on demand (data.lazy.LazyExamples)."""
@@ -227,51 +157,35 @@ class AmazonTitlesDataModule(LightningDataModule):
         data = self.examples("train")
         if len(data) == 0:
             raise ConfigError(f"{self.settings.path}: the train split is empty (lower data.holdout.val_fraction / test_fraction)")
-        trainer = getattr(self, "trainer", None)
+        trainer, opts = getattr(self, "trainer", None), self.batches
         num_labels, lengths = self._train_counts(data)
+        # The sampler shards itself across DDP ranks: Lightning's DistributedSampler injection is
+        # off, as it cannot wrap a batch sampler that knows accumulation windows.
         sampler = ResumableBatchSampler(
-            num_labels,
-            self.batch_size,
-            self._accumulate(),
-            self.batches.seed,
-            self.batches.shuffle,
-            lengths=lengths,
-            layout=self.batches.layout,
-            max_length=self.batches.pack_length or self.settings.max_length,
-            mega_batch=self.batches.mega_batch,
-            # The sampler shards itself across DDP ranks (Lightning's DistributedSampler
-            # injection is off: it cannot wrap a batch sampler that knows accumulation windows).
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-        )
+            num_labels, self.batch_size, int(trainer.accumulate_grad_batches) if trainer is not None else 1, opts.seed,
+            opts.shuffle, lengths=lengths, layout=opts.layout, max_length=opts.pack_length or self.settings.max_length,
+            mega_batch=opts.mega_batch, num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0)
         if len(sampler) == 0:
             # Lightning would only warn ("No training batches") and stop without a checkpoint.
             raise ConfigError(f"{self.settings.path}: the train split ({len(data)} examples) makes no batch for each of "
                               f"{sampler.num_replicas} processes; use fewer processes, a smaller data.batch_size or more data")
         if trainer is not None:
-            sampler.progress = self._batches_consumed
-            sampler.epoch_source = self._epoch
-        self._train_sampler = sampler
-        return ResumableDataLoader(
-            TokenizedDataset(data),
-            batch_sampler=sampler,
-            collate_fn=self.collator(train=True),
-            num_workers=self.batches.num_workers,
-        )
+            # The trainer's count of batches run (loaders fetch ahead) and its epoch number (what
+            # Lightning passes to samplers' set_epoch).
+            sampler.progress = lambda: batches_run_this_epoch(self.trainer)
+            sampler.epoch_source = lambda: epoch_number(self.trainer)
+        return ResumableDataLoader(TokenizedDataset(data), batch_sampler=sampler, collate_fn=self.collator(train=True),
+                                   num_workers=opts.num_workers)
 
     def _train_counts(self, data):
-        """(label counts, lengths) for the train sampler. Lazy (tokenised as the epoch reaches
-        them) wherever the batches do not need them all first: plain batches need no lengths;
-        grouped ones sort one chunk at a time; packed ones pack one chunk at a time, but their
-        epoch length comes from packing every example, so for a split of more than
-        ``COUNT_ALL_UP_TO`` examples it is estimated from a sample instead (see
-        ResumableBatchSampler), and training starts without counting the whole file. The
-        choice depends on the split's size only, never on whether counts are cached, so every
-        run of the same data has the same epochs."""
+        """(label counts, lengths) for the train sampler, lazy (tokenised as the epoch reaches
+        them) except for a small packed split, whose exact epoch length needs every length. The
+        choice depends on the split's size only, never on the cache: every run has the same epochs."""
         if self.batches.layout == "plain":
             return data.label_counts(), None
         if self.batches.layout == "packed" and len(data) <= COUNT_ALL_UP_TO:
-            return counted(data, self.num_proc)
+            return data.ensure_counts(self.num_proc)
         return data.label_counts(), data.token_lengths()
 
     def _eval_loader(self, name: str, max_examples: int | None = None):
@@ -280,25 +194,19 @@ class AmazonTitlesDataModule(LightningDataModule):
             return []  # Lightning skips an empty loader list: no validation on this split
         if max_examples is not None and len(data) > max_examples:
             data = data.subset(np.sort(seeded_sample(len(data), max_examples, self.batches.seed)))
-        num_labels, lengths = counted(data)
+        num_labels, lengths = data.ensure_counts()
         trainer = getattr(self, "trainer", None)
-        sampler = ResumableBatchSampler(
-            num_labels,
-            self.eval_batch_size,
-            shuffle=False,
-            lengths=lengths,
-            layout="grouped",  # eval order does not matter: group by length, pad less
-            mega_batch=10**9,
-        )
+        # eval order does not matter: group by length, pad less
+        sampler = ResumableBatchSampler(num_labels, self.eval_batch_size, shuffle=False, lengths=lengths, layout="grouped",
+                                        mega_batch=10**9)
         dataset = TokenizedDataset(data)
         if trainer is not None and trainer.world_size > 1:
             # Under DDP each rank scores a disjoint share, at least one batch (eval_shards);
             # the module sums loss and token counts across ranks.
             sampler = eval_shards(list(sampler), trainer.world_size)[trainer.global_rank]
             dataset = _EvalExamples(data)
-        return torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self.collator(), num_workers=self.batches.num_workers
-        )
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator(),
+                                           num_workers=self.batches.num_workers)
 
     def val_dataloader(self):
         return self._eval_loader("validation", self.holdout.val_max_examples)
@@ -314,6 +222,4 @@ class AmazonTitlesDataModule(LightningDataModule):
         rows = data.select(range(n)).select_columns(["title", "content"])
         fmt = self.settings.prompt
         items = [{"title": t, "reference": c, "prompt": fmt.render(t)} for t, c in zip(rows["title"], rows["content"])]
-        return torch.utils.data.DataLoader(
-            items, batch_size=self.eval_batch_size, collate_fn=_columns
-        )
+        return torch.utils.data.DataLoader(items, batch_size=self.eval_batch_size, collate_fn=_columns)

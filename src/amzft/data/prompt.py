@@ -1,7 +1,5 @@
-"""The prompt: the notebook's question inside the Alpaca template (instruction / input / response).
-
-"The notebook" is the Unsloth + TRL notebook amzft replaces; its recipe is ``configs/base.yaml``.
-"""
+"""Encode stage, text: the prompt, the notebook's question (the Unsloth + TRL notebook amzft
+replaces) in the Alpaca template; hands prompts to data.encode and templates to the exports."""
 
 from __future__ import annotations
 
@@ -20,17 +18,6 @@ ALPACA_TEMPLATE = (
 )
 
 
-def _jinja_literal(text: str) -> str:
-    # A JSON string inside {{ }}: Jinja reads it back exactly, whatever braces or quotes the
-    # template holds, and it is no block tag, so transformers' trim_blocks cannot eat a newline.
-    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
-
-
-def _go_literal(text: str) -> str:
-    # A literal "{{" would open an action in a Go template; print it as a string instead.
-    return text.replace("{{", '{{ "{{" }}')
-
-
 @dataclass(frozen=True)
 class PromptFormat:
     """The prompt every example, answer and export uses (``data.prompt.*``).
@@ -43,7 +30,7 @@ class PromptFormat:
 
     question: str = NOTEBOOK_QUESTION
     template: str = ALPACA_TEMPLATE
-    input_text: str = ""  # Alpaca's "Input" field; the notebook leaves it empty
+    input_text: str = ""
 
     def __post_init__(self):
         if "{title}" not in self.question:
@@ -57,8 +44,7 @@ class PromptFormat:
         return self.question.replace("{title}", title)
 
     def around_question(self) -> tuple[str, str]:
-        """The prompt's text before and after the question: the one definition of the prompt,
-        from which render(), the exports' chat template and the Ollama template are all made."""
+        """The prompt's text before and after the question: what render() and both templates use."""
         before, _, rest = self.template.partition("{instruction}")
         middle, _, after = rest.partition("{input}")
         return before, middle + self.input_text + after
@@ -68,13 +54,14 @@ class PromptFormat:
         return before + self.question_for(title) + after
 
     def chat_template(self, bos_token: bool) -> str:
-        """A Jinja chat template: a user message is the question (the instruction), rendered into
-        exactly this prompt, response header included (so ``add_generation_prompt`` adds
-        nothing); an assistant message is the answer and EOS, as in training. ``bos_token``:
-        start with the tokenizer's BOS, because ``apply_chat_template`` tokenises without special
-        tokens while training adds them (Llama-3.2 adds BOS, SmolLM2 does not)."""
+        """A Jinja chat template: a user message (the question) becomes exactly this prompt, response
+        header included; an assistant message is the answer and EOS. ``bos_token``: start with BOS,
+        as ``apply_chat_template`` adds no special tokens while training does."""
         before, after = self.around_question()
-        lit = _jinja_literal
+
+        def lit(text: str) -> str:  # a JSON string in {{ }}: read back exactly, and no block tag for trim_blocks
+            return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
+
         return (
             ("{{ bos_token }}" if bos_token else "")
             + "{%- for message in messages -%}"
@@ -84,24 +71,17 @@ class PromptFormat:
         )
 
     def ollama_template(self) -> str:
-        """The same prompt as an Ollama (Go text/template) TEMPLATE: the user's message is the
-        question. BOS is not written: llama.cpp adds it when the GGUF says the tokenizer does."""
-        before, after = self.around_question()
-        go = _go_literal
-        return go(before) + "{{ .Prompt }}" + go(after) + "{{ .Response }}"
+        """The same prompt as an Ollama (Go text/template) TEMPLATE; llama.cpp adds BOS itself."""
+        before, after = (text.replace("{{", '{{ "{{" }}') for text in self.around_question())  # a literal "{{"
+        return before + "{{ .Prompt }}" + after + "{{ .Response }}"
 
 
 def prompt_format_from(settings: dict | None) -> PromptFormat:
-    """The prompt a data section or a checkpoint's data hyper-parameters describe (defaults:
-    the notebook's question in the Alpaca template)."""
+    """The prompt a data section or a checkpoint's data hyper-parameters describe."""
     settings = settings or {}
     group = settings.get("prompt")  # data.prompt.*: a dict, a namespace or a PromptFormat
     settings = vars(group) if hasattr(group, "__dict__") else dict(group or {})
-    return PromptFormat(
-        question=settings.get("question", NOTEBOOK_QUESTION),
-        template=settings.get("template", ALPACA_TEMPLATE),
-        input_text=settings.get("input_text", ""),
-    )
+    return PromptFormat(**{name: settings[name] for name in ("question", "template", "input_text") if name in settings})
 
 
 def adds_bos(tokenizer) -> bool:

@@ -1,25 +1,6 @@
-"""Stream records from a trn.json file without loading it whole.
-
-What is read (the bytes decide, never the file's name):
-
-- JSON Lines, plain or compressed with gzip, bzip2 or xz (the standard library's ``gzip``,
-  ``bz2``, ``lzma``);
-- in UTF-8, a leading byte-order mark (Windows tools write one) dropped from line 1 as
-  ``utf-8-sig`` does; or in UTF-16 / UTF-32, little- or big-endian, told by the byte-order mark
-  (what a Windows shell's ``>`` writes) or, without one, by the NUL bytes of the first two
-  characters, and transcoded to UTF-8 as it is read, a block at a time;
-- lines ending in LF, CRLF or, in a file that has no LF at all, a bare CR (old Mac style), each
-  counting as one line;
-- a file holding one JSON array of records (``[{...}, {...}]``, one line or pretty-printed) is
-  read whole up to ``ARRAY_LIMIT`` bytes, its elements numbered 1, 2, ... in place of line
-  numbers; a larger one is a one-line error saying how to convert it.
-
-Bad lines are a counted skip (reason + line number) by default, or a one-line ``DataError``
-naming file, line and problem with ``strict=True``; so is a truncated or corrupt compressed
-stream (``truncated_file``). Problems with the file itself are always one-line errors: missing,
-a directory, empty, an unreadable JSON array, or clearly not JSON Lines (CSV, TSV, plain text, a
-zip archive, zstd).
-"""
+"""Read stage: a trn.json file's non-blank lines as UTF-8 bytes, streamed, whatever its compression
+(gzip, bzip2, xz), encoding (UTF-8/16/32, by mark or NUL bytes), line ends or JSON-array form; hands
+(line number, raw bytes) to the build (bad lines: counted skips or, strict, a one-line DataError)."""
 
 from __future__ import annotations
 
@@ -41,12 +22,10 @@ from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
 
 REQUIRED_FIELDS = ("title", "content")
-# A JSON array is parsed whole (Python objects take several times the file's bytes): above this
-# size converting it to JSON Lines, which streams, is the better answer.
+# A JSON array is parsed whole (several times its bytes in memory): above this, convert it.
 ARRAY_LIMIT = 512 * 2**20
 CHUNK = 1 << 16  # bytes per read of a file that is transcoded or has its line ends rewritten
-# A file with no LF in its first CR_PROBE bytes but a CR ends its lines in bare CRs: generous, so
-# that one long record at the start (a 3 MB description) does not hide the line ends after it.
+# No LF but a CR in this many first bytes: bare-CR line ends (generous: a 3 MB first record)
 CR_PROBE = 16 * 2**20
 LOOK_AHEAD = 4  # non-blank lines after the first one read to tell CSV / text from a bad first record
 WHAT_WE_READ = 'amzft reads JSON Lines with one {"title": ..., "content": ...} object per line'
@@ -66,8 +45,7 @@ COMPRESSIONS = (
     Compression("bzip2", b"BZh", bz2.open, (EOFError, OSError), "bzip2"),
     Compression("xz", b"\xfd7zXZ\x00", lzma.open, (EOFError, lzma.LZMAError), "xz"),
 )
-# Formats the standard library cannot read (zstd arrives in Python 3.14): named, not read as
-# lines of bytes that are not UTF-8.
+# Formats the standard library cannot read (zstd arrives in Python 3.14): named, not read.
 REFUSED = (
     (b"PK\x03\x04", "is a zip archive, not JSON Lines: unzip it and pass the .json / .jsonl file inside"),
     (b"\x28\xb5\x2f\xfd", "is zstd-compressed, which amzft cannot read: decompress it with  zstd -d {path}"),
@@ -77,17 +55,15 @@ BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
 )
-# Without a mark: JSON's first two characters are ASCII ('{"', '[{', whitespace), so where the
-# NUL bytes of the first 4 bytes fall tells the encoding (RFC 4627, section 3). "a" is an ASCII
-# byte other than NUL; a UTF-8 file never starts with a NUL.
+# Without a mark, JSON's first two characters are ASCII, so the NULs of the first 4 bytes tell
+# the encoding (RFC 4627, section 3); "a": an ASCII byte other than NUL.
 NUL_PATTERNS = {"000a": "utf-32-be", "a000": "utf-32-le", "0a0a": "utf-16-be", "a0a0": "utf-16-le"}
 UNDECODABLE = "amzft-undecodable"
 
 
 def _undecodable(exc: UnicodeError) -> tuple[str, int]:
-    # A unit the file's UTF-16 / UTF-32 cannot decode (a lone surrogate, a cut last character)
-    # becomes a lone surrogate, which UTF-8 cannot encode either (written with "surrogatepass"):
-    # that line is then a counted non_utf8 skip with its column, like a bad byte in a UTF-8 file.
+    # An undecodable UTF-16 / UTF-32 unit becomes a lone surrogate (written with "surrogatepass"),
+    # so its line is a counted non_utf8 skip, like a bad byte in a UTF-8 file.
     return "\udcff", exc.end
 
 
@@ -108,10 +84,6 @@ class Layout(NamedTuple):
     bare_cr: bool  # its lines end in a bare CR
 
     @property
-    def plain(self) -> bool:
-        return self.compression is None and self.encoding == "utf-8" and not self.bare_cr
-
-    @property
     def errors(self) -> tuple:
         return self.compression.errors if self.compression else ()
 
@@ -120,6 +92,7 @@ class Layout(NamedTuple):
 
 
 def check_data_file(path: str | Path) -> Path:
+    """``path`` as a Path, or a one-line DataError where it is missing, a directory or empty."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -145,8 +118,7 @@ def _decompressed(path: Path, compression: Compression | None):
 
 
 def _layout(path: Path) -> Layout:
-    """Compression (by magic bytes, not the name), encoding and line ends of ``path``; a zip or
-    zstd file is a one-line error."""
+    """Compression (by magic bytes), encoding and line ends of ``path``; zip or zstd: a DataError."""
     with path.open("rb") as probe:
         magic = probe.read(8)
     for refused, problem in REFUSED:
@@ -164,9 +136,8 @@ def _layout(path: Path) -> Layout:
 
 
 def _ends_lines_in_cr(handle) -> bool:
-    """Whether the lines end in a bare CR: a CR and no LF in the first ``CR_PROBE`` bytes. (A
-    JSON string holds no raw CR or LF, so either is a line break.) A file with an LF keeps LFs as
-    its only line breaks: a stray CR in one bad line must not shift every line number after it."""
+    """A CR and no LF in the first ``CR_PROBE`` bytes (JSON strings hold neither raw). A file with
+    an LF keeps LFs as its only breaks: a stray CR must not shift every line number after it."""
     seen, cr = 0, False
     while seen < CR_PROBE and (chunk := handle.read1(CHUNK)):
         if b"\n" in chunk:
@@ -176,10 +147,8 @@ def _ends_lines_in_cr(handle) -> bool:
     return cr
 
 
-def _open(path: Path, layout: Layout | None = None):
-    """``path`` as a binary stream of UTF-8 text split into lines at LF, whatever its compression,
-    encoding and line ends: the one way this module opens a data file."""
-    layout = _layout(path) if layout is None else layout
+def _open(path: Path, layout: Layout):
+    """``path`` as a binary stream of UTF-8 text with LF line ends: how this module opens a file."""
     binary = _decompressed(path, layout.compression)
     if layout.encoding == "utf-8" and not layout.bare_cr:
         return binary  # as it is: no Python code in the loop over the lines of a large file
@@ -192,8 +161,7 @@ def _open(path: Path, layout: Layout | None = None):
 
 
 def _chunks(binary) -> Iterator[bytes]:
-    # read1: what was decompressed before a truncated or corrupt part is still yielded, so the
-    # lines before the damage are read, as iterating a gzip file's lines reads them
+    # read1: what was decompressed before a corrupt part is still yielded, as a gzip file's lines are
     while chunk := binary.read1(CHUNK):
         yield chunk
 
@@ -216,8 +184,7 @@ def _cr_to_lf(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 class _ChunkReader(io.RawIOBase):
-    """A raw stream over an iterator of byte chunks (``io.BufferedReader`` adds readline and
-    line iteration); closing it closes the file underneath."""
+    """A raw stream over byte chunks (``io.BufferedReader`` adds lines); closes the file underneath."""
 
     def __init__(self, chunks: Iterator[bytes], source):
         super().__init__()
@@ -244,8 +211,8 @@ class _ChunkReader(io.RawIOBase):
 
 
 def json_object(raw: bytes) -> tuple[str, str] | dict:
-    """One line as a JSON object, or (reason, human message) when it is none: the first checks
-    of every kind of line amzft reads (training records, catalogue titles, written answers)."""
+    """One line as a JSON object, or (reason, message) when it is none: the first checks of every
+    kind of line amzft reads (records, catalogue titles, written answers)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -259,8 +226,8 @@ def json_object(raw: bytes) -> tuple[str, str] | dict:
     return obj
 
 
-def _problem(raw: bytes) -> tuple[str, str] | dict:
-    """The parsed training record, or (reason, human message) for a bad line."""
+def parse_line(raw: bytes) -> tuple[str, str] | dict:
+    """The parsed training record, or (reason, message) for a bad line."""
     obj = json_object(raw)
     if isinstance(obj, tuple):
         return obj
@@ -270,9 +237,6 @@ def _problem(raw: bytes) -> tuple[str, str] | dict:
         if not isinstance(obj[name], str):
             return "wrong_type", f"field {name!r} should be a string, found {type(obj[name]).__name__}"
     return obj
-
-
-parse_line = _problem  # the name worker processes use (data.build)
 
 
 def _first_line(handle, line_no: int, limit: int = ARRAY_LIMIT + 1) -> tuple[int, bytes]:
@@ -316,10 +280,9 @@ def _delimited(first: str, second: str | None) -> str | None:
 
 
 def _refuse_other_formats(path: Path, handle, first_no: int, first: bytes, errors: tuple) -> None:
-    """A one-line ``DataError`` for a file that as a whole is clearly not JSON: CSV, TSV or plain
-    text. Conservative: a first line that starts like JSON, is a JSON value, holds control
-    characters (binary: its lines are counted skips), or is followed within ``LOOK_AHEAD`` non-blank lines by one
-    starting with '{' or '[' (JSON Lines with a bad first record) leaves the file to be read."""
+    """A one-line ``DataError`` for a file clearly not JSON: CSV, TSV or plain text. Conservative: a
+    first line that starts like JSON, is a JSON value, holds control characters, or is followed
+    within ``LOOK_AHEAD`` lines by one starting with '{' or '[' leaves the file to be read."""
     if not first or first.lstrip().startswith((b"{", b"[")):
         return
     # "replace": a spreadsheet's CSV is often in cp1252; control characters mean binary
@@ -351,8 +314,7 @@ def _refuse_other_formats(path: Path, handle, first_no: int, first: bytes, error
 
 
 def _too_big(path: Path, layout: Layout) -> DataError:
-    # One command the user can paste: jq streams the array out as one object per line (after
-    # decompressing and, for UTF-16 / UTF-32, iconv, as jq reads UTF-8 only).
+    # One command to paste: decompress, iconv (jq reads UTF-8 only), jq one object per line.
     source = shlex.quote(str(path))
     steps = []
     if layout.compression:
@@ -369,10 +331,8 @@ def _too_big(path: Path, layout: Layout) -> DataError:
 
 
 def _read_array_text(path: Path, layout: Layout) -> tuple[int, bytes] | None:
-    """(number of its first non-blank line, at most ``ARRAY_LIMIT + 1`` bytes) of a file that
-    holds one JSON array, or None for JSON Lines. A first line that is a whole JSON value
-    followed by more lines is JSON Lines (whose first line is a bad record). A file that is
-    clearly not JSON (CSV, text) is a one-line error."""
+    """(first non-blank line's number, at most ``ARRAY_LIMIT + 1`` bytes) of a file holding one
+    JSON array, or None for JSON Lines (also a whole JSON value followed by more lines)."""
     with _open(path, layout) as handle:
         try:
             first_no, first = _first_line(handle, 0)
@@ -411,20 +371,22 @@ def _json_array(path: Path, layout: Layout) -> list | None:
 
 
 def is_plain_json_lines(path: Path) -> bool:
-    """Whether the build may read ``path`` in blocks of raw bytes split at LF: UTF-8 JSON Lines
-    with LF or CRLF line ends, uncompressed. A compressed, UTF-16 / UTF-32, bare-CR or JSON array
-    file is read through ``iter_raw_lines``; CSV, text, zip and zstd are one-line errors here."""
+    """Whether the build may read ``path`` in blocks of bytes split at LF: uncompressed UTF-8 JSON
+    Lines with LF or CRLF line ends (other files are read by ``raw_lines``)."""
     layout = _layout(path)
-    return layout.plain and _read_array_text(path, layout) is None
+    plain = layout.compression is None and layout.encoding == "utf-8" and not layout.bare_cr
+    return plain and _read_array_text(path, layout) is None
 
 
 def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, raw UTF-8 bytes) of the non-blank lines of ``path`` (any file the
-    module reads, see its docstring); a truncated compressed stream is counted (or, strict,
-    raised) as in ``read_records``. For a JSON array file: (element number, the element as
-    JSON), so every path that reads a file (the serial and parallel builds, ``data``,
-    ``evaluate --data``) parses it the same way."""
-    path = check_data_file(path)
+    """``raw_lines`` of ``path`` once it passes ``check_data_file``."""
+    return raw_lines(check_data_file(path), stats, strict)
+
+
+def raw_lines(path: Path, stats: PipelineStats, strict: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw UTF-8 bytes) of the non-blank lines of a checked data file; a JSON
+    array's elements as (element number, JSON); a truncated compressed stream is a counted
+    ``truncated_file`` skip or, strict, a DataError."""
     layout = _layout(path)
     array = _json_array(path, layout)
     if array is not None:
@@ -440,16 +402,15 @@ def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False)
                 if raw.strip():  # blank lines (e.g. a trailing newline) are not records
                     yield line_no, raw
         except layout.errors as exc:
-            message = f"{path}:{line_no + 1}: {layout.damaged(exc)}"
             if strict:
-                raise DataError(message) from None
+                raise DataError(f"{path}:{line_no + 1}: {layout.damaged(exc)}") from None
             stats.skip("truncated_file", line_no + 1)
 
 
 def read_objects(path: str | Path, stats: PipelineStats, parse: Callable[[bytes], tuple[str, str] | dict],
                  strict: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each line of ``path`` that ``parse`` accepts; the lines it
-    answers (reason, message) for are counted skips or, strict, a one-line DataError."""
+    """(line number, object) for each line ``parse`` accepts; the others are counted skips or,
+    strict, a one-line DataError."""
     for line_no, raw in iter_raw_lines(path, stats, strict):
         stats.records_read += 1
         parsed = parse(raw)
@@ -464,5 +425,5 @@ def read_objects(path: str | Path, stats: PipelineStats, parse: Callable[[bytes]
 
 def read_records(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[RawRecord]:
     """Yield the valid records of ``path``; count (or, strict, raise on) the others."""
-    for line_no, parsed in read_objects(path, stats, _problem, strict):
+    for line_no, parsed in read_objects(path, stats, parse_line, strict):
         yield RawRecord(line_no, parsed["title"], parsed["content"])

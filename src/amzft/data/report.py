@@ -25,25 +25,24 @@ def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, exa
     for split in counted:  # the report is about all examples: count the tokens of those not counted yet
         split.ensure_counts()
     cut = sum(int(e.truncated.sum()) for e in counted)  # known once the examples are tokenised
-    lines = [f"data report: {settings.path}", f"  cache: {prepared.directory} ({'reopened' if prepared.from_cache else 'built'})"]
-    lines.append(f"  records read: {s.records_read:,}")
-    share = s.kept / s.records_read if s.records_read else 0.0
-    lines.append(f"  kept:         {s.kept:,} ({share:.1%})  responses cut at max_length={settings.max_length}: {cut:,}")
-    sizes = s.split_sizes
-    lines.append(f"  splits by product: train {sizes['train']:,} / validation {sizes['validation']:,} / test {sizes['test']:,}")
-    lines.append(f"  skipped: {sum(s.skipped.values()):,}")
+    share, sizes = s.kept / s.records_read if s.records_read else 0.0, s.split_sizes
+    lines = [f"data report: {settings.path}", f"  cache: {prepared.directory} ({'reopened' if prepared.from_cache else 'built'})",
+             f"  records read: {s.records_read:,}",
+             f"  kept:         {s.kept:,} ({share:.1%})  responses cut at max_length={settings.max_length}: {cut:,}",
+             f"  splits by product: train {sizes['train']:,} / validation {sizes['validation']:,} / test {sizes['test']:,}",
+             f"  skipped: {sum(s.skipped.values()):,}"]
     for reason, count in s.skipped.most_common():
         where = ", ".join(map(str, s.skipped_lines.get(reason, [])))
         lines.append(f"    {reason:<22} {count:>9,}   first lines: {where}")
     table = pa.concat_tables([prepared.raw[name].data.table for name in names])
     lengths = np.concatenate([e.lengths for e in counted])
     labels = np.concatenate([e.num_labels for e in counted])
-    lines.append("  lengths (kept examples):")
-    lines.append(f"    title chars     {_percentiles(pc.utf8_length(table['title']).to_numpy())}")
-    lines.append(f"    content chars   {_percentiles(pc.utf8_length(table['content']).to_numpy())}")
-    lines.append(f"    prompt tokens   {_percentiles(lengths - labels)}")
-    lines.append(f"    response tokens {_percentiles(labels)}")
-    lines.append(f"    total tokens    {_percentiles(lengths)}")
+    lines += ["  lengths (kept examples):",
+              f"    title chars     {_percentiles(pc.utf8_length(table['title']).to_numpy())}",
+              f"    content chars   {_percentiles(pc.utf8_length(table['content']).to_numpy())}",
+              f"    prompt tokens   {_percentiles(lengths - labels)}",
+              f"    response tokens {_percentiles(labels)}",
+              f"    total tokens    {_percentiles(lengths)}"]
     train = prepared.splits["train"]
     picks = np.linspace(0, len(train) - 1, num=min(examples, len(train))).astype(int) if len(train) else []
     for n, i in enumerate(picks, 1):

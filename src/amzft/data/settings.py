@@ -1,9 +1,5 @@
-"""The data module's settings as types: ``data.prompt.*`` (``PromptFormat``), ``data.filters.*``
-(``FilterSettings``), ``data.holdout.*`` and ``data.batches.*``.
-
-As for the model's (``amzft.model.settings``): LightningCLI reads each group from its dataclass,
-each type checks its own values, and nothing heavy is imported here.
-"""
+"""The data settings' groups (``data.prompt``, ``data.filters``, ``data.holdout``, ``data.batches``)
+as light dataclasses LightningCLI reads; each checks its own values."""
 
 from __future__ import annotations
 
@@ -22,8 +18,7 @@ class HoldoutOptions:
         val_fraction: share of products held out for validation (by title hash).
         test_fraction: share of products held out for the final test (by title hash).
         salt: change to draw a different product split.
-        val_max_examples: validate on at most this many validation examples (a fixed, seeded
-            sample), so validation of a huge file stays short; null: the whole split.
+        val_max_examples: validate on at most this many examples (a fixed, seeded sample); null: all.
         predict_split: the split whose products ``predict`` answers (``test``: held-out products).
         predict_limit: answer at most this many products in ``predict``.
     """
@@ -50,23 +45,17 @@ class BatchOptions:
     """How training examples are ordered and put into batches.
 
     Args:
-        layout: ``plain`` (the notebook's batches), ``grouped`` (similar lengths batched
-            together within random mega-batches: less padding) or ``packed`` (several examples
-            per row of up to max_length tokens, attention kept inside each example: no padding
-            to speak of, more examples per step). All three are seeded and resume exactly.
-        share_prefix: with ``packed``, store the tokens every example of a batch starts with
-            (the Alpaca preamble) once per row instead of once per example; a 4-D mask keeps
-            each example's loss and gradients exactly its own. Needs the model's ``sdpa`` or
-            ``eager`` attention (transformers' default), so ``backend: hf`` only.
-        pack_length: with ``packed``, tokens per row (null: max_length). Smaller rows mean
-            fewer examples per optimizer step without truncating long examples: one longer
-            than a row gets a row of its own.
+        layout: ``plain`` (the notebook's batches), ``grouped`` (similar lengths batched together
+            within random mega-batches: less padding) or ``packed`` (several examples per row of
+            up to max_length tokens, attention kept inside each example). All seeded, all resume exactly.
+        share_prefix: with ``packed``, store the tokens every example of a batch starts with once
+            per row; a 4-D mask keeps each example's loss its own. ``backend: hf`` only (sdpa / eager).
+        pack_length: with ``packed``, tokens per row (null: max_length); a longer example gets its own row.
         mega_batch: batches per length-grouping / packing chunk (bigger: tighter, less random).
         shuffle: shuffle training batches.
         seed: RNG seed of the batch order (each epoch reshuffles with seed + epoch).
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPU).
-        num_workers: DataLoader worker processes (0 is fastest here: a batch's examples are
-            tokenised in well under a millisecond each).
+        num_workers: DataLoader worker processes (0 is fastest: examples tokenise in microseconds).
     """
 
     layout: Literal["plain", "grouped", "packed"] = "plain"

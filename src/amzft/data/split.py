@@ -1,8 +1,5 @@
-"""Deterministic split by product: a hash of the normalised cleaned title picks the split.
-
-The same product (same title, even with different spacing or case) always lands in the same
-split whatever the file order, RNG seed or machine, so held-out products are truly unseen.
-"""
+"""Split stage: a hash of the normalised cleaned title picks the split, so a product lands in the
+same split whatever the file order, seed or machine; hands (record, split) to the build's writers."""
 
 from __future__ import annotations
 
@@ -28,8 +25,7 @@ def assign_split(title: str, val_fraction: float, test_fraction: float, salt: st
 
 
 def seeded_sample(population: int, k: int, seed: int) -> list[int]:
-    """``k`` distinct indices of ``range(population)`` (all of them when fewer), in an order
-    fixed by ``seed`` on every machine. The one sampler of products: the products ``evaluate``
-    scores, the validation subset of a big split and the ``sample_answers`` products."""
+    """``k`` distinct indices of ``range(population)`` (all when fewer), in an order fixed by
+    ``seed`` on every machine: the one sampler of products (evaluation, validation subsets)."""
     k = min(k, population)
     return [int(i) for i in np.random.default_rng(seed).choice(population, size=k, replace=False)] if k > 0 else []

@@ -1,21 +1,14 @@
-"""Scores for generated descriptions: overlap metrics (torchmetrics) and failure views.
-
-Overlap: ROUGE-1/2/L F1, corpus BLEU (sacreBLEU's 13a tokenisation) and chrF, all from
-torchmetrics. Failure views say *how* answers go wrong, which overlap scores hide: empty,
-title only, never stopped (hit max_new_tokens), looping (repeated sentence or 4-gram), collapsed
-(the answer shares its first sentence or a word 8-gram with another product's answer: the
-model says the same thing whatever the product), and how many of the reference's numbers and
-capitalised names the answer reproduces versus invents.
-"""
+"""Scores for generated descriptions: ROUGE-1/2/L, BLEU and chrF (torchmetrics), and failure views
+saying *how* answers go wrong (empty, title only, never stopped, looping, collapsed, facts invented)."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
 
+import torch
 from torchmetrics.functional.text.rouge import rouge_score
 from torchmetrics.text import CHRFScore, SacreBLEUScore
-from torchmetrics.text.rouge import ROUGEScore
 
 from amzft.data.split import product_key
 
@@ -23,29 +16,26 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 _NAME = re.compile(r"\b[A-Z][a-z]{2,}(?:\s+[A-Z][a-z]+)*")
 _WORD = re.compile(r"\w+")
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
-def overlap_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"), use_stemmer=False)
-    scores = {k: float(v) for k, v in rouge(predictions, references).items() if k.endswith("_fmeasure")}
-    bleu = SacreBLEUScore(tokenize="13a")
-    chrf = CHRFScore()
+def rouge_per_pair(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 of each answer against its own reference (rougeL: what the paired bootstrap resamples)."""
+    scores: dict[str, list[float]] = {key: [] for key in ROUGE_KEYS}
+    for p, r in zip(predictions, references):
+        pair = rouge_score(p, r, rouge_keys=ROUGE_KEYS, use_stemmer=False)
+        for key in ROUGE_KEYS:
+            scores[key].append(float(pair[f"{key}_fmeasure"]))
+    return scores
+
+
+def overlap_scores(predictions: list[str], references: list[str], rouge: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (of ``rouge``: ``rouge_per_pair``, if computed), corpus BLEU (13a tokens) and chrF."""
+    rouge = rouge_per_pair(predictions, references) if rouge is None else rouge
     refs = [[r] for r in references]
-    return {
-        "rouge1": scores["rouge1_fmeasure"],
-        "rouge2": scores["rouge2_fmeasure"],
-        "rougeL": scores["rougeL_fmeasure"],
-        "bleu": float(bleu(predictions, refs)),
-        "chrf": float(chrf(predictions, refs)),
-    }
-
-
-def rouge_l_per_pair(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L F1 of each answer against its own reference: the per-product scores a paired
-    bootstrap resamples (amzft.evaluation.bootstrap). Their mean is ``overlap_scores``' rougeL
-    (torchmetrics' corpus ROUGE averages these same per-pair F1s)."""
-    return [float(rouge_score(p, r, rouge_keys="rougeL", use_stemmer=False)["rougeL_fmeasure"])
-            for p, r in zip(predictions, references)]
+    # A float32 mean of the per-pair F1s: what torchmetrics' corpus ROUGEScore computes.
+    return {key: float(torch.tensor(rouge[key]).mean()) for key in ROUGE_KEYS} | {
+        "bleu": float(SacreBLEUScore(tokenize="13a")(predictions, refs)), "chrf": float(CHRFScore()(predictions, refs))}
 
 
 def is_looping(text: str, n: int = 4, repeats: int = 3) -> bool:
@@ -59,11 +49,8 @@ def is_looping(text: str, n: int = 4, repeats: int = 3) -> bool:
 
 
 def collapsed_share(texts: list[str], products: list[str] | None = None, min_words: int = 4, n: int = 8) -> float:
-    """Share of answers that share their first sentence (lower-cased, whitespace collapsed, at
-    least ``min_words`` words, so a bare "The." does not count) or any word ``n``-gram with the
-    answer of another product (``products``: one key per answer, default: every answer is its
-    own product; answers of one product may agree). Mode collapse: the same text whatever the
-    question, which per-answer views (looping, invented) do not see."""
+    """Share of answers sharing their first sentence (of ``min_words`` or more) or a word ``n``-gram with another
+    ``products``' answer (default: each its own): mode collapse, which per-answer views do not see."""
     products = products if products is not None else [str(i) for i in range(len(texts))]
     keys: list[set] = []
     owners: dict = {}  # a first sentence or n-gram -> the products whose answers hold it
@@ -87,24 +74,17 @@ def is_title_only(answer: str, title: str) -> bool:
 
 def _facts(text: str) -> set[str]:
     """Numbers and capitalised names; a lone capitalised word that starts a sentence is not a name."""
-    names = set()
-    for m in _NAME.finditer(text):
-        starts_sentence = m.start() == 0 or text[: m.start()].rstrip().endswith((".", "!", "?"))
-        if not (starts_sentence and " " not in m.group(0)):
-            names.add(m.group(0))
+    names = {m.group(0) for m in _NAME.finditer(text)
+             if " " in m.group(0) or not (m.start() == 0 or text[: m.start()].rstrip().endswith((".", "!", "?")))}
     return set(_NUMBER.findall(text)) | names
 
 
 def failure_views(answers, titles: list[str], references: list[str]) -> dict[str, float]:
-    """Shares over the answers (``answers`` are generate.Answer objects)."""
+    """Shares over the answers (objects with ``text``, ``stopped``, ``new_tokens``)."""
     n = max(len(answers), 1)
-    recalled = invented = ref_facts = ans_facts = 0
-    for a, ref in zip(answers, references):
-        got, want = _facts(a.text), _facts(ref)
-        recalled += len(got & want)
-        ref_facts += len(want)
-        ans_facts += len(got)
-        invented += len(got - want)
+    facts = [(_facts(a.text), _facts(ref)) for a, ref in zip(answers, references)]
+    recalled = sum(len(got & want) for got, want in facts)
+    ref_facts, ans_facts = sum(len(want) for _, want in facts), sum(len(got) for got, _ in facts)
     return {
         "empty": sum(not a.text for a in answers) / n,
         "title_only": sum(is_title_only(a.text, t) for a, t in zip(answers, titles)) / n,
@@ -112,6 +92,6 @@ def failure_views(answers, titles: list[str], references: list[str]) -> dict[str
         "looping": sum(is_looping(a.text) for a in answers) / n,
         "collapsed": collapsed_share([a.text for a in answers], [product_key(t) for t in titles]),
         "facts_recalled": recalled / ref_facts if ref_facts else 0.0,  # reference numbers/names reproduced
-        "facts_invented": invented / ans_facts if ans_facts else 0.0,  # answer numbers/names not in the reference
+        "facts_invented": (ans_facts - recalled) / ans_facts if ans_facts else 0.0,  # answer numbers/names not in the reference
         "mean_new_tokens": sum(a.new_tokens for a in answers) / n,
     }

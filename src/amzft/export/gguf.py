@@ -1,17 +1,5 @@
-"""A merged model as one llama.cpp GGUF file, and an Ollama ``Modelfile`` beside it.
-
-Written with the ``gguf`` package (llama.cpp's gguf-py: writer, constants, tensor-name map,
-Q8_0 quantiser), following what llama.cpp's ``convert_hf_to_gguf.py`` does for a Llama model
-with a byte-level BPE ("gpt2") vocabulary:
-
-* Q and K projections are permuted into the rotary layout llama.cpp uses (transformers'
-  GGUF reader undoes it);
-* 1-D tensors (norms) stay F32, the matrices become F16 or Q8_0 (a matrix whose rows do not
-  split into Q8_0 blocks of 32 stays F16);
-* a tied ``lm_head`` is not written: llama.cpp (and transformers) fall back to ``token_embd``;
-* the tokenizer goes in whole (tokens, types, merges, BOS / EOS / pad ids, whether BOS is
-  added, the pre-tokenizer's name) with the chat template that renders the training prompt.
-"""
+"""A merged model as one llama.cpp GGUF file (with the ``gguf`` package, as llama.cpp's
+``convert_hf_to_gguf.py`` does for a Llama with a byte-level BPE vocabulary) and an Ollama ``Modelfile``."""
 
 from __future__ import annotations
 
@@ -28,15 +16,11 @@ from amzft.errors import ConfigError, ModelError
 from amzft.model.decoding import DEFAULT_DECODING, GenerationOptions
 
 SUPPORTED_MODEL_TYPES = ("llama",)  # config.model_type: SmolLM2 and Llama-3.x are "llama"
-GGUF_TYPES = {
-    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
+GGUF_TYPES = {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+              "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
 
-# llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. Its
-# converter names it from a hash of the ids the tokenizer gives for this text; these are the
-# converter's hashes for the tokenizers amzft trains with (a tokenizer not listed here could
-# be split differently by llama.cpp than in training, so it is refused).
+# llama.cpp picks its pre-tokenizer (the regex splitting text before BPE) by a name its converter
+# derives from the hash of this text's ids; a tokenizer not listed could be split unlike in training.
 _PRE_TOKENIZER_PROBE = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
     "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
@@ -52,20 +36,8 @@ _PRE_TOKENIZERS = {
 
 def check_supported(config) -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"GGUF export supports Llama-family models (model_type {', '.join(SUPPORTED_MODEL_TYPES)}); "
-            f"this model is {config.model_type!r}: export --format merged instead"
-        )
-
-
-def pre_tokenizer_name(tokenizer) -> str:
-    digest = sha256(str(tokenizer.encode(_PRE_TOKENIZER_PROBE)).encode()).hexdigest()
-    if digest not in _PRE_TOKENIZERS:
-        raise ModelError(
-            f"GGUF export: this tokenizer's pre-tokenizer is not one llama.cpp is known to reproduce "
-            f"(hash {digest[:12]}…; known: {', '.join(sorted(set(_PRE_TOKENIZERS.values())))})"
-        )
-    return _PRE_TOKENIZERS[digest]
+        raise ModelError(f"GGUF export supports Llama-family models (model_type {', '.join(SUPPORTED_MODEL_TYPES)}); "
+                         f"this model is {config.model_type!r}: export --format merged instead")
 
 
 def _rope(config) -> tuple[float, dict]:
@@ -105,8 +77,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config, file_type: gguf.LlamaFileType)
 
 
 def _llama3_rope_factors(config) -> torch.Tensor | None:
-    """Llama-3.1+ scales the rotary frequencies; llama.cpp reads the per-frequency factors from a
-    ``rope_freqs`` tensor (the same formula as transformers' llama3 rope)."""
+    """Llama-3.1+'s rotary frequency factors (transformers' llama3 rope) as llama.cpp's ``rope_freqs`` tensor."""
     theta, rope = _rope(config)
     if rope.get("rope_type") != "llama3":
         return None
@@ -114,60 +85,36 @@ def _llama3_rope_factors(config) -> torch.Tensor | None:
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_context = rope.get("original_max_position_embeddings", 8192)
-    factors = []
-    for freq in freqs.tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < old_context / high:
-            factors.append(1.0)
-        elif wavelen > old_context / low:
-            factors.append(factor)
-        else:
-            smooth = (old_context / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
-
-
-def _token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Tokens by id with llama.cpp's types: special added tokens are CONTROL (never produced by
-    splitting text), other added tokens USER_DEFINED, ids the tokenizer lacks UNUSED."""
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    if max(by_id) >= vocab_size:
-        raise ModelError(f"GGUF export: the tokenizer has id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(by_id[i])
-        if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, types
-
-
-def _merges(tokenizer) -> list[str]:
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if model.get("type") != "BPE":
-        raise ModelError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')!r}")
-    # tokenizers >= 0.20 stores a merge as a pair, older ones as "a b"; GGUF wants "a b".
-    return [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    wavelen = 2 * math.pi / freqs.double()
+    smooth = (old_context / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    return torch.where(wavelen < old_context / high, 1.0, scaled).float()
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, prompt_format: PromptFormat) -> None:
-    tokens, types = _token_list(tokenizer, vocab_size)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ModelError(f"GGUF export: the tokenizer has id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise ModelError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')!r}")
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(tokenizer))
+    digest = sha256(str(tokenizer.encode(_PRE_TOKENIZER_PROBE)).encode()).hexdigest()
+    if digest not in _PRE_TOKENIZERS:
+        raise ModelError(f"GGUF export: this tokenizer's pre-tokenizer is not one llama.cpp is known to reproduce "
+                         f"(hash {digest[:12]}…; known: {', '.join(sorted(set(_PRE_TOKENIZERS.values())))})")
+    writer.add_tokenizer_pre(_PRE_TOKENIZERS[digest])
+    writer.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    # Special added tokens are CONTROL (never produced by splitting text), other added ones USER_DEFINED.
+    added, kind = tokenizer.added_tokens_decoder, gguf.TokenType
+    writer.add_token_types([kind.UNUSED if i not in by_id else kind.NORMAL if i not in added
+                            else kind.CONTROL if added[i].special else kind.USER_DEFINED for i in range(vocab_size)])
+    # tokenizers >= 0.20 stores a merge as a pair, older ones as "a b"; GGUF wants "a b".
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
     bos = adds_bos(tokenizer)
     if tokenizer.bos_token_id is not None:
         writer.add_bos_token_id(tokenizer.bos_token_id)
-    # The EOS the model was trained to end answers with (for SmolLM2 <|im_end|>, which amzft
-    # sets: the GGUF the embedded model comes from names another one).
+    # The EOS the model was trained to end answers with (SmolLM2: amzft's <|im_end|>, not its GGUF's own).
     writer.add_eos_token_id(tokenizer.eos_token_id)
     if tokenizer.pad_token_id is not None:
         writer.add_pad_token_id(tokenizer.pad_token_id)
@@ -178,8 +125,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, prompt_f
 
 
 def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    # transformers stores each head's rotary halves as [first half | second half]; llama.cpp
-    # wants them interleaved pairwise (the converter's LlamaModel.permute).
+    # Each head's rotary halves [first | second] (transformers) interleaved pairwise (llama.cpp's LlamaModel.permute).
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
@@ -190,24 +136,21 @@ def _tensors(model, config):
     if (factors := _llama3_rope_factors(config)) is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if name.endswith("rotary_emb.inv_freq"):
+        # A tied lm_head is left out: llama.cpp (and transformers) fall back to token_embd.
+        if (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
             continue
         new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ModelError(f"GGUF export: no llama.cpp name for the tensor {name!r}")
         tensor = tensor.detach().to(torch.float32).cpu()
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            tensor = _permute(tensor, n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            tensor = _permute(tensor, n_kv)
+        if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            tensor = _permute(tensor, n_head if ".q_proj." in name else n_kv)
         yield new_name, tensor
 
 
 def _add_tensors(writer: gguf.GGUFWriter, model, config, qtype: gguf.GGMLQuantizationType) -> None:
     for name, tensor in _tensors(model, config):
-        data = tensor.numpy()
+        data = tensor.numpy()  # norms (1-D) stay F32, matrices become qtype
         dtype = gguf.GGMLQuantizationType.F32 if data.ndim <= 1 or name.endswith("_norm.weight") else qtype
         try:
             data = gguf.quants.quantize(data, dtype)
@@ -217,52 +160,21 @@ def _add_tensors(writer: gguf.GGUFWriter, model, config, qtype: gguf.GGMLQuantiz
         writer.add_tensor(name, data, raw_dtype=dtype)
 
 
-def write_gguf(model, tokenizer, prompt_format: PromptFormat, path: Path, gguf_type: str = "f16", name: str = "amzft") -> Path:
-    """Write ``model`` (a merged transformers Llama) and its tokenizer as one GGUF file."""
-    if gguf_type not in GGUF_TYPES:
-        raise ConfigError(f"--gguf_type takes {', '.join(GGUF_TYPES)}; found {gguf_type!r}")
-    config = model.config
-    check_supported(config)
-    qtype, file_type = GGUF_TYPES[gguf_type]
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
-        _add_hparams(writer, config, file_type)
-        _add_tokenizer(writer, tokenizer, config.vocab_size, prompt_format)
-        _add_tensors(writer, model, config, qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    return path
-
-
 def modelfile(gguf_name: str, prompt_format: PromptFormat, eos_token: str, options: GenerationOptions = DEFAULT_DECODING) -> str:
-    """An Ollama Modelfile: the GGUF beside it, the training prompt, amzft's decoding (greedy,
-    its repetition penalty), stop at EOS."""
+    """An Ollama Modelfile: the GGUF beside it, the training prompt, amzft's greedy decoding, stop at EOS."""
     template = prompt_format.ollama_template()
     if '"""' in template:
         raise ConfigError('the prompt template contains """, which an Ollama Modelfile cannot quote')
-    lines = [
-        f"FROM ./{gguf_name}",
-        f'TEMPLATE """{template}"""',
-        f"PARAMETER stop {json.dumps(eos_token)}",
-        "PARAMETER temperature 0",
-        f"PARAMETER num_predict {options.max_new_tokens}",
-        # Written even at 1.0: Ollama's own default is 1.1. Over the whole context (-1), as
-        # transformers applies it, not llama.cpp's default last 64 tokens.
-        f"PARAMETER repeat_penalty {options.repetition_penalty:g}",
-        "PARAMETER repeat_last_n -1",
-    ]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', f"PARAMETER stop {json.dumps(eos_token)}",
+             "PARAMETER temperature 0", f"PARAMETER num_predict {options.max_new_tokens}",
+             # Even at 1.0 (Ollama's default is 1.1), and over the whole context as transformers applies it.
+             f"PARAMETER repeat_penalty {options.repetition_penalty:g}", "PARAMETER repeat_last_n -1"]
     lines += [f"# {setting} (amzft's decoding) is not applied here: {why}" for setting, why in not_in_modelfile(options)]
     return "\n".join([*lines, ""])
 
 
 def not_in_modelfile(options: GenerationOptions) -> list[tuple[str, str]]:
-    """The settings of ``options`` an Ollama Modelfile cannot carry, each with why: the
-    Modelfile says them in comments and ``export`` prints them, rather than dropping them silently."""
+    """The settings of ``options`` a Modelfile cannot carry, with why (said in it and by ``export``, not dropped)."""
     missing = []
     if options.no_repeat_ngram_size:
         missing.append((f"no_repeat_ngram_size {options.no_repeat_ngram_size}", "llama.cpp and Ollama have no n-gram ban"))
@@ -274,9 +186,21 @@ def not_in_modelfile(options: GenerationOptions) -> list[tuple[str, str]]:
 
 def export_gguf(model, tokenizer, prompt_format: PromptFormat, out_dir: Path, gguf_type: str,
                 options: GenerationOptions = DEFAULT_DECODING) -> Path:
-    """``amzft-<type>.gguf`` and ``Modelfile`` (decoding with ``options``) in ``out_dir``; returns the GGUF's path."""
-    gguf_name = f"amzft-{gguf_type}.gguf"
-    path = write_gguf(model, tokenizer, prompt_format, out_dir / gguf_name, gguf_type)
+    """A merged Llama (``check_supported``) as ``out_dir/amzft-<type>.gguf``, beside its ``Modelfile``."""
+    gguf_name, config = f"amzft-{gguf_type}.gguf", model.config
+    qtype, file_type = GGUF_TYPES[gguf_type]
+    writer = gguf.GGUFWriter(out_dir / gguf_name, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name("amzft")
+        _add_hparams(writer, config, file_type)
+        _add_tokenizer(writer, tokenizer, config.vocab_size, prompt_format)
+        _add_tensors(writer, model, config, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
     (out_dir / "Modelfile").write_text(modelfile(gguf_name, prompt_format, tokenizer.eos_token, options))
-    return path
+    return out_dir / gguf_name
 

@@ -1,8 +1,5 @@
-"""Adapter-only checkpoints: a checkpoint holds the trainable (LoRA) parameters and the training
-state, never the frozen base, which is rebuilt from ``model.name_or_path``. Loading checks that
-every adapter tensor is there with the right shape, so a checkpoint of another base or LoRA
-config is a one-line error, not a silently half-loaded model. A whole module is rebuilt from a
-checkpoint file by ``amzft.inference.load``."""
+"""Adapter-only checkpoints (the frozen base is rebuilt from ``model.name_or_path``), checked on
+load so that another base's or LoRA config's checkpoint is a one-line error."""
 
 from __future__ import annotations
 
@@ -14,8 +11,7 @@ SKIPPED_STEPS_KEY = "amzft_skipped_steps"  # optimizer steps skipped for a non-f
 
 
 class AdapterCheckpointing:
-    """Mixed into the LightningModule (before ``LightningModule``): its checkpoints hold the
-    adapter only and are validated against the base on load."""
+    """Mixed into the LightningModule (before ``LightningModule``)."""
 
     def trainable_keys(self) -> dict[str, torch.Size]:
         return {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
@@ -35,8 +31,7 @@ class AdapterCheckpointing:
         self.skipped_steps = int(checkpoint.get(SKIPPED_STEPS_KEY, 0))
 
     def check_adapter_state(self, state: dict) -> None:
-        """A checkpoint must hold exactly this model's adapter: name it clearly if not (the
-        module loads with ``strict_loading=False``, since the frozen base is not in the file)."""
+        """Exactly this model's adapter, or a clear error (loading is not strict: the base is not in the file)."""
         expected = self.trainable_keys()
         missing = [k for k in expected if k not in state]
         wrong = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]

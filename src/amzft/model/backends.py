@@ -1,21 +1,6 @@
-"""The one seam where a backend builds the causal LM with its LoRA adapters.
-
-Each backend is a function ``(LoraSettings) -> (peft model, tokenizer)``; the LightningModule
-never branches on the backend elsewhere (``set_mode`` is the one other backend-specific call).
-
-* ``hf``: transformers + peft, on CPU or GPU. ``quantization: nf4`` loads the frozen base in
-  4-bit (bitsandbytes NF4, double quantisation, bf16 compute: QLoRA), on CPU too. A folder
-  saved already quantised (``config.json`` with a bitsandbytes ``quantization_config``, as the
-  Unsloth + TRL notebook's ``unsloth/Llama-3.2-1B-Instruct-bnb-4bit``) loads 4-bit as saved,
-  whatever ``quantization`` says; ``dequantize`` (exports) turns it into a full-precision base.
-* ``unsloth``: Unsloth's 4-bit loader and fused kernels, CUDA only, as in the notebook.
-
-``kernels: liger`` (``hf`` only, CUDA only) swaps Liger's Triton kernels into a Llama base.
-
-peft (seconds to import), bitsandbytes and liger-kernel are imported by the code that needs them, since
-``fit --help`` imports this module; unsloth only ever on CUDA, after amzft.cli.import_order has
-imported it ahead of transformers.
-"""
+"""Where a backend builds the causal LM with its LoRA adapters: ``(LoraSettings) -> (peft model,
+tokenizer)``. ``hf``: transformers + peft (full, nf4 or pre-quantised 4-bit base, optional Liger
+kernels); ``unsloth``: Unsloth's 4-bit loader, CUDA only. Heavy optional imports stay lazy (``fit --help``)."""
 
 from __future__ import annotations
 
@@ -32,6 +17,7 @@ from amzft.model.settings import DEFAULT_TARGETS
 from amzft.sources import force_offline, load_tokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -58,11 +44,9 @@ KERNELS = ("none", "liger")
 
 
 def disable_avx512bf16_repacking(model) -> int:
-    """Work around a bitsandbytes 0.50 bug: on CPUs with AVX512-BF16, an
-    eval-mode forward repacks ``Linear4bit`` weights for a faster kernel, and later training
-    forwards use them wrongly, so LoRA gradients come out wrong. Turning the fast path off on
-    every 4-bit layer keeps one weight layout. Returns how many layers were changed."""
-    import bitsandbytes as bnb  # noqa: PLC0415 - nf4 only (module doc)
+    """Work around a bitsandbytes 0.50 bug: on AVX512-BF16 CPUs an eval forward repacks ``Linear4bit``
+    weights that later training forwards misuse (wrong LoRA gradients). Returns the layers changed."""
+    import bitsandbytes as bnb  # noqa: PLC0415 - nf4 only
 
     changed = 0
     for module in model.modules():
@@ -73,9 +57,8 @@ def disable_avx512bf16_repacking(model) -> int:
 
 
 def prequantized(config) -> dict | None:
-    """The bitsandbytes 4-bit ``quantization_config`` a model folder was saved with (a
-    transformers config, or a ``name_or_path``), or None for a full-precision folder. Other
-    quantisation methods are a one-line error: amzft trains on bitsandbytes 4-bit bases only."""
+    """The bitsandbytes 4-bit ``quantization_config`` a folder was saved with (from a config or a
+    ``name_or_path``), or None; any other quantisation is a one-line error."""
     if isinstance(config, str):
         directory = resolve_model_dir(config)
         config = json.loads((directory / "config.json").read_text())
@@ -91,15 +74,12 @@ def prequantized(config) -> dict | None:
 
 
 def dequantize_base(model) -> None:
-    """A pre-quantised (bitsandbytes 4-bit) base in place as fp32 ``nn.Linear`` layers: the
-    weights the 4-bit layers compute with (their bf16 dequantised values, exact in fp32), not
-    the original full-precision ones, which the folder does not hold. The config loses its
-    ``quantization_config``, so a merged export is a plain transformers model."""
+    """A pre-quantised 4-bit base turned, in place, into a plain fp32 model (the weights the 4-bit
+    layers compute with), so a merged export is a plain transformers model."""
     model.dequantize(dtype=torch.float32)
     model.to(torch.float32)
-    # transformers 5 keeps the loading conversions to invert them on save; the 4-bit
-    # deserialiser among them has no inverse (save_pretrained raises NotImplementedError) and
-    # there is nothing 4-bit left to convert back, so drop it and keep the others (renamings).
+    # transformers 5 inverts its loading conversions on save; the 4-bit one has no inverse (and
+    # nothing 4-bit is left), so drop it and keep the others (renamings).
     kept = []
     for conversion in getattr(model, "_weight_conversions", None) or []:
         try:
@@ -111,9 +91,8 @@ def dequantize_base(model) -> None:
 
 
 def check_kernels(settings: LoraSettings, model_type: str) -> None:
-    """A one-line error, before any weights load, when ``model.compute.kernels`` cannot run here: Liger's
-    kernels are Triton GPU kernels, liger-kernel is an optional package (the ``gpu`` extra), and
-    amzft wires them for Llama only (``apply_liger_kernel_to_llama``)."""
+    """A one-line error, before any weights load, when ``model.compute.kernels`` cannot run here
+    (Liger: CUDA, the optional liger-kernel package, Llama models only)."""
     if settings.kernels not in KERNELS:
         raise ConfigError(f"model.compute.kernels must be one of {KERNELS}, found {settings.kernels!r}")
     if settings.kernels == "none":
@@ -130,10 +109,8 @@ def check_kernels(settings: LoraSettings, model_type: str) -> None:
 
 
 def apply_kernels(model, settings: LoraSettings) -> None:
-    """Swap Liger's fused RoPE, RMSNorm and SwiGLU kernels into a loaded Llama base, before the
-    adapters go on (the patched MLP forward still calls its projections, LoRA-wrapped later).
-    Liger's cross-entropy patches stay off: they replace ``LlamaForCausalLM.forward``, which
-    amzft's loss never calls; ``amzft.model.loss`` calls Liger's fused linear cross-entropy itself."""
+    """Liger's fused RoPE, RMSNorm and SwiGLU in a loaded Llama base, before the adapters go on. Its
+    cross-entropy patches stay off: ``amzft.model.loss`` calls the fused linear cross-entropy itself."""
     if settings.kernels == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: PLC0415 - optional, CUDA only
 
@@ -149,27 +126,18 @@ def _load_kwargs(settings: LoraSettings, config, directory) -> tuple[dict, bool,
     if saved_4bit:
         if not settings.dequantize and settings.quantization == "none":
             log.info("%s is saved in 4-bit (bitsandbytes): training on it as saved, as with model.compute.quantization=nf4", directory)
-        # The folder's own quantization_config applies (no second BitsAndBytesConfig: no double
-        # quantisation). Non-4-bit weights load in fp32 for training, as prepare_model_for_kbit_training would.
+        # The folder's own quantization_config applies; non-4-bit weights load in fp32 for training.
         return {"dtype": torch.float32, "device_map": {"": settings.device}}, not settings.dequantize, True
     if settings.quantization == "nf4":
-        return {
-            "quantization_config": BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            ),
-            "dtype": torch.bfloat16,
-            "device_map": {"": settings.device},
-        }, True, False
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        return {"quantization_config": nf4, "dtype": torch.bfloat16, "device_map": {"": settings.device}}, True, False
     return {"dtype": torch.float32}, False, False
 
 
 def build_hf(settings: LoraSettings):
-    """transformers + peft, on CPU or GPU: full-precision, 4-bit or pre-quantised 4-bit base
-    model, LoRA (or DoRA / rsLoRA) adapters on top."""
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - start-up time (module doc)
+    """transformers + peft: a full-precision, 4-bit or pre-quantised base with LoRA / DoRA / rsLoRA adapters."""
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - seconds to import
 
     force_offline()
     directory = resolve_model_dir(settings.name_or_path)
@@ -189,11 +157,10 @@ def build_hf(settings: LoraSettings):
         dequantize_base(model)
     apply_kernels(model, settings)
     if quantized:
-        from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - start-up time (module doc)
+        from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - seconds to import
 
         disable_avx512bf16_repacking(model)
-        # Freezes the base and casts its remaining non-4-bit weights (norms, embeddings,
-        # lm_head) to fp32 for stable training, as QLoRA does.
+        # Freezes the base and casts its non-4-bit weights to fp32, as QLoRA does.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = load_tokenizer(str(directory))
@@ -208,26 +175,16 @@ def build_hf(settings: LoraSettings):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(settings.seed)
-    lora = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        bias="none",
-        target_modules=list(settings.target_modules),
-        task_type="CAUSAL_LM",
-        use_dora=settings.use_dora,
-        use_rslora=settings.use_rslora,
-    )
+    lora = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
+                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM", use_dora=settings.use_dora,
+                      use_rslora=settings.use_rslora)
     peft_model = get_peft_model(model, lora)
     peft_model.train()  # from_pretrained leaves modules in eval mode; Lightning keeps modes as found
     return peft_model, tokenizer
 
 
 def build_unsloth(settings: LoraSettings):
-    """The notebook's loader: ``FastLanguageModel.from_pretrained(local_dir, max_seq_length,
-    load_in_4bit=True, dtype=None)`` + ``get_peft_model(..., use_gradient_checkpointing=
-    "unsloth", random_state=seed)``. CUDA only; ``amzft.cli.import_order`` has imported unsloth
-    before transformers/peft/lightning (its patches need that order)."""
+    """The notebook's Unsloth loader, 4-bit, CUDA only (``amzft.cli.import_order`` imported unsloth first)."""
     if not torch.cuda.is_available():
         raise ConfigError(
             "model.backend=unsloth needs a CUDA GPU and none is visible; use model.backend=hf "
@@ -235,27 +192,18 @@ def build_unsloth(settings: LoraSettings):
         )
     if importlib.util.find_spec("unsloth") is None:
         raise ConfigError("model.backend=unsloth needs the unsloth package: pip install 'amzft[gpu]' (see docs/gpu.md)")
-    from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only (module doc)
+    from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only
 
     directory = resolve_model_dir(settings.name_or_path)
     try:
-        model, _ = FastLanguageModel.from_pretrained(
-            model_name=str(directory), max_seq_length=settings.max_seq_length, load_in_4bit=True, dtype=None,
-            local_files_only=True,
-        )
+        model, _ = FastLanguageModel.from_pretrained(model_name=str(directory), max_seq_length=settings.max_seq_length,
+                                                     load_in_4bit=True, dtype=None, local_files_only=True)
     except Exception as exc:
         raise ModelError(f"unsloth cannot load {directory}: {exc}") from exc
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=settings.r,
-        target_modules=list(settings.target_modules),
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        bias="none",
-        use_gradient_checkpointing="unsloth" if settings.gradient_checkpointing else False,
-        random_state=settings.seed,
-        use_rslora=settings.use_rslora,  # Unsloth's own switch (DoRA it lacks: refused by the module)
-    )
+    model = FastLanguageModel.get_peft_model(  # Unsloth lacks DoRA: the module refuses it
+        model, r=settings.r, target_modules=list(settings.target_modules), lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout, bias="none", random_state=settings.seed, use_rslora=settings.use_rslora,
+        use_gradient_checkpointing="unsloth" if settings.gradient_checkpointing else False)
     torch.manual_seed(settings.seed)  # get_peft_model calls set_seed: leave the global RNG as ours
     FastLanguageModel.for_training(model)
     return model, load_tokenizer(str(directory))
@@ -271,9 +219,8 @@ def build(backend: str, settings: LoraSettings):
 
 
 def set_mode(backend: str, model, training: bool) -> None:
-    """Unsloth keeps its own training / inference switch (gradient checkpointing, fast
-    generation); Lightning's train()/eval() does not reach it. No-op for ``hf``."""
+    """Unsloth's own training / inference switch, which Lightning's train()/eval() does not reach."""
     if backend == "unsloth":
-        from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only (module doc)
+        from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only
 
         (FastLanguageModel.for_training if training else FastLanguageModel.for_inference)(model)

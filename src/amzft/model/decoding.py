@@ -1,8 +1,5 @@
-"""The one default decoding of every answer amzft gives (``ask``, ``evaluate``, ``demo``,
-``predict``, ``val/rougeL``) and ships (``export``'s generation_config.json, the GGUF Modelfile),
-and the ``--decoding`` / ``--repetition_penalty`` / ``--no_repeat_ngram_size`` /
-``--length_decay_start`` / ``--length_decay_factor`` options that change it. No torch here: the
-commands resolve their options before the heavy imports."""
+"""The one default decoding of every answer amzft gives or ships, and the command-line options
+that change it. No torch here: commands resolve their options before the heavy imports."""
 
 from __future__ import annotations
 
@@ -13,18 +10,14 @@ from amzft.errors import ConfigError
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Decoding options (greedy unless ``do_sample``; sampling is seeded).
-
-    The dataclass's own defaults are raw greedy decoding (no penalty, no n-gram ban);
-    ``DEFAULT_DECODING`` is what the commands use.
-    """
+    """Decoding options (greedy unless ``do_sample``; sampling is seeded). The defaults are raw
+    greedy decoding; ``DEFAULT_DECODING`` is what the commands use."""
 
     max_new_tokens: int = 128
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    # From this many new tokens on (0: never), the end-of-answer token's score grows by
-    # ``length_decay_factor`` per token (transformers' exponential_decay_length_penalty): an
-    # answer that would run on ends at the next likely stop instead of mid-word at the cap.
+    # From this many new tokens on (0: never), EOS's score grows by ``length_decay_factor`` a token
+    # (transformers' exponential_decay_length_penalty): a long answer ends at a likely stop, not mid-word.
     length_decay_start: int = 0
     length_decay_factor: float = 1.0
     do_sample: bool = False
@@ -58,29 +51,19 @@ class GenerationOptions:
         return None
 
 
-# Greedy with a repetition penalty, an n-gram ban and a length decay, chosen side by side on
-# real-record checkpoints (docs/performance.md, "Decoding"): raw greedy makes fine-tuned
-# answers loop; of the settings that keep looping and never-stopped answers rare, this
-# penalty scored the best ROUGE-L (a weaker one scored higher but left answers running to the
-# token cap, a stronger one scored lower). The 4-gram ban changed nothing there; it stays as
-# the guard against verbatim loops a penalty lets through. A checkpoint that recalls its
-# products also runs on past them; encouraging the end from ``length_decay_start`` on ends
-# those answers at no cost in ROUGE-L (an earlier, gentler decay cost a little). The one place
-# to change them.
+# Raw greedy makes fine-tuned answers loop; these values were chosen side by side (docs/performance.md,
+# "Decoding"). The one place to change them.
 DEFAULT_DECODING = GenerationOptions(repetition_penalty=1.15, no_repeat_ngram_size=4,
                                      length_decay_start=96, length_decay_factor=1.1)
-# Raw greedy: no penalty, ban or decay (how docs/performance.md's older figures were decoded).
 GREEDY = GenerationOptions()
 PRESETS = {"default": DEFAULT_DECODING, "greedy": GREEDY}
-# The options, also YAML keys (the length decay's two are GenerationOptions fields of the same names).
+# The options, also YAML keys.
 DECODING_KEYS = ("decoding", "repetition_penalty", "no_repeat_ngram_size", "length_decay_start", "length_decay_factor")
 
 
 def resolve_decoding(decoding: str | None = "default", repetition_penalty: float | None = None,
                      no_repeat_ngram_size: int | None = None, **overrides) -> GenerationOptions:
-    """A preset (``default`` or ``greedy``), then the two overrides when given (None: the
-    preset's), then any other field given and not None (``max_new_tokens``, the length decay …);
-    a bad length decay raises ConfigError (``GenerationOptions.__post_init__``)."""
+    """A preset (``default`` or ``greedy``) with the options given (None: the preset's) on top."""
     overrides = {key: value for key, value in overrides.items() if value is not None}
     name = decoding or "default"
     if name not in PRESETS:
@@ -97,8 +80,7 @@ def resolve_decoding(decoding: str | None = "default", repetition_penalty: float
 
 
 def add_decoding_arguments(parser) -> None:
-    """The same five options in every command's parser (ask, evaluate, demo, export, and the
-    LightningCLI's fit / validate / test / predict): one YAML key set for all of them."""
+    """The same five options in every command's parser: one YAML key set for all of them."""
     parser.add_argument("--decoding", type=str | None, default="default",
                         help="default (greedy + repetition penalty + n-gram ban, docs/performance.md) or greedy (raw)")
     parser.add_argument("--repetition_penalty", type=float | None, default=None,
@@ -113,15 +95,13 @@ def add_decoding_arguments(parser) -> None:
 
 
 def decoding_from(cfg, **overrides) -> GenerationOptions:
-    """``resolve_decoding`` from a parsed config's top-level ``DECODING_KEYS`` (absent: the
-    default), then ``overrides``."""
+    """``resolve_decoding`` from a parsed config's ``DECODING_KEYS``, then ``overrides``."""
     get = cfg.get if hasattr(cfg, "get") else lambda key: getattr(cfg, key, None)
     return resolve_decoding(**({key: get(key) for key in DECODING_KEYS} | overrides))
 
 
 def describe(options: GenerationOptions) -> str:
-    """Which decoding produced a figure, in words: the preset it equals (lengths aside) or
-    ``custom``, with its settings."""
+    """Which decoding produced a figure, in words: the preset it equals (lengths aside) or ``custom``."""
     same = [name for name, preset in PRESETS.items() if replace(options, max_new_tokens=preset.max_new_tokens) == preset]
     settings = f"repetition_penalty {options.repetition_penalty:g}, no_repeat_ngram_size {options.no_repeat_ngram_size}"
     if options.length_decay:
@@ -132,10 +112,7 @@ def describe(options: GenerationOptions) -> str:
 
 
 def generation_config(options: GenerationOptions, eos_token_id: int, pad_token_id: int | None) -> dict:
-    """The options as transformers ``GenerationConfig`` fields (export's generation_config.json),
-    so ``model.generate(ids)`` of an exported model decodes as amzft does."""
-    # generate()'s keywords (the one map from options to transformers' names), with the two
-    # penalties written even when off, so the file states them.
+    """The options as ``GenerationConfig`` fields (export's generation_config.json), penalties stated even when off."""
     config = {"repetition_penalty": options.repetition_penalty, "no_repeat_ngram_size": options.no_repeat_ngram_size,
               **options.generate_kwargs()}
     if "exponential_decay_length_penalty" in config:

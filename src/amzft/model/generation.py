@@ -26,34 +26,18 @@ class Answer:
     stopped: bool  # ended with EOS before max_new_tokens
 
 
-def generate_answers(
-    module,
-    titles: list[str],
-    prompt_format: PromptFormat,
-    max_new_tokens: int = 128,
-    use_adapter: bool = True,
-    batch_size: int = 8,
-    options: GenerationOptions | None = None,
-) -> list[str]:
-    """Answers to the question about each title, in the model's training prompt format, with
-    ``options`` (default: ``DEFAULT_DECODING``) capped at ``max_new_tokens``."""
+def generate_answers(module, titles: list[str], prompt_format: PromptFormat, max_new_tokens: int = 128,
+                     use_adapter: bool = True, batch_size: int = 8, options: GenerationOptions | None = None) -> list[str]:
+    """Answers about each title in the training prompt format, ``options`` capped at ``max_new_tokens``."""
     prompts = [prompt_format.render(t) for t in titles]
     options = replace(options or DEFAULT_DECODING, max_new_tokens=max_new_tokens)
     return [a.text for a in generate(module, prompts, options, use_adapter, batch_size)]
 
 
-def generate(
-    module,
-    prompts: list[str],
-    options: GenerationOptions | None = None,
-    use_adapter: bool = True,
-    batch_size: int = 8,
-) -> list[Answer]:
-    """Batched generation with left padding; each row stops at its own EOS.
-
-    ``use_adapter=False`` switches the LoRA adapter off (peft's disable_adapter), so base and
-    fine-tuned answers come from one loaded model. ``options`` default to ``DEFAULT_DECODING``.
-    """
+def generate(module, prompts: list[str], options: GenerationOptions | None = None, use_adapter: bool = True,
+             batch_size: int = 8) -> list[Answer]:
+    """Batched generation; ``use_adapter=False`` switches the adapter off, so base and fine-tuned
+    answers come from one loaded model."""
     tokenizer = module.tokenizer
     answers: list[Answer] = []
     for start in range(0, len(prompts), batch_size):
@@ -65,16 +49,9 @@ def generate(
 
 @contextlib.contextmanager
 def _gqa_sdpa_on_cpu():
-    """Let SDPA share key/value heads (``enable_gqa``) on CPU even with a padding mask.
-
-    transformers (5.x, ``integrations.sdpa_attention.use_gqa_in_sdpa``) uses SDPA's GQA only
-    without a mask, because on CUDA a mask sends it to the slow math kernel; otherwise it
-    copies every key/value head ``num_key_value_groups`` times (``repeat_kv``), the whole KV
-    cache at every decoding step. On CPU, with the mask of a left-padded batch, SDPA's GQA gives
-    the same bits in less time, and the copy is a sizeable share of a batch's generation time
-    (docs/performance.md, "Describing a catalogue"). Only here, while generating;
-    tests/test_generate.py checks the patch point still exists and that answers are unchanged.
-    """
+    """Let SDPA share key/value heads (``enable_gqa``) on CPU even with a padding mask, while generating.
+    transformers uses it only without a mask (a mask sends CUDA to the slow kernel) and else copies
+    the whole KV cache per step; on CPU GQA gives the same bits faster (tests/test_generate.py)."""
     original = sdpa_attention.use_gqa_in_sdpa
 
     def use_gqa(attention_mask, key, value) -> bool:
@@ -92,8 +69,7 @@ def _gqa_sdpa_on_cpu():
 @torch.no_grad()
 def generate_ids(module, ids: list[list[int]], options: GenerationOptions | None = None,
                  use_adapter: bool = True) -> list[Answer]:
-    """One batch of already tokenised prompts, left-padded, generated together (the KV cache
-    on), each row stopping at its own EOS."""
+    """One batch of tokenised prompts, left-padded, generated together, each row stopping at its own EOS."""
     options = options or DEFAULT_DECODING
     tokenizer, model = module.tokenizer, module.model
     backend = getattr(module, "hparams", {}).get("backend", "hf")
@@ -106,15 +82,11 @@ def generate_ids(module, ids: list[list[int]], options: GenerationOptions | None
     if options.do_sample:
         torch.manual_seed(options.seed)
     try:
-        # model.compute.compile'd layers are for training; decoding with a KV cache would recompile them
-        # for every new length, so generation runs them eagerly.
+        # Compiled layers would recompile for every new KV-cache length: generation runs them eagerly.
         with switch, torch.compiler.set_stance("force_eager"), _gqa_sdpa_on_cpu():
             width = max(map(len, ids))
-            input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for row, seq in enumerate(ids):
-                input_ids[row, width - len(seq) :] = torch.tensor(seq)
-                attention_mask[row, width - len(seq) :] = 1
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(seq)) + list(seq) for seq in ids], dtype=torch.long)
+            attention_mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in ids], dtype=torch.long)
             device = next(model.parameters()).device
             out = model.generate(
                 input_ids=input_ids.to(device),

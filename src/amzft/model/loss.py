@@ -18,6 +18,8 @@ Only label positions go through the LM head where the architecture allows it (se
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -105,3 +107,47 @@ def window_scaled(loss_sum: torch.Tensor, window_tokens: int, accumulate: int, w
     """The micro-batch's share of the window's mean token loss, pre-multiplied by what Lightning
     (``accumulate``) and DDP (``world``) will divide it by (see the module docstring)."""
     return loss_sum * (accumulate * world / window_tokens)
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    """One accumulation window, as the optimizer is about to step on it."""
+
+    loss: float  # mean token loss over the (global) window
+    grad_norm: float
+    label_tokens: int
+    batches: list[int]  # batch indices, for error messages
+
+
+@dataclass
+class AccumulationWindow:
+    """The micro-batches of one optimizer step: ``add`` each one's loss in ``training_step``,
+    ``summary`` once before the optimizer steps (the non-finite guard and the logging read the
+    same one), ``reset`` after it."""
+
+    loss_sum: float = 0.0  # this rank's summed token losses so far
+    label_tokens: int = 0  # label tokens of the whole global window (the sampler counts them)
+    batches: list[int] = field(default_factory=list)
+    _summary: WindowSummary | None = None
+
+    def add(self, loss_sum: torch.Tensor, window_tokens: int, batch_idx: int, accumulate: int,
+            world: int) -> torch.Tensor:
+        """Note a micro-batch; its loss scaled for Lightning's backward (``window_scaled``)."""
+        self.loss_sum += float(loss_sum.detach())
+        self.label_tokens = window_tokens
+        self.batches.append(batch_idx)
+        return window_scaled(loss_sum, window_tokens, accumulate, world)
+
+    def summary(self, parameters, sum_over_ranks=None) -> WindowSummary:
+        """The window's mean token loss and gradient norm, computed on the first call of a step.
+        ``sum_over_ranks``: adds a float over DDP ranks (each holds its share of the window)."""
+        if self._summary is None:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            loss = self.loss_sum if sum_over_ranks is None else sum_over_ranks(self.loss_sum)
+            self._summary = WindowSummary(loss / max(self.label_tokens, 1), float(grad_norm), self.label_tokens,
+                                          list(self.batches))
+        return self._summary
+
+    def reset(self) -> None:
+        self.loss_sum, self.label_tokens, self.batches, self._summary = 0.0, 0, [], None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -23,7 +23,7 @@ from amzft.model import generation
 from amzft.model.adapter_state import AdapterCheckpointing
 from amzft.model.backends import LoraSettings, build, prequantized, set_mode
 from amzft.model.decoding import DEFAULT_DECODING, GenerationOptions
-from amzft.model.loss import PLAIN_HEAD_MODELS, token_loss_sum, window_scaled
+from amzft.model.loss import PLAIN_HEAD_MODELS, AccumulationWindow, WindowSummary, token_loss_sum
 from amzft.model.neftune import NEFTune
 from amzft.model.settings import GROUPS, ComputeOptions, LoraOptions, OptimOptions
 from amzft.settings import hyperparameters
@@ -73,16 +73,6 @@ def compile_blocker(device: str) -> str | None:
 
         return None if has_triton() else "no Triton for torch.compile's GPU code"
     return f"auto compiles on CPU and CUDA only, not {device}"
-
-
-@dataclass(frozen=True)
-class WindowSummary:
-    """One accumulation window, as the optimizer is about to step on it."""
-
-    loss: float  # mean token loss over the (global) window
-    grad_norm: float
-    label_tokens: int
-    batches: list[int]  # batch indices, for error messages
 
 
 def option_problems(backend: str, lora: LoraOptions, optim: OptimOptions, compute: ComputeOptions,
@@ -161,10 +151,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self.tokenizer = None
         # Only the adapter is checkpointed; the frozen base is rebuilt from name_or_path.
         self.strict_loading = False
-        self._window_loss = 0.0  # sum of token losses in the current accumulation window
-        self._window_tokens = 0
-        self._window_batches: list[int] = []  # batch indices of the window, for error messages
-        self._window: WindowSummary | None = None  # this optimizer step's, once computed
+        self.window = AccumulationWindow()  # the micro-batches of the optimizer step under way
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (NonFiniteGuard)
         self._eval_sums: dict[str, list[float]] = {}
         self._neftune: NEFTune | None = None
@@ -227,31 +214,25 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         loss_sum, n = self.token_loss_sum(batch)
         return loss_sum / max(n, 1)
 
+    # One optimizer step, hook by hook (docs/architecture.md, "One optimizer step"):
+    # training_step per micro-batch -> backward (Lightning) -> callbacks' on_before_optimizer_step
+    # (NonFiniteGuard first) -> on_before_optimizer_step here -> optimizer.step, scheduler.step.
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._neftune is not None:  # this micro-batch's noise, the same again on resume
-            self._neftune.reseed(self.global_step, len(self._window_batches), self.global_rank)
-        loss_sum, n = self.token_loss_sum(batch)
-        window = int(batch["window_label_tokens"])
-        self._window_loss += float(loss_sum.detach())
-        self._window_tokens = window
-        self._window_batches.append(batch_idx)
+            self._neftune.reseed(self.global_step, len(self.window.batches), self.global_rank)
+        loss_sum, _ = self.token_loss_sum(batch)
         trainer = attached_trainer(self)
         accumulate, world = (trainer.accumulate_grad_batches, trainer.world_size) if trainer is not None else (1, 1)
-        return window_scaled(loss_sum, window, accumulate, world)
+        return self.window.add(loss_sum, int(batch["window_label_tokens"]), batch_idx, accumulate, world)
 
     def window_summary(self) -> WindowSummary:
-        """The accumulation window about to be stepped on: computed once per optimizer step
-        (by the NonFiniteGuard, which runs first, or by the logging below)."""
-        if self._window is None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            window_loss = self._window_loss
-            if self.trainer.world_size > 1:  # every rank holds its share of the window: add them up
-                total = torch.tensor(window_loss, dtype=torch.float64, device=self.device)
-                window_loss = float(self.trainer.strategy.reduce(total, reduce_op="sum"))
-            self._window = WindowSummary(window_loss / max(self._window_tokens, 1), float(grad_norm),
-                                         self._window_tokens, list(self._window_batches))
-        return self._window
+        """The accumulation window about to be stepped on (computed once per optimizer step)."""
+        sum_over_ranks = None
+        if self.trainer.world_size > 1:
+            def sum_over_ranks(value: float) -> float:
+                total = torch.tensor(value, dtype=torch.float64, device=self.device)
+                return float(self.trainer.strategy.reduce(total, reduce_op="sum"))
+        return self.window.summary(self.model.parameters(), sum_over_ranks)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         window = self.window_summary()
@@ -259,7 +240,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         self.log("train/grad_norm", window.grad_norm, on_step=True)
         self.log("train/label_tokens", float(window.label_tokens), on_step=True)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        self._window_loss, self._window_tokens, self._window_batches, self._window = 0.0, 0, [], None
+        self.window.reset()
 
     # ------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, stage: str) -> None:

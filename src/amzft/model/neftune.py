@@ -1,12 +1,5 @@
-"""NEFTune (Jain et al. 2023): uniform noise on the input embeddings while training.
-
-The noise is transformers' ``neftune_post_forward_hook``: uniform in ±alpha / sqrt(L x d) for a
-batch of length L and hidden size d, added in training mode only, so validation, generation and
-exports see clean embeddings. It is drawn from the hook's own generator, reseeded for every
-micro-batch from (seed, optimizer step, micro-batch of the window, rank), not from the global
-RNG as transformers' hook does: Lightning does not checkpoint the global RNG, so that noise
-would differ after ``--ckpt_path last`` and resume would no longer be exact.
-"""
+"""NEFTune: uniform noise on the input embeddings in training mode, from the hook's own generator
+reseeded per micro-batch (Lightning does not checkpoint the global RNG: resume stays exact)."""
 
 from __future__ import annotations
 

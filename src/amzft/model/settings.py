@@ -1,11 +1,5 @@
-"""The model's settings as types: ``model.lora.*``, ``model.optim.*`` and ``model.compute.*``.
-
-LightningCLI reads each group from the dataclass (its fields, types and the comment beside each
-are the options and their help), so ``--model.lora.r 8`` or a ``lora:`` block in a YAML file
-set them. Each type checks its own values (``problems``); ``LoraCausalLM`` gathers every
-group's problems into one error, so a config is fixed in one go. Nothing heavy is imported here:
-the parser needs these types, not torch.
-"""
+"""``model.lora.*``, ``model.optim.*`` and ``model.compute.*`` as dataclasses: LightningCLI reads
+their fields and docstrings as options and help; each checks its own values (``problems``)."""
 
 from __future__ import annotations
 
@@ -26,8 +20,7 @@ class LoraOptions:
         alpha: scaling numerator (scale = alpha / r; alpha / sqrt(r) with ``use_rslora``).
         dropout: dropout on the LoRA input (0 in the notebook; 0 keeps resume bit-exact).
         target_modules: module names that get adapters.
-        use_dora: DoRA (peft's weight-decomposed LoRA: a trainable magnitude per output feature
-            on top of the LoRA direction). ``hf`` backend only.
+        use_dora: DoRA (peft's weight-decomposed LoRA). ``hf`` backend only.
         use_rslora: rank-stabilised LoRA (peft / Unsloth): scale alpha / sqrt(r).
         seed: RNG seed of the adapters' random initialisation, so a run is reproducible.
     """
@@ -89,23 +82,15 @@ class ComputeOptions:
     Args:
         quantization: ``none`` (full-precision base) or ``nf4`` (4-bit base, QLoRA; backend
             ``hf``). The ``unsloth`` backend always loads 4-bit.
-        dequantize_base: a base folder saved in 4-bit (bitsandbytes) is dequantised to fp32
-            before the adapters go on (merged exports do this); without it such a folder trains
-            in 4-bit as saved, whatever ``quantization`` says.
+        dequantize_base: dequantise a base folder saved in 4-bit to fp32 before the adapters go
+            on; without it such a folder trains in 4-bit as saved.
         gradient_checkpointing: recompute activations in backward to save memory.
-        compile: compile each decoder layer with ``torch.compile`` (dynamic shapes) for
-            training, fusing the element-wise work around the matmuls. Validation and generation
-            run the layers eagerly. ``hf`` backend only. ``auto``: compile when the fit is long
-            enough to pay the compilation back and torch.compile can run here; the decision and
-            its reason are logged (docs/performance.md, "Layouts and model.compute.compile").
-        kernels: ``liger``: Liger's Triton kernels for a Llama base (fused RoPE, RMSNorm,
-            SwiGLU, and its fused linear cross-entropy instead of the chunked head). ``hf``
-            backend on CUDA only, with the optional liger-kernel package; ``none``:
-            transformers' own.
-        loss_chunk_tokens: run the LM head and cross-entropy over the label tokens this many
-            at a time, each chunk recomputed in backward, so only one chunk's fp32 logits are
-            ever held (a 128k vocabulary's logits of a long micro-batch fill GBs; docs/gpu.md).
-            0: one pass, no recomputation. Plain-head architectures only.
+        compile: ``torch.compile`` each decoder layer for training (``hf`` only); ``auto``: when the
+            fit is long enough to pay it back, the decision logged.
+        kernels: ``liger``: Liger's Triton kernels for a Llama base (``hf`` on CUDA, liger-kernel
+            package); ``none``: transformers' own.
+        loss_chunk_tokens: LM head and cross-entropy over this many label tokens at a time, each
+            chunk recomputed in backward, so only one chunk's fp32 logits are held; 0: one pass.
     """
 
     quantization: Literal["none", "nf4"] = "none"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter
 
 from amzft.checkpoints.best import BestCheckpoint
 from amzft.checkpoints.io import check_writable
@@ -35,13 +36,14 @@ class StopAtStep(Callback):
             save_last_now(trainer)
 
 
-class PredictionsWriter(Callback):
+class PredictionsWriter(BasePredictionWriter):
     """``predict`` results as JSON Lines (title, reference, answer, stopped) in the run's log
     folder, appended as each batch finishes (the answers come from ``LoraCausalLM.predict_step``,
     decoded with the module's ``decoding``). For a whole catalogue, resumable and sharded:
     ``python -m amzft describe`` (amzft.catalogue)."""
 
     def __init__(self):
+        super().__init__(write_interval="batch")
         self._handle = None
         self._rows = 0
 
@@ -52,11 +54,11 @@ class PredictionsWriter(Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             self._handle, self._rows = path.open("w"), 0
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if self._handle is not None:
-            self._handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in outputs))
+            self._handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction))
             self._handle.flush()
-            self._rows += len(outputs)
+            self._rows += len(prediction)
 
     def on_predict_end(self, trainer, pl_module):
         if self._handle is not None:

@@ -1,41 +1,13 @@
-"""The FLOPs of one LoRA training step, counted from the model's shapes: what a benchmark divides
-by a step's time to say how much of the machine it used (docs/performance.md, "Utilisation:
-FLOPs of a step").
-
-A multiply-add is 2 FLOPs: an (m x k) @ (k x n) product costs 2·m·k·n. For a step that computes
-T positions (padding excluded; a packed row's shared preamble once), S = Σ L² over its rows
-(L: a row's length, as computed), and H positions through the LM head (the label tokens with
-amzft's label-only head), with each projection mapping ``in`` to ``out`` features and r the
-LoRA rank:
-
-* base forward: 2·in·out·T for each of q, k, v, o, gate, up, down, in every layer;
-* base backward: 2·in·out·T again, the gradient of the input only: frozen weights get none.
-  Products upstream of every adapter need no gradient at all (layer 0's q, k and v: their input
-  comes from the frozen embeddings);
-* LoRA forward: 2·r·(in + out)·T per adapted projection (A: in -> r, then B: r -> out);
-* LoRA backward: the weight gradients of A and B plus the input gradients, 2x the forward (A's
-  input gradient only where that input needs one, as above);
-* attention forward: QK^T and AV, 2 · 2·S·head_dim·heads per layer (heads: query heads; GQA's
-  K and V are broadcast to them). The full L x L square is counted, not the causal half: SDPA's
-  math path computes the whole square and masks it, and torch's FlopCounterMode counts that;
-* attention backward: dV, dP, dQ and dK, 2x the forward (in layer 0 only those an adapter
-  needs);
-* head forward: 2·hidden·vocab·H; head backward: the same again (input gradient only).
-
-Not counted: element-wise work (norms, RoPE, SiLU, softmax, the loss, LoRA's scaling), DoRA's
-weight norms, the optimizer, and recomputation (gradient checkpointing, chunked head loss,
-flash attention's backward): the model's FLOPs, not every kernel's. Linear in T, S and H, so the
-count of many steps is that of their summed ``StepTokens``. tests/test_flops.py checks it against
-FlopCounterMode on a LoRA-wrapped Llama.
-"""
+"""The FLOPs of one LoRA training step, counted from the model's shapes (2 per multiply-add), for
+benchmarks to divide by a step's time. Matmuls only: element-wise work, the optimizer and
+recomputation are not counted. tests/test_flops.py checks it against torch's FlopCounterMode."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-# A decoder layer's projections in order of computation: q, k, v read the layer's (normed) input,
-# o the attention's output, gate and up the (normed) residual stream, down the gated product.
+# A decoder layer's projections in order of computation.
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 PROJECTIONS = (*ATTENTION_INPUTS, "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -87,7 +59,7 @@ class StepTokens:
 
 @dataclass(frozen=True)
 class StepFlops:
-    """A step's FLOPs by part (module doc); ``total`` is their sum."""
+    """A step's FLOPs by part (``step_flops``); ``total`` is their sum."""
 
     base_forward: int
     base_backward: int
@@ -107,14 +79,12 @@ class StepFlops:
 
     @property
     def backward(self) -> int:
-        return self.base_backward + self.lora_backward + self.attention_backward + self.head_backward
+        return sum(n for part, n in self.parts().items() if part.endswith("_backward"))
 
 
 def first_layer_gradients(targets: frozenset[str]) -> tuple[frozenset[str], int]:
-    """Layer 0's projections whose input needs a gradient, and how many of attention's four
-    backward products (dV, dP, dQ, dK) run there. The layer's input comes from the frozen
-    embeddings and needs none; a tensor needs one once an adapter lies upstream of it. From
-    layer 1 on every input does (some adapter of layer 0 lies upstream)."""
+    """Layer 0's projections whose input needs a gradient (an adapter lies upstream: the frozen
+    embeddings need none), and how many of attention's backward products (dV, dP, dQ, dK) run there."""
     q, k, v = (name in targets for name in ATTENTION_INPUTS)
     attention_products = v + (q or k) + q + k  # dP feeds dQ and dK
     attended = q or k or v  # the attention's output depends on an adapter
@@ -127,8 +97,13 @@ def first_layer_gradients(targets: frozenset[str]) -> tuple[frozenset[str], int]
 
 
 def step_flops(shape: ModelShape, r: int, targets: Sequence[str], work: StepTokens) -> StepFlops:
-    """The FLOPs of a training step (forward + backward, module doc) of ``shape`` with LoRA of
-    rank ``r`` on ``targets`` (projection names, as ``model.lora.target_modules``) over ``work``."""
+    """The FLOPs of a training step of ``shape`` with rank-``r`` LoRA on ``targets`` over ``work``.
+
+    Per position, each projection (in -> out) costs 2·in·out forward and again backward (input
+    gradient only: frozen weights get none); LoRA 2·r·(in + out) forward, twice that backward.
+    Attention's QK^T and AV cost 2·S·head_dim·heads each (the full L x L square, as SDPA's math
+    path computes), backward twice that; the head 2·hidden·vocab·H each way. In layer 0 only the
+    gradients an adapter needs are counted (``first_layer_gradients``)."""
     projections = shape.projections()
     targets = frozenset(targets)
     unknown = sorted(targets - set(projections))

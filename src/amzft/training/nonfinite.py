@@ -13,17 +13,9 @@ MAX_CONSECUTIVE_SKIPS = 10  # with on_nonfinite=skip: beyond this the weights th
 
 
 class NonFiniteGuard(Callback):
-    """Checks each accumulation window before the optimizer steps, as ``model.on_nonfinite`` says:
-
-    * ``stop``: a one-line error naming the step and batches; checkpoints already written stay
-      intact (the update never happens);
-    * ``skip``: the optimizer step is skipped (no update, AdamW moments untouched), counted in
-      ``train/skipped_steps`` and saved in checkpoints; more than ``MAX_CONSECUTIVE_SKIPS`` in a
-      row stops as above.
-
-    Callbacks' ``on_before_optimizer_step`` runs before the module's, so the module then logs
-    the window's loss and gradient norm as they were, skipped or not.
-    """
+    """Checks each accumulation window before the update (``model.on_nonfinite``): ``stop`` raises a
+    one-line error; ``skip`` drops the step (counted in ``train/skipped_steps``), up to
+    ``MAX_CONSECUTIVE_SKIPS`` in a row. Runs before the module's hook, which logs the window as it was."""
 
     def __init__(self):
         self.consecutive_skips = 0

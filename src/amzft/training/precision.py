@@ -1,21 +1,6 @@
 """``trainer.precision: auto``: the fastest correct precision for this machine, with the reason.
-
-* CUDA: ``bf16-mixed`` where the GPU has native bf16 (compute capability >= 8), else
-  ``16-mixed`` (fp16 with loss scaling).
-* CPU with AMX (``amx_bf16`` in ``/proc/cpuinfo``): ``bf16-mixed``. Without AVX512-BF16:
-  ``32-true``: with no bf16 instructions, bf16 autocast is many times *slower* than fp32.
-* CPU with AVX512-BF16 but no AMX: the flags do not decide, a probe does: in training, bf16
-  autocast is slower than fp32 on some such CPUs and faster on others.
-* CPU without readable x86 flags (macOS, ARM) and Apple GPUs (MPS): the probe.
-  The probe (about a second) times fp32 against bf16 autocast on a small Linear stack and
-  keeps the faster.
-  ``AMZFT_PRECISION_PROBE=1`` runs the probe on any CPU instead of reading the flags.
-
-The measurements behind these rules, per CPU: docs/performance.md, "The machines".
-
-The functions below take the cpuinfo text and the probe as arguments, so tests feed them fake
-machines. Any other precision value is passed through untouched: an explicit one wins.
-"""
+CUDA: bf16 where native, else fp16; CPU: AMX -> bf16, no AVX512-BF16 -> fp32, otherwise (or
+with ``AMZFT_PRECISION_PROBE=1``, on MPS, without x86 flags) a short fp32-vs-bf16 probe decides."""
 
 from __future__ import annotations
 
@@ -34,9 +19,7 @@ from amzft.lightning_compat import PrecisionInput
 
 PROBE_ENV = "AMZFT_PRECISION_PROBE"
 RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<device kind>:<precision>": what process <pid> chose
-# The probe stops timing bf16 once it has taken this many times fp32's time: it lost, and a
-# bf16 many times slower than fp32 (module doc) must not hold a run for a minute.
-PROBE_CAP = 1.5
+PROBE_CAP = 1.5  # bf16 stops once it took this many times fp32's time: a very slow bf16 must not hold a run
 PROBE_FP32_SECONDS = 0.3  # how long fp32 is timed (at least PROBE_MIN_STEPS steps)
 PROBE_MIN_STEPS = 3
 
@@ -66,11 +49,9 @@ class ProbeResult:
 
 
 def resolve(precision, accelerator):
-    """``auto`` -> the chosen precision, logged with its reason (one INFO line); anything else as
-    given. A process started by one that already chose (Lightning's DDP launcher starts the
-    other ranks with a copy of rank 0's environment) takes that choice: a probe run by each
-    rank, on cores the ranks share, could choose differently. Only a choice for the same kind of
-    device is taken: a CPU's is no answer for a GPU."""
+    """``auto`` -> the chosen precision, logged with its reason; anything else as given. DDP ranks
+    (started with rank 0's environment) take rank 0's choice for the same device kind: probes on
+    shared cores could disagree."""
     if precision != "auto":
         return precision
     kind = device_kind(accelerator)
@@ -84,7 +65,6 @@ def resolve(precision, accelerator):
 
 
 def choose(kind: str) -> Choice:
-    """The precision for a device of this kind (``device_kind``), with its reason."""
     if kind == "cuda":
         import torch  # noqa: PLC0415 - `python -m amzft --help` must not import torch
 
@@ -96,8 +76,7 @@ def choose(kind: str) -> Choice:
 
 
 def device_kind(accelerator) -> str:
-    """``cpu``, ``cuda`` or ``mps``: where ``trainer.accelerator`` will train (``auto`` and
-    ``gpu`` resolved the way Lightning resolves them)."""
+    """``cpu``, ``cuda`` or ``mps``: where ``trainer.accelerator`` trains (``auto``/``gpu`` as Lightning resolves them)."""
     from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator  # noqa: PLC0415
 
     name = str(getattr(accelerator, "class_path", None) or (accelerator if isinstance(accelerator, str)
@@ -137,8 +116,7 @@ def _cpuinfo_field(cpuinfo: str, field: str) -> str | None:
 
 
 def for_cpu(cpuinfo: str | None, run_probe: Callable[[], ProbeResult], force_probe: bool = False) -> Choice:
-    """The CPU rule on ``/proc/cpuinfo``'s text (None: unreadable); ``run_probe`` is called
-    only for AVX512-BF16 without AMX, when the x86 flags cannot be read, or with ``force_probe``."""
+    """The CPU rule on ``/proc/cpuinfo``'s text (None: unreadable); probes only where the flags cannot decide."""
     name = (cpuinfo and _cpuinfo_field(cpuinfo, "model name")) or "unknown"
     flags_line = cpuinfo and _cpuinfo_field(cpuinfo, "flags")
     if force_probe or not flags_line:
@@ -147,7 +125,7 @@ def for_cpu(cpuinfo: str | None, run_probe: Callable[[], ProbeResult], force_pro
     flags = set(flags_line.split())
     if "amx_bf16" in flags:
         return Choice("bf16-mixed", f"CPU '{name}' has AMX (amx_bf16): bf16 matrix units")
-    if "avx512_bf16" in flags:  # bf16 wins on some such CPUs and loses on others (module doc): measure this one
+    if "avx512_bf16" in flags:  # bf16 wins on some such CPUs and loses on others: measure this one
         return _from_probe(run_probe(), f"CPU '{name}' has AVX512-BF16 but no AMX (bf16 autocast is slower "
                                         "than fp32 on some such CPUs, faster on others)")
     best = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
@@ -161,12 +139,9 @@ def _from_probe(result: ProbeResult, context: str) -> Choice:
                           f"stack): {result.figures()}")
 
 
-def probe(device: str = "cpu", cap: float = PROBE_CAP, fp32_seconds: float = PROBE_FP32_SECONDS,
-          step_factory: Callable | None = None) -> ProbeResult:
-    """Times fp32, then bf16 autocast for as many steps, stopping bf16 once it has taken ``cap``
-    x fp32's time. Each side's first (warm-up) step counts: the same for both, and a bf16 whose
-    first step alone is slow has lost anyway. ``step_factory(dtype)`` replaces the Linear stack
-    (tests)."""
+def probe(device: str = "cpu", fp32_seconds: float = PROBE_FP32_SECONDS, step_factory: Callable | None = None) -> ProbeResult:
+    """Times fp32, then bf16 autocast for as many steps, stopping past ``PROBE_CAP`` x fp32's time.
+    Warm-up steps count for both sides. ``step_factory(dtype)`` replaces the Linear stack (tests)."""
     import torch  # noqa: PLC0415
 
     sync = torch.mps.synchronize if device == "mps" else (lambda: None)
@@ -184,7 +159,7 @@ def probe(device: str = "cpu", cap: float = PROBE_CAP, fp32_seconds: float = PRO
         for _ in range(steps):
             step()
             sync()
-            if time.perf_counter() - start > cap * fp32_s:
+            if time.perf_counter() - start > PROBE_CAP * fp32_s:
                 return ProbeResult(steps, fp32_s, None)
     except RuntimeError as exc:  # no bf16 autocast here (e.g. an older macOS)
         return ProbeResult(steps, fp32_s, None, f"failed ({str(exc).splitlines()[0][:80]})")
@@ -192,8 +167,7 @@ def probe(device: str = "cpu", cap: float = PROBE_CAP, fp32_seconds: float = PRO
 
 
 def _linear_stack_step(device: str, dtype):
-    """One forward + backward of 4 Linear(512, 512) layers on 256 rows: the matmul-bound shape
-    of a small LM's training step, a few ms in fp32 on one core."""
+    """One forward + backward of 4 Linear(512, 512) layers on 256 rows: a small LM's matmul-bound step."""
     import torch  # noqa: PLC0415
 
     generator = torch.Generator().manual_seed(0)
@@ -210,9 +184,7 @@ def _linear_stack_step(device: str, dtype):
 
 
 class AmzftTrainer(Trainer):
-    """Lightning's Trainer with ``precision: auto`` accepted (and resolved before Lightning
-    checks the value). ``AmzftCLI`` resolves it earlier still, so the run's saved config.yaml
-    records the precision actually used."""
+    """Lightning's Trainer accepting ``precision: auto`` (``AmzftCLI`` resolves it earlier, for config.yaml)."""
 
     def __init__(self, *, precision: PrecisionInput | Literal["auto"] | None = None, **kwargs):
         super().__init__(precision=resolve(precision, kwargs.get("accelerator", "auto")), **kwargs)

@@ -1,9 +1,5 @@
-"""What ``fit`` shows on the console while it trains: a progress bar in optimizer steps and a
-one-line parameter summary, in place of Lightning's defaults.
-
-Lightning's training bar counts batches of an epoch (``Epoch 7/-2`` when a run is set by
-``trainer.max_steps``, as amzft's configs are); a user set steps, so the bar counts them.
-"""
+"""``fit``'s console: a progress bar in optimizer steps (Lightning's counts an epoch's batches,
+``Epoch 7/-2`` for a ``max_steps`` run) and a one-line parameter summary."""
 
 from __future__ import annotations
 
@@ -21,8 +17,7 @@ SHOWN = (("train/loss", "loss", False), ("val/loss", "val_loss", False), ("train
 
 
 class StepProgressBar(TQDMProgressBar):
-    """The training bar counts optimizer steps up to ``trainer.max_steps`` (``step 12/60``),
-    across epochs, with the loss and tokens/s; validation bars are Lightning's own."""
+    """The training bar counts optimizer steps (``step 12/60``) across epochs, with loss and tokens/s."""
 
     TRAIN_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
@@ -60,9 +55,7 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class ParameterSummary(ModelSummary):
-    """The parameter counts only. Lightning's table has a single row here (the PEFT model), its
-    FLOPs column and ``Total FLOPs`` are 0 (counted only for a module with an
-    ``example_input_array``) and its module train/eval-mode counts say nothing to a user."""
+    """The parameter counts only: Lightning's table has one row here (the PEFT model) and zero FLOPs."""
 
     @staticmethod
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,

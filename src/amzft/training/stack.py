@@ -1,18 +1,40 @@
-"""The callbacks of every ``fit``, in the order they run, and why in that order.
+"""The callbacks of every ``fit``, in the order they run, each by its job.
 
-Lightning calls callbacks in list order (it moves ``ModelCheckpoint`` ones to the end itself).
-The order matters in three places:
+Lightning calls callbacks in list order (``ModelCheckpoint`` ones last), each hook before the
+module's own. One optimizer step (``accumulate_grad_batches`` micro-batches), hook by hook:
 
-1. ``NonFiniteGuard`` first: it decides in ``on_before_optimizer_step`` whether the update
-   happens, before any other callback (or the module) looks at that step's gradients.
-2. ``ThroughputMeter`` before ``StepProgressBar``: the bar shows the tokens/s the meter logs at
-   the same batch end.
-3. ``EarlyStop`` before the best-checkpoint callback (a ``ModelCheckpoint``, so last): both act
-   after a validation, and the best file of the step early stopping ends on is still written.
+=========================== ======================= =================================================
+hook                        callback (in order)     job
+=========================== ======================= =================================================
+on_train_batch_start        LearningRateMonitor     log ``lr-*``, the scheduler's value for this step
+on_train_batch_start        GracefulStop            note the step, so a stop waits for the window's end
+on_train_batch_start        ThroughputMeter         start the window's clock
+(module) training_step      LoraCausalLM            one micro-batch's loss into ``module.window``
+(Lightning) backward                                gradients accumulate in the LoRA weights
+on_before_optimizer_step    NonFiniteGuard          NaN/inf window: stop, or drop the gradients (skip)
+(module) on_before_opt...   LoraCausalLM            log train/loss, grad_norm, label_tokens; new window
+(Lightning) optimizer.step                          AdamW (8-bit), then the warm-up/decay scheduler
+on_train_batch_end          SampleAnswers           every N steps, answers into TensorBoard
+on_train_batch_end          GracefulStop            a signal came: ``last.ckpt`` now, then stop
+on_train_batch_end          ThroughputMeter         tokens/s, padding efficiency, peak memory
+on_train_batch_end          StepProgressBar         the bar, in optimizer steps, with tokens/s
+on_train_batch_end          ModelCheckpoint         every ``checkpoint.every_n_train_steps`` steps
+on_train_batch_end          BestCheckpoint          nothing (it saves after validations only)
+(loop) validate?            ValidationSchedule      whether a validation runs after this step
+on_validation_end           ValidationSchedule      record the step's ``val/*`` metrics
+on_validation_end           EarlyStop               stop when ``best.monitor`` stopped improving
+on_validation_end           StepProgressBar         close the validation bar
+on_validation_end           ModelCheckpoint         nothing (it saves on train batches)
+on_validation_end           BestCheckpoint          keep the ``best.save_top_k`` best files
+=========================== ======================= =================================================
 
-The config's callback groups (``checkpoint.*``, ``sample_answers.*``, ``validation.*``,
-``best.*``), then the ``trainer.callbacks`` a user or a benchmark gives, come between the guard
-and the rest (LightningCLI on its own would put ``trainer.callbacks`` first).
+Once per run: ``Preflight`` (disk room, at fit start), ``ResumeMidEpoch`` (the sampler's place,
+on load), ``PredictionsWriter`` (``predict``), ``ParameterSummary``. Order matters three times:
+``NonFiniteGuard`` first (it decides whether the update happens before anything reads the
+gradients); ``ThroughputMeter`` before ``StepProgressBar`` (the bar shows what the meter logged);
+``EarlyStop`` before the best-checkpoint callback (the best file of the step early stopping ends
+on is still written). The config's groups (``checkpoint.*``, ``sample_answers.*``,
+``validation.*``, ``best.*``) and then ``trainer.callbacks`` come right after the guard.
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
-"""The one token-throughput meter, used by ``fit`` (TensorBoard curves, progress bar),
-benchmarks/train_throughput.py and gpu/check.py alike, so that every number amzft reports
-counts the same tokens over the same time.
-
-Token kinds, per batch (amzft.data.collate writes them):
-
-* real: ``batch["real_tokens"]``, the examples' non-pad tokens; tokens/s counts these.
-* processed: ``batch["input_tokens"]``, the positions the model computes that are not padding
-  (fewer than real with ``data.batches.share_prefix``, which stores the shared preamble once per row).
-* padded: ``batch["input_ids"].numel()``, every position, padding included.
-* label: ``batch["label_tokens"]``, the response tokens the loss is taken on.
-
-It also sums the squared length of each row processed (``batch["row_lengths"]``), which attention's
-work grows with: with the processed and label tokens, what amzft.training.flops needs to count
-a run's FLOPs (benchmarks/train_throughput.py).
-"""
+"""The one token-throughput meter (``fit``, benchmarks/train_throughput.py, gpu/check.py), so every
+figure amzft reports counts the same tokens over the same time. Per batch (amzft.data.collate):
+real (non-pad), processed (positions computed), padded (all positions) and label tokens."""
 
 from __future__ import annotations
 
 import json
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,16 +15,14 @@ from lightning.pytorch import Callback
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory so far: the CUDA allocator's peak on a GPU, else the process's peak resident
-    set (where CPU tensors live)."""
+    """The CUDA allocator's peak on a GPU, else the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def row_lengths(batch: dict) -> list[int]:
-    """The positions each row of a batch computes, padding excluded (a packed row's shared
-    preamble once), as the collator (amzft.data.collate) wrote them."""
+    """The positions each row of a batch computes, padding excluded (a shared preamble once)."""
     return batch["row_lengths"].tolist()
 
 
@@ -57,31 +42,15 @@ class TokenCounts:
         self.squares += sum(n * n for n in row_lengths(batch))
 
     def add(self, other: TokenCounts) -> None:
-        self.real += other.real
-        self.processed += other.processed
-        self.padded += other.padded
-        self.labels += other.labels
-        self.squares += other.squares
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class ThroughputMeter(Callback):
-    """Token throughput, padding efficiency and peak memory of a training run.
-
-    Per optimizer step (an accumulation window: the step ends when ``trainer.global_step``
-    changes) it logs ``train/tokens_per_s`` (also on the progress bar),
-    ``train/label_tokens_per_s``, ``train/padding_efficiency`` (processed / padded positions)
-    and ``train/peak_memory_mib``. A step's time runs from its window's first batch to its end,
-    so validation and checkpoint writes between steps are not counted in it.
-
-    ``summary()`` gives the run's totals, timed from the end of this fit's first optimizer step
-    to the end of its last, so compilation and warm-up (the first step) are left out; how long
-    that first step took is reported apart (``first_step_s``). With ``summary_path`` the summary
-    is also written there as JSON when training ends (gpu/check.py reads it).
-
-    On CUDA the device is synchronised before every clock reading (kernels run asynchronously)
-    and peak memory statistics are reset when training starts, so the peak is the training's,
-    not the model loading's.
-    """
+    """Logs tokens/s, label tokens/s, padding efficiency and peak memory per optimizer step, timed
+    from the window's first batch (validation and checkpoint writes between steps excluded).
+    ``summary()`` times the run from the end of its first step (compilation, warm-up) to its last;
+    with ``summary_path`` it is written as JSON at train end (gpu/check.py reads it)."""
 
     def __init__(self, summary_path: str | None = None):
         self.summary_path = summary_path
@@ -97,14 +66,14 @@ class ThroughputMeter(Callback):
         self._last_loss: float | None = None
 
     def _now(self) -> float:
-        if self._device.type == "cuda":
+        if self._device.type == "cuda":  # kernels run asynchronously
             torch.cuda.synchronize(self._device)
         return time.perf_counter()
 
     def on_train_start(self, trainer, pl_module):
         self._reset_run()
         self._device = pl_module.device
-        if self._device.type == "cuda":
+        if self._device.type == "cuda":  # the training's peak, not the model loading's
             torch.cuda.reset_peak_memory_stats(self._device)
         self._last_step = self._steps = trainer.global_step  # not 0 when resuming
         self._train_start = self._now()
@@ -118,7 +87,11 @@ class ThroughputMeter(Callback):
         if trainer.global_step == self._last_step:
             return  # still inside an accumulation window
         now = self._now()
-        self._log_step(pl_module, self._window, now - self._window_start)
+        counts, elapsed = self._window, now - self._window_start
+        pl_module.log("train/tokens_per_s", counts.real / elapsed, on_step=True, prog_bar=True)
+        pl_module.log("train/label_tokens_per_s", counts.labels / elapsed, on_step=True)
+        pl_module.log("train/padding_efficiency", counts.processed / counts.padded, on_step=True)
+        pl_module.log("train/peak_memory_mib", peak_memory_mib(self._device), on_step=True)
         if self._timed_from is None:  # this fit's first optimizer step: compilation, warm-up
             self._timed_from = now
         else:
@@ -130,15 +103,8 @@ class ThroughputMeter(Callback):
         self._last_loss = float(loss) if loss is not None else self._last_loss
         self._window, self._window_start = TokenCounts(), None
 
-    def _log_step(self, pl_module, counts: TokenCounts, elapsed: float) -> None:
-        pl_module.log("train/tokens_per_s", counts.real / elapsed, on_step=True, prog_bar=True)
-        pl_module.log("train/label_tokens_per_s", counts.labels / elapsed, on_step=True)
-        pl_module.log("train/padding_efficiency", counts.processed / counts.padded, on_step=True)
-        pl_module.log("train/peak_memory_mib", peak_memory_mib(self._device), on_step=True)
-
     def summary(self) -> dict:
-        """The run's totals over its timed steps (all but this fit's first). Rates are None
-        when fewer than two optimizer steps ran (nothing was timed)."""
+        """The run's totals over its timed steps (all but the first; rates None when none was timed)."""
         seconds = self._timed_to - self._timed_from if self._steps_timed else 0.0
         total = self._total
 

@@ -1,18 +1,7 @@
-"""Validation on an optimizer-step schedule, and early stopping on a monitored metric.
-
-* ``ValidationSchedule`` (``validation.every_n_steps``): validation after every N optimizer
-  steps, whatever ``accumulate_grad_batches`` is, and after the last step.
-* ``amzft.checkpoints.best.BestCheckpoint`` (``best.*``) keeps the best-k checkpoints by the
-  metric these validations log.
-* ``EarlyStop`` (``early_stopping.*``): Lightning's ``EarlyStopping`` on the best checkpoint's
-  metric; added only when ``patience`` > 0.
-
-``--ckpt_path best`` is resolved in ``amzft.checkpoints.locate.find_best_checkpoint``.
-"""
+"""Validation every N optimizer steps (``validation.every_n_steps``) and early stopping on the
+monitored metric (``early_stopping.*``)."""
 
 from __future__ import annotations
-
-from typing import Literal
 
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping
@@ -22,23 +11,15 @@ from amzft.checkpoints.resume import save_last_now
 from amzft.errors import ConfigError
 from amzft.lightning_compat import at_last_batch, decide_validation_with, inside_accumulation_window
 
-Monitor = Literal["val/loss", "val/rougeL"]
-
 
 class ValidationSchedule(Callback):
-    """Validation every ``every_n_steps`` optimizer steps (and after the last step, so the final
-    model is always scored).
+    """Validation after every ``every_n_steps`` optimizer steps and after the last one.
 
-    Lightning counts ``val_check_interval`` in training batches, not optimizer steps: with
-    accumulation, ``n x accumulate`` batches drifts away from step n as soon as an epoch ends on
-    a part window (Lightning steps on it), and can land mid-window. Lightning has no hook for
-    "validate after optimizer step N", so this replaces its per-batch decision, for
-    this trainer only (``lightning_compat.decide_validation_with``). Validation then always runs right after an
-    optimizer step, at the same place in the loop as Lightning's own, never mid-window.
+    Lightning counts ``val_check_interval`` in batches, which drifts from optimizer steps with
+    accumulation, so this replaces its per-batch decision (``lightning_compat.decide_validation_with``).
 
     Args:
-        every_n_steps: validate after every N optimizer steps; 0: Lightning's own schedule
-            (``trainer.val_check_interval`` / ``check_val_every_n_epoch``).
+        every_n_steps: validate after every N optimizer steps; 0: Lightning's own schedule.
     """
 
     def __init__(self, every_n_steps: int = 0):
@@ -55,8 +36,7 @@ class ValidationSchedule(Callback):
             decide_validation_with(trainer, self._should_validate)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # A resumed run does not repeat the validation of the step it resumes at: it ran (when
-        # due) right after last.ckpt was written, before the interruption.
+        # A resumed run does not repeat its step's validation: it ran right after last.ckpt was written.
         self._validated_step = trainer.global_step
 
     def is_due(self, trainer) -> bool:
@@ -67,9 +47,7 @@ class ValidationSchedule(Callback):
 
     @staticmethod
     def _is_last_step(trainer) -> bool:
-        """The run's last optimizer step: ``max_steps``, or the last batch of the last epoch (an
-        epoch-based run, ``max_steps`` -1, or one that ends by ``max_epochs`` first), so every
-        run is scored at its end."""
+        """The run's last optimizer step: ``max_steps``, or the last batch of the last epoch."""
         if trainer.max_steps is not None and 0 < trainer.max_steps == trainer.global_step:
             return True
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
@@ -77,9 +55,7 @@ class ValidationSchedule(Callback):
 
     def _should_validate(self, data_fetcher=None) -> bool:
         trainer = self._fit_trainer
-        # Deterministic from the step counter, so every DDP rank decides the same. Unlike
-        # Lightning's own, a stop request (SIGTERM, the demo's stop) does not force a
-        # validation: the run stops promptly; a due one still runs.
+        # From the step counter, so every DDP rank decides the same; a stop request forces none.
         if not trainer.enable_validation or inside_accumulation_window(trainer) or not self.is_due(trainer):
             return False
         self._validated_step = trainer.global_step
@@ -96,10 +72,8 @@ def find_schedule(trainer) -> ValidationSchedule | None:
 
 
 class EarlyStop(EarlyStopping):
-    """Lightning's ``EarlyStopping`` after each validation: stops when ``monitor`` has not
-    improved by more than ``min_delta`` in ``patience`` validations in a row, then writes
-    ``last.ckpt`` where training ended (the periodic callback would leave it at its last
-    multiple of ``checkpoint.every_n_train_steps``) and says where the best checkpoint is."""
+    """Lightning's ``EarlyStopping`` after each validation, then ``last.ckpt`` written where training
+    ended (not at the last periodic save) and a word on where the best checkpoint is."""
 
     def __init__(self, monitor: str, patience: int, min_delta: float = 0.0):
         if patience < 1 or min_delta < 0:
@@ -118,8 +92,7 @@ class EarlyStop(EarlyStopping):
                             "use it with --ckpt_path best")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # Written at train end, as ModelCheckpoint's own end-of-fit last.ckpt is (a state the
-        # mid-epoch resume handles), not inside the validation.
+        # At train end, as ModelCheckpoint's own last.ckpt is (a state the resume handles).
         if self._stopped_at is not None:
             save_last_now(trainer)
             self._stopped_at = None
