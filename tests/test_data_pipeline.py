@@ -207,3 +207,15 @@ def test_a_subset_keeps_its_examples_and_known_counts_and_writes_no_counts_file(
     assert list(part.lengths[:2]) == list(examples.lengths[[3, 9]]) and part.lengths[2] == -1
     assert [e.input_ids for e in part.encode([0, 1, 2])] == [e.input_ids for e in examples.encode([3, 9, 20])]
     assert part.lengths[2] == examples.lengths[20] > 0
+
+
+def test_the_data_and_the_loss_agree_on_the_label_that_is_not_learnt():
+    """data/ and model/ are one layer and may not import each other, so each names the masked
+    label; they must be the same value, torch's cross_entropy default."""
+    import inspect  # noqa: PLC0415
+
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from amzft.model import loss  # noqa: PLC0415
+
+    assert IGNORE_INDEX == loss.IGNORE_INDEX == inspect.signature(F.cross_entropy).parameters["ignore_index"].default
