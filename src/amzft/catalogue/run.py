@@ -1,10 +1,8 @@
 """``describe`` on Lightning's predict loop: one process, or several (DDP, one shard each).
 
-Lightning provides the processes (its launcher re-runs the command once per extra device),
-device placement and precision; amzft provides the batches (``plan``), the generation (the
-fine-tuned module's ``generate_ids``) and the writing (``store``). Predict needs no collective
-per step, so shards may differ in length, and a process with no batch left simply waits at the
-end: no rank ever needs a batch it does not have.
+Lightning provides the processes (its launcher re-runs the command per extra device), placement and
+precision; amzft the batches (``plan``), the generation (``generate_ids``) and the writing (``store``).
+Predict needs no collective per step: shards may differ in length, a process out of batches waits at the end.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ class CatalogueBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.batches():
-            yield {"index": batch.index, "records": batch.records, "prompt_ids": batch.prompt_ids}
+            yield batch._asdict()  # index, records, prompt_ids
 
 
 class CatalogueData(LightningDataModule):
@@ -95,10 +93,8 @@ class PartWriter(BasePredictionWriter):
     def __init__(self, store: OutputStore, total: int, summary: Callable[[], dict], every_s: float = 10.0):
         super().__init__(write_interval="batch")
         self.store, self.total, self.summary, self.every_s = store, total, summary, every_s
-        self.handle = None
-        self.written = 0
+        self.handle, self.written, self.merged = None, 0, None  # merged: the output's row count, on rank 0
         self.started = self.last_shown = 0.0
-        self.merged: int | None = None
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self.handle = self.store.open_part(trainer.global_rank)

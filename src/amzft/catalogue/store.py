@@ -1,15 +1,13 @@
 """Where ``describe`` writes, so that a kill loses at most the batches in flight.
 
-While a run goes, ``OUT.partial/`` holds ``manifest.json`` (what the answers depend on: input
-file, checkpoint, decoding, prompt, batch plan, precision) and one ``rank<R>.jsonl`` per
-process, to which each batch's rows are appended and flushed as it finishes. Each row starts
-with its input line number (``{"line": 12, ...}``), so resume can tell what is done without
-parsing whole rows. At the end the parts are merged in input order into ``OUT`` (atomically),
-the manifest and the run's counts go to ``OUT.meta.json``, and ``OUT.partial/`` is removed.
+While a run goes, ``OUT.partial/`` holds ``manifest.json`` (what the answers depend on: input file,
+checkpoint, decoding, prompt, batch plan, precision) and one ``rank<R>.jsonl`` per process, to which each
+batch's rows are appended as it finishes. Each row starts with its input line number (``{"line": 12, ...}``),
+so resume can tell what is done without parsing whole rows. At the end the parts are merged in input order
+into ``OUT`` (atomically), the manifest and counts go to ``OUT.meta.json``, and ``OUT.partial/`` is removed.
 
-The same command again resumes an unfinished ``OUT.partial/`` with the same manifest, says a
-finished ``OUT`` with the same manifest is complete, and refuses (one line) anything else: a
-different checkpoint or decoding never adds to, nor replaces, answers it did not write.
+The same command again resumes an unfinished ``OUT.partial/`` with the same manifest, says a finished ``OUT``
+with it is complete, and refuses anything else: other settings never add to, nor replace, answers they did not write.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,6 @@ class OutputStore:
         self.meta = self.out.with_name(self.out.name + ".meta.json")
         self.manifest = self.partial / "manifest.json"
 
-    # ------------------------------------------------------------------ start
     def start(self, identity: dict, create: bool = True) -> str:
         """``fresh``, ``resume`` or ``complete`` for a run of ``identity``; raises ConfigError when
         the output holds answers of another run. ``create``: write the manifest of a fresh run
@@ -72,18 +70,13 @@ class OutputStore:
 
     @staticmethod
     def _check_same(saved: dict, identity: dict, where: Path) -> None:
-        differ = [key for key in identity if saved.get(key) != identity[key]]
-        if differ:
+        if differ := [key for key in identity if saved.get(key) != identity[key]]:
             details = "; ".join(f"{key}: {_short(saved.get(key))} there, {_short(identity[key])} now" for key in differ)
             raise ConfigError(f"{where} holds answers of another run ({details}): run with those settings to finish it, "
                               f"or choose another --out")
 
-    # ----------------------------------------------------------------- resume
     def parts(self) -> list[Path]:
         return sorted(self.partial.glob("rank*.jsonl")) if self.partial.is_dir() else []
-
-    def part(self, rank: int) -> Path:
-        return self.partial / f"rank{rank}.jsonl"
 
     def done_lines(self) -> np.ndarray:
         """Line numbers already answered (any part, from runs with any number of processes)."""
@@ -92,16 +85,12 @@ class OutputStore:
 
     def open_part(self, rank: int):
         """This process's part file for appending, a row cut short by a kill removed first."""
-        path = self.part(rank)
+        path = self.partial / f"rank{rank}.jsonl"
         if path.exists():
             with path.open("rb+") as handle:
-                data_end = 0
-                for _, offset, length in _complete_rows(path):
-                    data_end = offset + length
-                handle.truncate(data_end)
+                handle.truncate(max((offset + length for _, offset, length in _complete_rows(path)), default=0))
         return path.open("ab")
 
-    # ------------------------------------------------------------------ merge
     def merge(self, summary: dict) -> int:
         """Every part's rows, one per input line, in input order, into ``out`` (atomically), and
         ``meta``; the partial folder is removed. Rows are copied by offset: only an index of
@@ -115,18 +104,14 @@ class OutputStore:
             table = table[np.concatenate(([True], table[1:, 0] != table[:-1, 0]))]
 
         def write(out):
-            handles = [part.open("rb") for part in parts]
-            try:
+            with ExitStack() as stack:
+                handles = [stack.enter_context(part.open("rb")) for part in parts]
                 for _, p, offset, length in table.tolist():
                     handles[p].seek(offset)
                     out.write(handles[p].read(length))
-            finally:
-                for handle in handles:
-                    handle.close()
 
         atomic_write(self.out, write)
-        identity = _read_json(self.manifest)
-        meta = {"identity": identity, **summary, "written": len(table)}
+        meta = {"identity": _read_json(self.manifest), **summary, "written": len(table)}
         atomic_write(self.meta, lambda f: f.write(json.dumps(meta, indent=1).encode()))
         shutil.rmtree(self.partial)
         return len(table)

@@ -1,9 +1,6 @@
-"""The catalogue's records: ``title`` required, ``uid`` and ``content`` optional.
-
-Read with the training reader's line source (``amzft.data.reader.iter_raw_lines``: plain,
-compressed, BOM-marked and JSON-array files alike), cleaned as training cleaned titles, so the
-prompt is the one the model learnt. Bad lines are counted skips with their line numbers
-(``PipelineStats``), or a one-line ``DataError`` with ``strict``.
+"""The catalogue's records: ``title`` required, ``uid`` and ``content`` optional. Read with the training
+reader (plain, compressed, BOM-marked and JSON-array files alike) and cleaned as training cleaned titles,
+so the prompt is the one the model learnt; bad lines are counted skips, or a ``DataError`` with ``strict``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""The commands that are not Lightning loops: ``data`` (report), ``ask``, ``evaluate``, ``export``,
-``describe`` (its work: ``amzft.catalogue.command``); ``demo`` is ``amzft.cli.demo``. One parser
-family (``command_parser``) for all of them.
-
-Modules that import torch, Lightning or transformers are imported inside each command, after
-its arguments are parsed: ``--help`` and argument errors answer at once, not after seconds of
-imports.
+"""The commands that are not Lightning loops (``data``, ``ask``, ``evaluate``, ``export``, ``describe``;
+``demo`` is ``amzft.cli.demo``), all with ``command_parser``. Torch, Lightning and transformers are
+imported inside each command once its arguments are parsed: ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -97,7 +93,7 @@ def data_command(argv: list[str]) -> None:
     dm.setup()
     from amzft.data.report import render_report
 
-    print(render_report(dm.prepared, dm.settings, dm.tokenizer, cfg.examples))
+    print(render_report(dm.prepared, dm.settings, cfg.examples))
 
 
 def ask_command(argv: list[str]) -> None:
@@ -162,38 +158,31 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_class_arguments(GenerationOptions, "gen", skip=skip)
     parser.set_defaults({f"gen.{k}": v for k, v in asdict(DEFAULT_DECODING).items() if k not in skip})
     cfg = parser.parse_args(argv)
-    if cfg.predictions:
-        # Answers already written: scored as they are, before anything about models or decoding
-        # is read or imported.
+    if cfg.predictions:  # answers already written: scored before anything about models or decoding is read
         if cfg.ckpt_path:
             raise ConfigError("evaluate: --predictions scores answers already written, --ckpt_path generates new ones: "
                               "pass one or the other")
-        from amzft.evaluation.run import predictions_out_dir, predictions_summary, render_table, score_predictions_file, write_report
+        from amzft.evaluation.run import predictions_out_dir, predictions_summary, score_predictions_file
 
         report, _ = score_predictions_file(cfg.predictions, cfg.samples, cfg.seed)
-        out = Path(cfg.out) if cfg.out else predictions_out_dir(cfg.predictions)
-        md, js = write_report(report, out)
-        print(render_table(report))
-        print(f"\n{predictions_summary(report)}")
-        print(f"report: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
-        return
+        return _write_and_show(report, Path(cfg.out) if cfg.out else predictions_out_dir(cfg.predictions), 0,
+                               predictions_summary(report))
     if cfg.samples is None:  # generating: a sample per split, 24 unless told (_evaluate_file reads cfg.samples too)
         cfg.samples = 24
     options = decoding_from(cfg, **dict(cfg.gen))
     from amzft.checkpoints.locate import resolve_ckpt_path
-    from amzft.evaluation.run import render_table, run_evaluation, write_report
+    from amzft.evaluation.run import other_file, run_evaluation
     from amzft.inference.load import load_answerer
 
-    for split in cfg.splits:
-        if split not in ("train", "validation", "test"):
-            raise ConfigError(f"--splits takes train, validation, test; found {split!r}")
+    if bad := [split for split in cfg.splits if split not in ("train", "validation", "test")]:
+        raise ConfigError(f"--splits takes train, validation, test; found {bad[0]!r}")
     if cfg.ckpt_path:
         ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.log_root)
         answerer = load_answerer(ckpt)
         module, fmt, dm, step = answerer.module, answerer.prompt, answerer.datamodule(), answerer.step
         out = Path(cfg.out) if cfg.out else Path(ckpt).parent.parent
-        other = _other_file(cfg, answerer, dm)
-        if other is not None:
+        # --data.path of a file other than the checkpoint's: its products as seen / unseen
+        if (other := other_file(answerer, dm, (cfg.get("data") or {}).get("path"))) is not None:
             return _evaluate_file(cfg, options, module, fmt, ckpt, step, out, other)
     else:
         ckpt, dm, step = None, _datamodule(cfg), 0
@@ -203,21 +192,20 @@ def evaluate_command(argv: list[str]) -> None:
     report = run_evaluation(module, dm, fmt, cfg.splits, cfg.samples, options, with_adapter=ckpt is not None,
                             checkpoint=ckpt, seed=cfg.seed, batch_size=cfg.batch_size)
     report["step"] = step if ckpt else None  # which step scored (`best` picks one): a report alone says it
+    _write_and_show(report, out, step)
+
+
+def _write_and_show(report: dict, out: Path, step: int, summary: str | None = None) -> None:
+    from amzft.evaluation.run import render_table, write_report
+
     md, js = write_report(report, out, step)
     print(render_table(report))
-    print(f"\nreport: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
-
-
-def _other_file(cfg, answerer, dm):
-    """``--data.path`` of a file other than the one the checkpoint was trained on: its data
-    module and its seen / unseen products (``evaluation.other_file``); None otherwise."""
-    from amzft.evaluation.run import other_file
-
-    return other_file(answerer, dm, (cfg.get("data") or {}).get("path"))
+    print(f"\n{summary}" if summary else "")
+    print(f"report: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
 
 
 def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, other) -> None:
-    from amzft.evaluation.run import render_table, run_evaluation, write_report
+    from amzft.evaluation.run import run_evaluation
 
     datamodule, datasets = other
     if not cfg.out:  # beside the run's own report, not over it
@@ -226,11 +214,8 @@ def _evaluate_file(cfg, options, module, fmt, ckpt: str, step: int, out: Path, o
                             checkpoint=ckpt, seed=cfg.seed, batch_size=cfg.batch_size, datasets=datasets)
     report["file"] = {"path": datamodule.settings.path, **{name: len(rows) for name, rows in datasets.items()}}
     report["step"] = step
-    md, js = write_report(report, out, step)
-    print(render_table(report))
-    print(f"\n{datamodule.settings.path}: {len(datasets['seen'])} products seen in training, "
-          f"{len(datasets['unseen'])} unseen (scored: up to {cfg.samples} of each)")
-    print(f"report: {md} and {js} (TensorBoard: tensorboard --logdir {out})")
+    _write_and_show(report, out, step, f"{datamodule.settings.path}: {len(datasets['seen'])} products seen in training, "
+                    f"{len(datasets['unseen'])} unseen (scored: up to {cfg.samples} of each)")
 
 
 def export_command(argv: list[str]) -> None:

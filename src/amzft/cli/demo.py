@@ -30,7 +30,9 @@ def demo_command(argv: list[str]) -> None:
     cfg = parser.parse_args(argv)
     options = decoding_from(cfg, max_new_tokens=cfg.max_new_tokens)
     config = cfg.config[0].absolute if cfg.config else _default_cpu_config()
-    extra = ["--trainer.default_root_dir", cfg.log_root, *_decoding_args(cfg)]  # val/rougeL decodes as the answers
+    # The parsed decoding options, for the demo's `fit`: val/rougeL decodes as the answers.
+    decoding = [arg for key in DECODING_KEYS if cfg.get(key) is not None for arg in (f"--{key}", str(cfg.get(key)))]
+    extra = ["--trainer.default_root_dir", cfg.log_root, *decoding]
     if cfg.steps:
         extra += ["--trainer.max_steps", str(cfg.steps)]
     started = time.perf_counter()
@@ -45,11 +47,6 @@ def demo_command(argv: list[str]) -> None:
     print(f"curves: tensorboard --logdir {cfg.log_root}/amzft")
     which = "best" if chosen != last else "last"
     print(f'ask it yourself: python -m amzft ask "Girls Ballet Tutu Neon Pink" --ckpt_path {which} --compare true')
-
-
-def _decoding_args(cfg) -> list[str]:
-    """The parsed decoding options as command-line arguments (for the demo's ``fit``)."""
-    return [arg for key in DECODING_KEYS if cfg.get(key) is not None for arg in (f"--{key}", str(cfg.get(key)))]
 
 
 def _demo_pick(last: Path, history: list[tuple[int, dict[str, float]]], log_root: str) -> tuple[Path, str]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
-from contextlib import redirect_stdout
+from contextlib import redirect_stdout, suppress
 from importlib import metadata
 from pathlib import Path
 
@@ -38,24 +37,14 @@ def _library_versions() -> dict[str, str | None]:
 
 
 def _sources_fingerprint() -> list:
-    found = []
-    for folder, _, files in sorted(os.walk(_PACKAGE)):
-        for name in sorted(files):
-            if name.endswith(".py"):
-                stat = os.stat(os.path.join(folder, name))
-                found.append((os.path.relpath(os.path.join(folder, name), _PACKAGE), stat.st_size, stat.st_mtime_ns))
-    return found
+    stats = {str(path.relative_to(_PACKAGE)): path.stat() for path in sorted(_PACKAGE.rglob("*.py"))}
+    return [(name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items()]
 
 
 def _argument_files(args: list[str]) -> dict[str, str]:
     """Content hashes of the arguments that name files: the help shows a config's values as defaults."""
-    hashes = {}
-    for arg in args:
-        value = arg.split("=", 1)[-1]
-        path = Path(value)
-        if value and path.is_file():
-            hashes[value] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashes
+    values = [arg.split("=", 1)[-1] for arg in args]
+    return {value: hashlib.sha256(Path(value).read_bytes()).hexdigest() for value in values if value and Path(value).is_file()}
 
 
 def help_key(command: str, args: list[str]) -> str:
@@ -75,16 +64,10 @@ def cached_help(command: str, args: list[str]) -> str | None:
         return None
 
 
-def _forget_oldest(folder: Path) -> None:
-    kept = sorted(folder.glob("*.txt"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
-    for old in kept[KEEP:]:
-        old.unlink(missing_ok=True)
-
-
 def render_and_keep(command: str, args: list[str], render) -> None:
     """Run ``render()`` (which prints the help and exits, as argparse does), keep what it printed
     when it exited cleanly, print it, and exit the same way."""
-    key = help_key(command, args)  # before rendering: the key is what the text was rendered from
+    path = _cache_file(help_key(command, args))  # before rendering: the key is what the text was rendered from
     captured = io.StringIO()
     try:
         with redirect_stdout(captured):
@@ -93,10 +76,9 @@ def render_and_keep(command: str, args: list[str], render) -> None:
         text = captured.getvalue()
         sys.stdout.write(text)
         if exc.code in (0, None) and text:
-            try:
-                atomic_write(_cache_file(key), lambda handle: handle.write(text.encode("utf-8")))
-                _forget_oldest(_cache_file(key).parent)
-            except OSError:
-                pass  # a read-only cache folder: the next call renders again, nothing is lost
+            with suppress(OSError):  # a read-only cache folder: the next call renders again, nothing is lost
+                atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+                for old in sorted(path.parent.glob("*.txt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)[KEEP:]:
+                    old.unlink(missing_ok=True)
         raise
     sys.stdout.write(captured.getvalue())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from contextlib import suppress
 from pathlib import Path
 
 from amzft.sources import force_offline
@@ -29,10 +30,8 @@ def wants_unsloth(argv: list[str]) -> bool:
             path = Path(value).parent.parent / "hparams.yaml"  # …/version_N/checkpoints/x.ckpt -> the run's
         else:
             continue
-        try:
+        with suppress(OSError):  # the CLI, or the backend builder, reports what is missing
             texts.append(path.read_text(errors="replace"))
-        except OSError:
-            pass  # the CLI, or the backend builder, reports what is missing
     return bool(_ASKS_FOR_UNSLOTH.search("\n".join(texts)))
 
 

@@ -1,9 +1,7 @@
-"""The LightningCLI for fit / validate / test / predict: amzft's option groups (``checkpoint``,
-``sample_answers``, ``validation``, ``best``, ``early_stopping``, the decoding keys), the links
-``model.name_or_path`` -> ``data.tokenizer`` and ``data.max_length`` -> ``model.max_length``,
-``--ckpt_path last`` / ``best`` resolved to a file (a resume logs into the same TensorBoard run),
-``trainer.precision: auto`` resolved before the config is saved, and the callbacks in
-``amzft.training.stack``'s order.
+"""The LightningCLI for fit / validate / test / predict: amzft's option groups and links
+(``model.name_or_path`` -> ``data.tokenizer``, ``data.max_length`` -> ``model.max_length``), ``--ckpt_path
+last`` / ``best`` resolved to a file (a resume logs into the same TensorBoard run), ``trainer.precision:
+auto`` resolved before the config is saved, and the callbacks in ``amzft.training.stack``'s order.
 """
 
 from __future__ import annotations
@@ -31,9 +29,7 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
     the trainer itself (``run=False``: the demo, tests) resumes exactly as ``fit`` does."""
 
     def __init__(self, *args, ckpt_path: str | None = None, **kwargs):
-        self._resume_version: int | None = None
-        self._early_stop: dict | None = None
-        self._decoding = None
+        self._resume_version = self._early_stop = self._decoding = None  # set by before_instantiate_classes
         self.ckpt_path = ckpt_path
         kwargs.setdefault("trainer_class", AmzftTrainer)  # accepts trainer.precision: auto
         super().__init__(*args, **kwargs)
@@ -51,23 +47,20 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
                             help="stop after this many validations without improvement of best.monitor; 0: off")
         parser.add_argument("--early_stopping.min_delta", type=float, default=0.0,
                             help="smallest change of best.monitor that counts as an improvement")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": True,
-                "checkpoint.save_top_k": -1,
-                "checkpoint.every_n_train_steps": 20,
-                "checkpoint.filename": "step{step:05d}",
-                "checkpoint.auto_insert_metric_name": False,
-                # A resumed run writes into the same folder: overwrite last.ckpt (and the
-                # step files it re-creates) instead of adding last-v1.ckpt, which `--ckpt_path
-                # last` would never find.
-                "checkpoint.enable_version_counter": False,
-                "trainer.default_root_dir": "logs",
-                "trainer.log_every_n_steps": 1,
-                # amzft's batch sampler shards itself across ranks (see data.sampler).
-                "trainer.use_distributed_sampler": False,
-            }
-        )
+        parser.set_defaults({
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": -1,
+            "checkpoint.every_n_train_steps": 20,
+            "checkpoint.filename": "step{step:05d}",
+            "checkpoint.auto_insert_metric_name": False,
+            # A resumed run writes into the same folder: overwrite last.ckpt (and the step files it
+            # re-creates) instead of adding last-v1.ckpt, which `--ckpt_path last` would never find.
+            "checkpoint.enable_version_counter": False,
+            "trainer.default_root_dir": "logs",
+            "trainer.log_every_n_steps": 1,
+            # amzft's batch sampler shards itself across ranks (see data.sampler).
+            "trainer.use_distributed_sampler": False,
+        })
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -114,9 +107,7 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
     def trainer_parts(self, config, callbacks):
         root = config.get("default_root_dir") or "logs"
         if config.get("logger") in (None, True):
-            config["logger"] = TensorBoardLogger(
-                save_dir=root, name=LOG_NAME, version=self._resume_version, default_hp_metric=False
-            )
+            config["logger"] = TensorBoardLogger(save_dir=root, name=LOG_NAME, version=self._resume_version, default_hp_metric=False)
         plugins = config.get("plugins") or []
         config["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         given = config.get("callbacks") or []
@@ -130,9 +121,8 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
 
 
 def _selection_settings(config) -> dict | None:
-    """Checks ``validation`` / ``best`` / ``early_stopping`` together, turns
-    ``validation.every_n_steps`` into the trainer settings it needs, and returns the early
-    stopping callback's arguments (None: off)."""
+    """Checks ``validation`` / ``best`` / ``early_stopping`` together, turns ``validation.every_n_steps``
+    into the trainer settings it needs, and returns the early stopping callback's arguments (None: off)."""
     trainer = config.trainer
     every = (config.get("validation") or {}).get("every_n_steps") or 0
     if every > 0:
@@ -160,13 +150,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AmzftCLI:
     with ``fit`` and carry ``--ckpt_path``; resume with ``trainer.fit(..., ckpt_path=cli.ckpt_path)``)."""
     ckpt_path = None
     if not run and args is not None:
-        args = list(args)
-        if args and args[0] == "fit":
-            args = args[1:]
+        args = list(args[1:] if args and args[0] == "fit" else args)
         if "--ckpt_path" in args:
             i = args.index("--ckpt_path")
-            ckpt_path = args[i + 1]
-            del args[i : i + 2]
+            ckpt_path = args.pop(i + 1)
+            del args[i]
     return AmzftCLI(
         LoraCausalLM,
         AmazonTitlesDataModule,

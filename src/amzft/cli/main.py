@@ -1,11 +1,7 @@
-"""Command line: ``python -m amzft {fit,validate,test,predict,data,ask} …``.
-
-The Lightning subcommands go to a ``LightningCLI`` subclass (amzft.cli.lightning_cli); the others
-are small jsonargparse parsers that accept the same ``--config`` files. Heavy imports happen
-only after the subcommand is known (the ``# noqa: PLC0415`` imports in ``_run``), so ``--help``
-is instant; a Lightning command's ``--help`` is rendered once and then read back
-(amzft.cli.help_cache). Errors a user can act on (``AmzftError``, bad arguments) print as one line;
-``--debug`` shows the full traceback.
+"""Command line: ``python -m amzft COMMAND …``. The Lightning subcommands go to amzft.cli.lightning_cli, the
+others to small jsonargparse parsers reading the same ``--config`` files. Heavy imports wait until the command
+is known (``--help`` is instant; a Lightning command's is cached: amzft.cli.help_cache). Errors a user can act
+on (``AmzftError``, bad arguments) print as one line; ``--debug`` shows the full traceback.
 """
 
 from __future__ import annotations
@@ -54,26 +50,10 @@ def _run(command: str, args: list[str]) -> None:
             render_and_keep(command, args, lambda: cli_main([command, *args]))
         else:
             cli_main([command, *args])
-    elif command == "data":
-        from amzft.cli.commands import data_command  # noqa: PLC0415
+    elif command in ("data", "ask", "evaluate", "export", "describe"):
+        from amzft.cli import commands  # noqa: PLC0415
 
-        data_command(args)
-    elif command == "ask":
-        from amzft.cli.commands import ask_command  # noqa: PLC0415
-
-        ask_command(args)
-    elif command == "evaluate":
-        from amzft.cli.commands import evaluate_command  # noqa: PLC0415
-
-        evaluate_command(args)
-    elif command == "export":
-        from amzft.cli.commands import export_command  # noqa: PLC0415
-
-        export_command(args)
-    elif command == "describe":
-        from amzft.cli.commands import describe_command  # noqa: PLC0415
-
-        describe_command(args)
+        getattr(commands, f"{command}_command")(args)
     elif command == "demo":
         from amzft.cli.demo import demo_command  # noqa: PLC0415
 
@@ -124,8 +104,6 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 def _where(exc: BaseException) -> str:
     """file:line of the innermost frame, so a bug report can name it without --debug."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
+    if not (frames := traceback.extract_tb(exc.__traceback__)):
         return "no traceback"
-    last = frames[-1]
-    return f"{os.path.basename(last.filename)}:{last.lineno}"
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}"

@@ -1,6 +1,4 @@
-"""Batch stage, order: an epoch's seeded example order cut into ``plain`` batches,
-``grouped`` ones (sorted by length within each mega-batch) or ``packed`` rows (first-fit per
-chunk), one chunk at a time so lengths may be lazy; hands (indices, rows) to the sampler."""
+"""Batch stage, order: an epoch's seeded example order cut into ``plain``, ``grouped`` or ``packed`` batches, by chunk."""
 
 from __future__ import annotations
 
@@ -72,8 +70,7 @@ class BatchOrder:
                 yield [idx for row in group for idx in row], [len(row) for row in group]
 
     def count(self, n: int, lengths: Sequence[int] | None) -> int:
-        """Batches (all ranks') in epoch 0 of ``n`` examples: from ``n`` alone (plain, grouped), by
-        packing (packed), or estimated from a fixed sample when the lengths are lazy."""
+        """Batches (all ranks') in epoch 0 of ``n`` examples: from ``n`` alone, by packing, or estimated if lengths are lazy."""
         size = self.batch_size
         if self.layout == "packed":
             if not getattr(lengths, "lazy", False):
@@ -100,8 +97,7 @@ class BatchOrder:
 
 
 def pack_first_fit(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Examples into rows of at most ``capacity`` tokens: longest first, each into the row with
-    the least free space that still fits it (found by bisection: O(n log n))."""
+    """Examples into rows of at most ``capacity`` tokens: longest first, each into the fullest row it fits (bisection)."""
     ordered = sorted(indices.tolist(), key=lambda i: -int(lengths[i]))
     free: list[tuple[int, int]] = []  # (free tokens, row id), sorted
     rows: list[list[int]] = []

@@ -1,12 +1,12 @@
-"""Stages read → clean → split, run once per data file and settings: records read (data.reader),
-cleaned and filtered (data.clean), prompt-checked and split by product (data.split) into cached
-memory-mapped Arrow files; hands ``PreparedData`` (cleaned text, tokenised on demand) to the module."""
+"""Stages read → clean → split, once per data file and settings, into cached Arrow files: ``PreparedData`` for the module."""
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import importlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -16,7 +16,8 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,9 +36,7 @@ from amzft.files import cache_root, staging_dir
 PIPELINE_VERSION = 4  # part of the cache key: bump when the examples a given setting produces change
 CHUNK = 4096  # records per worker task / per exact-length check
 BLOCK = 1 << 21  # bytes of whole lines per worker task when a plain file is read in blocks
-# Tokens a prompt can have beyond its UTF-8 bytes (a token covers at least one byte): special
-# tokens, SentencePiece word-start markers. Generous on purpose.
-SLACK = 16
+SLACK = 16  # tokens a prompt may have beyond its UTF-8 bytes (special tokens, word-start markers): generous
 PROBE = 64  # titles the prompt encoder's prefix check runs on (fixed, so ids never depend on batch order)
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,10 @@ class DataSettings:
 
 
 class TokenisedSplits(Mapping):
-    """Split name -> its ``datasets.Dataset`` with rows tokenised as read; each made on first use
-    (setting a transform costs a fingerprint that training never needs)."""
+    """Split name -> its ``datasets.Dataset`` tokenised as read, each made on first use (a transform costs a fingerprint)."""
 
     def __init__(self, prepared: PreparedData):
-        self.prepared = prepared
-        self._made: dict = {}
+        self.prepared, self._made = prepared, {}
 
     def __getitem__(self, name: str):
         if name not in self._made:
@@ -80,8 +77,7 @@ class TokenisedSplits(Mapping):
 
 @dataclass
 class PreparedData:
-    """The memory-mapped cleaned splits: ``raw[name]`` (title, content, line), ``splits[name]``
-    (rows tokenised as read) and ``examples(name)`` (what loaders use)."""
+    """The memory-mapped splits: ``raw[name]`` (title, content, line), ``splits[name]`` (tokenised as read), ``examples(name)``."""
 
     raw: dict  # split name -> datasets.Dataset (memory-mapped)
     stats: PipelineStats
@@ -90,14 +86,11 @@ class PreparedData:
     tokenizer: object = None
     settings: DataSettings | None = None
     _examples: dict = field(default_factory=dict)
-    _splits: TokenisedSplits | None = None
     _encoder: PromptEncoder | None = None
 
-    @property
+    @cached_property
     def splits(self) -> TokenisedSplits:
-        if self._splits is None:
-            self._splits = TokenisedSplits(self)
-        return self._splits
+        return TokenisedSplits(self)
 
     def examples(self, name: str) -> LazyExamples:
         """The split's ``LazyExamples`` (one per split, so its token counts accumulate)."""
@@ -110,8 +103,7 @@ class PreparedData:
         return self._examples[name]
 
 
-# Per tokenizer instance (one per folder in a process, amzft.sources): serialising Llama-3.2's
-# takes ~0.2 s. Weak keys: a tokenizer no one holds any more is forgotten with it.
+# Per tokenizer instance (one per folder, amzft.sources): serialising Llama-3.2's takes ~0.2 s. Weak keys: forgotten with it.
 _DEFINITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -125,21 +117,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(settings: DataSettings, tokenizer, data_file: Path) -> str:
-    """The data file (path, size, mtime), every setting, the tokenizer and the pipeline version:
-    a stale cache is never reused."""
+    """A hash of the data file (path, size, mtime), every setting, the tokenizer and the pipeline version."""
     data_file = data_file.resolve()
     st = data_file.stat()
-    payload = {
-        "version": PIPELINE_VERSION,
-        "file": [str(data_file), st.st_size, st.st_mtime_ns],
-        "settings": asdict(settings) | {"path": None},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    }
+    payload = {"version": PIPELINE_VERSION, "file": [str(data_file), st.st_size, st.st_mtime_ns],
+               "settings": asdict(settings) | {"path": None}, "tokenizer": tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-# `datasets` (slow to import) is imported where it is used: `fit --help` imports this module,
-# and so does each worker process of a spawn-started build, which never needs it.
+# `datasets` (slow to import) is imported where used: `fit --help` and a spawn-started build's workers import this module.
 
 
 def _load(directory: Path, settings: DataSettings, tokenizer, from_cache: bool) -> PreparedData:
@@ -150,8 +136,8 @@ def _load(directory: Path, settings: DataSettings, tokenizer, from_cache: bool) 
 
 
 def prepare(settings: DataSettings, tokenizer, cache_dir: str | Path | None = None, num_proc: int | None = None) -> PreparedData:
-    """Reopen the cached records for these settings, or build them with ``num_proc`` worker
-    processes (None: one per core; 1: in this process; the result is the same for any)."""
+    """Reopen the cached records for these settings, or build them with ``num_proc`` processes (None: one per core;
+    1: this one; the result is the same for any)."""
     data_file = check_data_file(settings.path)  # the one check of the path: read stages trust it
     root = Path(cache_dir) if cache_dir else cache_root() / "datasets"
     directory = root / cache_key(settings, tokenizer, data_file)
@@ -163,19 +149,16 @@ def prepare(settings: DataSettings, tokenizer, cache_dir: str | Path | None = No
         procs = default_num_proc() if num_proc is None else max(1, num_proc)
         stats = _build(settings, data_file, tokenizer, tmp, procs)
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
-        try:
+        with contextlib.suppress(OSError):  # another process finished the same build first: use theirs
             os.replace(tmp, directory)
-        except OSError:  # another process finished the same build first: use theirs
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _load(directory, settings, tokenizer, False)
 
 
 def _too_long(records: list[tuple[int, str, str]]) -> list[int]:
-    """The lines of the cleaned (line, title, content) records whose prompt alone does not fit
-    ``max_length`` (``prompt_too_long``, as the example would be refused). Only a title of nearly
-    ``max_length`` bytes can cause it, so only those prompts are tokenised: the build tokenises nothing else."""
+    """The lines of the cleaned (line, title, content) records whose prompt alone does not fit ``max_length``
+    (``prompt_too_long``). Only prompts that may not (long titles) are tokenised: the build tokenises nothing else."""
     settings: DataSettings = _WORKER["settings"]
     fmt, limit = settings.prompt, settings.max_length - SLACK
     prompt_bytes, per_title = len(fmt.render("").encode()), fmt.question.count("{title}")
@@ -189,26 +172,16 @@ def _too_long(records: list[tuple[int, str, str]]) -> list[int]:
     return [line for (line, _, _), ids in zip(unsure, prompts) if len(ids) >= settings.max_length]
 
 
-def _split_columns(rows: list[tuple]) -> dict[str, dict]:
-    """Kept (line, title, content, split) records as each split's typed Arrow columns (title,
-    content, line), in order; splits without rows are left out."""
+def _columns(rows: list[tuple[int, str, str]]) -> dict:
+    """(line, title, content) records as typed Arrow columns (datasets' type inference would slow the parent)."""
     import pyarrow as pa  # noqa: PLC0415 - start-up time (datasets imports it anyway)
-    lists = {name: ([], [], []) for name in SPLITS}
-    for line, title, content, split in rows:
-        titles, contents, lines = lists[split]
-        titles.append(title)
-        contents.append(content)
-        lines.append(line)
-    # typed arrays: datasets' type inference from Python lists would be the parent's bottleneck
-    return {name: {"title": pa.array(titles, pa.string()), "content": pa.array(contents, pa.string()),
-                   "line": pa.array(lines, pa.int64())}
-            for name, (titles, contents, lines) in lists.items() if lines}
+    lines, titles, contents = zip(*rows)
+    return {"title": pa.array(titles, pa.string()), "content": pa.array(contents, pa.string()), "line": pa.array(lines, pa.int64())}
 
 
 def _writers(out: Path) -> dict:
     from datasets import Features, Value  # noqa: PLC0415 - start-up time
     from datasets.arrow_writer import ArrowWriter  # noqa: PLC0415 - start-up time
-
     features = Features({"title": Value("string"), "content": Value("string"), "line": Value("int64")})
     return {name: ArrowWriter(features=features, path=str(out / f"{name}.arrow")) for name in SPLITS}
 
@@ -219,15 +192,13 @@ _WORKER: dict = {}  # a worker's filter, settings and tokenizer (this process's,
 
 def _worker_init(settings: DataSettings, tokenizer) -> None:
     # Dedupe needs every record seen so far: the parent does it, in file order.
-    filters = FilterSettings(**{**asdict(settings.filters), "dedupe": False})
-    _WORKER.update(keep=RecordFilter(filters), settings=settings, tokenizer=tokenizer)
+    _WORKER.update(keep=RecordFilter(replace(settings.filters, dedupe=False)), settings=settings, tokenizer=tokenizer)
 
 
 def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
-    """Parse, clean, filter, prompt-check and split raw (line, bytes) pairs, or a (first line,
-    block of whole lines) of a plain file. Returns the records read, the skips, the first bad
-    line's error (``strict`` raises it) and per split the kept records' Arrow columns with their
-    dedupe keys (None without dedupe): Arrow, as unpickling strings one by one would load the parent."""
+    """Parse, clean, filter, prompt-check and split raw (line, bytes) pairs, or a (first line, block of whole
+    lines) of a plain file. Returns the records read, the skips, the first bad line's error (``strict`` raises it)
+    and per split the kept records' Arrow columns (unpickled faster than strings) and dedupe keys (or None)."""
     settings: DataSettings = _WORKER["settings"]
     if isinstance(lines, tuple):  # blank lines left out, numbered all the same
         first, block = lines
@@ -237,57 +208,49 @@ def _worker_chunk(lines: list[tuple[int, bytes]] | tuple[int, bytes]):
         parsed = parse_line(raw)
         if isinstance(parsed, tuple):
             skips.skip(parsed[0], line)
-            if error is None:
-                error = f"{settings.path}:{line}: {parsed[1]}"
+            error = error or f"{settings.path}:{line}: {parsed[1]}"
             continue
         title, content, reason = _WORKER["keep"](parsed["title"], parsed["content"])
         if reason is not None:
             skips.skip(reason, line)
-            continue
-        records.append((line, title, content))
-    too_long = _too_long(records) if records else []
+        else:
+            records.append((line, title, content))
+    too_long = _too_long(records)
     for line in too_long:
         skips.skip("prompt_too_long", line)
-    refused = set(too_long)
-    kept = [(line, title, content, assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt))
-            for line, title, content in records if line not in refused]
-    keys = {name: [] for name in SPLITS}
-    if settings.filters.dedupe:
-        for _, title, content, split in kept:
-            keys[split].append(dedupe_key(title, content))
-    parts = {name: (columns, keys[name] if settings.filters.dedupe else None)
-             for name, columns in _split_columns(kept).items()}
+    refused, kept = set(too_long), {name: [] for name in SPLITS}
+    for line, title, content in records:
+        if line not in refused:
+            kept[assign_split(title, settings.val_fraction, settings.test_fraction, settings.split_salt)].append((line, title, content))
+    dedupe = settings.filters.dedupe
+    parts = {name: (_columns(rows), [dedupe_key(title, content) for _, title, content in rows] if dedupe else None)
+             for name, rows in kept.items() if rows}
     return len(lines), skips, error, parts
 
 
 def _deduped(parts: dict, seen: set[bytes], stats: PipelineStats) -> dict[str, dict]:
-    """Each split's columns without the records whose dedupe key is in ``seen`` (or earlier in the
-    chunk), counted as ``duplicate`` skips in line order; the new keys join ``seen``. Identical
-    records share a title and so a split: each split's order is the file's."""
+    """Each split's columns without the records whose dedupe key is in ``seen`` or earlier (``duplicate`` skips,
+    in line order); the new keys join ``seen``. Identical records share a title, so a split: the file's order."""
     import pyarrow as pa  # noqa: PLC0415 - start-up time (imported by the workers' results anyway)
     duplicates: list[int] = []
     out = {}
     for name, (columns, keys) in parts.items():
-        if keys is not None:
-            fresh = []
-            for key in keys:
-                fresh.append(key not in seen)
-                seen.add(key)
-            if not all(fresh):
-                lines = columns["line"].to_pylist()
-                duplicates.extend(line for line, new in zip(lines, fresh) if not new)
-                mask = pa.array(fresh, pa.bool_())
-                columns = {column: array.filter(mask) for column, array in columns.items()}
-        if len(columns["line"]):
-            out[name] = columns
+        fresh = []
+        for key in keys or ():
+            fresh.append(key not in seen)
+            seen.add(key)
+        if not all(fresh):
+            duplicates.extend(line for line, new in zip(columns["line"].to_pylist(), fresh) if not new)
+            mask = pa.array(fresh, pa.bool_())
+            columns = {column: array.filter(mask) for column, array in columns.items()}
+        out[name] = columns  # the writers ignore an empty batch
     for line in sorted(duplicates):
         stats.skip("duplicate", line)
     return out
 
 
 def _raw_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(first line number, bytes) blocks of about ``BLOCK`` bytes of whole lines of a plain file:
-    the parent only counts newlines, the workers split the lines. A leading BOM is dropped."""
+    """(first line number, ~``BLOCK`` bytes of whole lines) of a plain file, BOM dropped: the workers split the lines."""
     line = 1
     with path.open("rb") as handle:
         while block := handle.read(BLOCK):
@@ -299,23 +262,7 @@ def _raw_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
             line += int(np.count_nonzero(np.frombuffer(block, np.uint8) == 10))  # faster than bytes.count
 
 
-def _raw_lines(settings: DataSettings, data_file: Path, stats: PipelineStats) -> Iterator[list[tuple[int, bytes]]]:
-    """Lists of ``CHUNK`` (line number, raw bytes) pairs, counting ``records_read`` (and stopping
-    at ``limit``) as it goes."""
-    chunk: list[tuple[int, bytes]] = []
-    for line, raw in raw_lines(data_file, stats, settings.strict):
-        if settings.limit is not None and stats.records_read >= settings.limit:
-            break
-        stats.records_read += 1
-        chunk.append((line, raw))
-        if len(chunk) >= CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-class _InProcess:
+class _InProcess(contextlib.AbstractContextManager):
     """The pool's interface in this process: ``num_proc`` 1 runs the workers' very code, unforked."""
 
     def __init__(self, settings: DataSettings, tokenizer):
@@ -325,50 +272,46 @@ class _InProcess:
         value = function(*args)
         return SimpleNamespace(get=lambda: value)
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc) -> None:
         _WORKER.clear()
 
 
 def _build(settings: DataSettings, data_file: Path, tokenizer, out: Path, num_proc: int) -> PipelineStats:
-    """Read, clean, filter, prompt-check and split the records into the Arrow files over
-    ``num_proc`` worker processes (1: in this process, by the same code). The parent reads, dedupes
-    and writes in file order, so the output does not depend on ``num_proc``; at most 2 x num_proc
-    chunks are in flight (16 x while datasets is imported), so memory stays bounded."""
+    """Read, clean, filter, prompt-check and split the records into the Arrow files over ``num_proc`` worker
+    processes (1: in this process, by the same code). The parent reads, dedupes and writes in file order, so the
+    output does not depend on ``num_proc``; at most 2 x num_proc chunks (16 x while datasets is imported) are in flight."""
     stats = PipelineStats()
     writers: dict = {}
     seen: set[bytes] = set()
-    # Plain JSON Lines are handed to the workers in blocks of bytes (they count records_read);
-    # gzip, UTF-16, a JSON array or a limit in numbered lines.
+    # Plain JSON Lines go to the workers in blocks of bytes; gzip, UTF-16, a JSON array or a limit in numbered lines.
     blocks = settings.limit is None and is_plain_json_lines(data_file)
 
     def collect(result) -> None:
         read, skips, error, parts = result.get()
         if error is not None and settings.strict:
             raise DataError(error)
-        if blocks:
-            stats.records_read += read
+        stats.records_read += read
         stats.add_skips(skips)
-        columns = _deduped(parts, seen, stats)
         if not writers:
             importer.join()
             writers.update(_writers(out))
-        for name, split_columns in columns.items():
+        for name, split_columns in _deduped(parts, seen, stats).items():
             writers[name].write_batch(split_columns)
             stats.kept += len(split_columns["line"])
 
     # fork: workers inherit the loaded tokenizer instantly (spawn would re-import everything).
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    chunks = _raw_blocks(data_file) if blocks else _raw_lines(settings, data_file, stats)
+    if blocks:
+        chunks = _raw_blocks(data_file)
+    else:  # lists of CHUNK (line, raw bytes) pairs, at most ``limit`` in all
+        lines = itertools.islice(raw_lines(data_file, stats, settings.strict), settings.limit)
+        chunks = iter(lambda: list(itertools.islice(lines, CHUNK)), [])
     with tokenizer_processes():
         pool = (context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) if num_proc > 1
                 else _InProcess(settings, tokenizer))
         with pool:
-            # datasets (needed for the writers) is imported in a thread while the workers start,
-            # which may run further ahead until it is done; started after the fork, which could
-            # leave the workers a half-imported module.
+            # datasets (for the writers) is imported in a thread while the workers start (and may run further
+            # ahead until it is done); after the fork, which could leave the workers a half-imported module.
             importer = threading.Thread(target=importlib.import_module, args=("datasets.arrow_writer",), daemon=True)
             importer.start()
             pending: deque = deque()
@@ -379,9 +322,7 @@ def _build(settings: DataSettings, data_file: Path, tokenizer, out: Path, num_pr
             while pending:
                 collect(pending.popleft())
             importer.join()
-    if not writers:
-        writers.update(_writers(out))
-    for name, writer in writers.items():
+    for name, writer in (writers or _writers(out)).items():  # no chunk came: empty splits
         stats.split_sizes[name] = writer.finalize()[0]
     if stats.kept == 0:
         reasons = ", ".join(f"{k}={v}" for k, v in stats.skipped.most_common()) or "none"

@@ -1,5 +1,4 @@
-"""Clean stage: HTML entities, tags, control characters, Amazon boilerplate and extra whitespace
-removed, empty, junk, title-only and duplicate records dropped; hands kept records to the split."""
+"""Clean stage: markup, control characters, Amazon boilerplate removed, empty / junk / duplicate records dropped."""
 
 from __future__ import annotations
 
@@ -10,25 +9,17 @@ from dataclasses import dataclass
 
 # "--This text refers to thePaperbackedition." (spaces often missing) / "... an out of print or
 # unavailable edition of this title.": the lazy ".*?edition" stops at the format's own word.
-_BOILERPLATE = re.compile(
-    r"\s*-*\s*This text refers to\s*(?:an?\s*|the\s*)?.{0,80}?edition(?:\s*of this title)?\s*\.?",
-    re.IGNORECASE,
-)
+_BOILERPLATE = re.compile(r"\s*-*\s*This text refers to\s*(?:an?\s*|the\s*)?.{0,80}?edition(?:\s*of this title)?\s*\.?", re.IGNORECASE)
 # Where a boilerplate match can begin: its fixed words (case-insensitive, as _BOILERPLATE).
 _BOILERPLATE_WORDS = re.compile(r"This text refers to", re.IGNORECASE)
 # Contents that name a format or a language but describe nothing.
-_JUNK_EXACT = {
-    "vhs tape", "vhs", "dvd", "audio cd", "cd", "book by", "by", "paperback", "hardcover",
-    "n/a", "na", "none", "no description", "description", "unknown",
-}
+_JUNK_EXACT = {"vhs tape", "vhs", "dvd", "audio cd", "cd", "book by", "by", "paperback", "hardcover",
+               "n/a", "na", "none", "no description", "description", "unknown"}
 _JUNK_LONGEST = max(map(len, _JUNK_EXACT))
 # The tags of HTML text formatting, named (not any "<...>"), so that "<5 kg and >2 kg" stays.
 # Replaced by a space: "Line one<br>line two" is two words.
-_TAG = re.compile(
-    r"<!--.*?-->|</?(?:a|b|big|blockquote|br|center|code|dd|div|dl|dt|em|font|h[1-6]|hr|i|img|li|ol|p|pre|"
-    r"s|small|span|strike|strong|sub|sup|table|tbody|td|th|thead|tr|tt|u|ul)(?:\s[^<>]*)?/?>",
-    re.IGNORECASE | re.DOTALL,
-)
+_TAG = re.compile(r"<!--.*?-->|</?(?:a|b|big|blockquote|br|center|code|dd|div|dl|dt|em|font|h[1-6]|hr|i|img|li|ol|p|pre|"
+                  r"s|small|span|strike|strong|sub|sup|table|tbody|td|th|thead|tr|tt|u|ul)(?:\s[^<>]*)?/?>", re.IGNORECASE | re.DOTALL)
 # C1 controls in scraped text are Windows-1252 bytes read as Latin-1 ("don\x92t"): they become
 # that character, as html.unescape does for "&#146;". Other controls become a space (a NUL often
 # separates words: "Mug\x00Blue"), which the whitespace collapse removes where it was none.
@@ -38,8 +29,7 @@ _LANGUAGE_ONLY = re.compile(r"^(?:Text:\s*[A-Za-z ,]+(?:\s*\(translation\))?\s*)
 
 
 def clean_text(text: str, strip_boilerplate: bool = True) -> str:
-    """Unescape HTML entities, drop HTML tags, control characters and Amazon boilerplate,
-    collapse whitespace (``&nbsp;`` is whitespace too)."""
+    """Unescape HTML entities, drop HTML tags, control characters and Amazon boilerplate, collapse whitespace."""
     # The pre-checks skip the slow calls for the many texts that need none (isprintable is False
     # for any control character and non-ASCII space).
     if "&" in text:

@@ -1,7 +1,8 @@
-"""Batch stage, tensors: the dataset fetches (and tokenises) a batch's examples in one read; the
-collator pads them, or packs rows, into the tensors a training step takes."""
+"""Batch stage, tensors: a batch's examples fetched (and tokenised) in one read, padded or packed into a step's tensors."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -25,28 +26,22 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices) -> dict:
         """``indices``: a sampler's ``Batch`` (or any list of indices)."""
         examples = self.examples.encode(list(indices))
-        return {
-            "input_ids": [e.input_ids for e in examples],
-            "prompt_len": [e.prompt_len for e in examples],
-            "window_label_tokens": getattr(indices, "window_label_tokens", None),
-            "rows": getattr(indices, "rows", None),
-        }
+        return {"input_ids": [e.input_ids for e in examples], "prompt_len": [e.prompt_len for e in examples],
+                "window_label_tokens": getattr(indices, "window_label_tokens", None), "rows": getattr(indices, "rows", None)}
 
 
 class Collator:
-    """Right-pads to the longest row. Unpacked: the attention mask comes from the lengths (the
-    pad id may equal EOS, which must be learnt). Packed: examples concatenated, ``position_ids``
-    restarting at 0 and no mask, so transformers builds a block-diagonal causal mask.
-    ``share_prefix``: the tokens all examples start with (up to one before the shortest prompt)
-    stored once per row, and a 4-D mask letting each token see the prefix and its own example.
+    """Right-pads to the longest row. Unpacked: the attention mask comes from the lengths (the pad id may
+    equal EOS, which must be learnt). Packed: examples concatenated, ``position_ids`` restarting at 0 and
+    no mask, so transformers builds a block-diagonal causal mask. ``share_prefix``: the tokens all examples
+    start with stored once per row, and a 4-D mask letting each token see the prefix and its own example.
     ``real_tokens`` counts every example's full length, ``input_tokens`` the positions processed."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, share_prefix: bool = False):
         self.pad_id, self.multiple, self.share_prefix = pad_id, max(1, pad_to_multiple_of), share_prefix
 
     def _width(self, lengths) -> int:
-        width = max(lengths)
-        return -(-width // self.multiple) * self.multiple
+        return -(-max(lengths) // self.multiple) * self.multiple
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         """``batch`` is what TokenizedDataset.__getitems__ returns (DataLoader always uses it)."""
@@ -67,12 +62,7 @@ class Collator:
     @staticmethod
     def shared_prefix_length(seqs, prompt_lens) -> int:
         """Tokens all ``seqs`` start with, at most the shortest prompt minus one."""
-        limit = min(prompt_lens) - 1
-        first = seqs[0]
-        n = 0
-        while n < limit and all(s[n] == first[n] for s in seqs):
-            n += 1
-        return n
+        return max(0, min(len(os.path.commonprefix(seqs)), min(prompt_lens) - 1))  # commonprefix takes any sequences
 
     def _packed(self, batch: dict) -> dict[str, torch.Tensor]:
         seqs, prompt_lens, counts = batch["input_ids"], batch["prompt_len"], batch["rows"]

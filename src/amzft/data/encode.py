@@ -1,5 +1,4 @@
-"""Encode stage, tokens: a prompt and its response tokenised separately, so the label mask is
-exactly the prompt length; hands (input_ids, prompt_len) to data.lazy (labels: data.collate)."""
+"""Encode stage, tokens: prompt and response tokenised separately, so the label mask is exactly the prompt length."""
 
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ class Encoded(NamedTuple):
 
 
 def encode_texts(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
-    """Batch-encode with the Rust tokenizer directly: parallel, and none of the Python-side
-    bookkeeping (attention masks, BatchEncoding) needed here."""
+    """Batch-encode with the Rust tokenizer directly: parallel, without Python-side masks and BatchEncoding."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets
@@ -27,9 +25,8 @@ def encode_texts(tokenizer, texts: Sequence[str], add_special_tokens: bool) -> l
 
 
 class PromptEncoder:
-    """Tokenises prompts with the template's fixed head (the text before ``{instruction}``)
-    tokenised once. Correct only where the tokenizer splits there, so the first call compares
-    with whole-prompt tokenisation and, on any difference, tokenises whole prompts from then on."""
+    """Tokenises prompts with the template's fixed head (before ``{instruction}``) tokenised once. Correct only where the
+    tokenizer splits there: the first call compares with whole prompts and, on any difference, uses them from then on."""
 
     PROBE = 512
 
@@ -54,9 +51,8 @@ class PromptEncoder:
 
 
 def join_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, max_length: int) -> Encoded | None:
-    """Prompt + response + EOS, truncated to ``max_length`` keeping the whole prompt. A cut
-    response gets no EOS (stopping mid-sentence must not be learnt); None when no response token
-    fits (all labels masked: a NaN loss)."""
+    """Prompt + response + EOS, cut to ``max_length`` keeping the whole prompt. A cut response gets no EOS (stopping
+    mid-sentence must not be learnt); None when no response token fits (all labels masked: a NaN loss)."""
     room = max_length - len(prompt_ids)
     if room < 1 or not response_ids:
         return None

@@ -1,6 +1,4 @@
-"""Encode stage, on demand: a split's cleaned records become examples when a batch asks for them,
-and every example's token and label counts are remembered (and kept beside the cache once all
-are counted); hands examples to data.collate and counts to the batch sampler."""
+"""Encode stage, on demand: records become examples as batches ask for them, their token counts kept for the sampler."""
 
 from __future__ import annotations
 
@@ -24,11 +22,8 @@ PARALLEL_FROM = 4 * COUNT_CHUNK  # fewer examples than this are counted in this 
 
 
 def default_num_proc() -> int:
-    """One process per core this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """One process per core this process may run on (off Linux: every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -39,9 +34,8 @@ def tokenizer_processes():
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        if previous is not None:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
@@ -54,10 +48,7 @@ def _count_init(examples) -> None:
 
 
 def _count_chunk(part: list[int]) -> tuple[list[int], list[list[int]]]:
-    rows = _COUNTING.records[part]
-    examples = encode_records(rows["title"], rows["content"], _COUNTING.tokenizer, _COUNTING.encoder,
-                              _COUNTING.max_length)
-    return part, [count_row(e) for e in examples]
+    return _COUNTING._count_rows(part)
 
 
 def count_row(example: Encoded) -> list[int]:
@@ -82,8 +73,7 @@ def encode_records(titles, contents, tokenizer, encoder: PromptEncoder, max_leng
 
 
 class LazyCounts:
-    """``counts[indices]`` as a numpy array, tokenising the examples not yet counted (``lazy``
-    tells the batch sampler so)."""
+    """``counts[indices]`` as a numpy array, tokenising the examples not counted yet (so ``lazy``, for the sampler)."""
 
     lazy = True
 
@@ -100,18 +90,15 @@ class LazyCounts:
 
 
 class LazyExamples:
-    """A split's cleaned records (a ``datasets.Dataset`` with title / content columns), tokenised
-    on demand into (input_ids, prompt_len)."""
+    """A split's cleaned records (a ``datasets.Dataset``), tokenised on demand into (input_ids, prompt_len)."""
 
     def __init__(self, records, tokenizer, settings, encoder: PromptEncoder, counts_file: Path | None = None,
                  counts: np.ndarray | None = None):
-        """``counts``: known (lengths, num_labels, truncated) rows, -1 where not counted yet; else
-        read from ``counts_file`` when it matches, else all unknown."""
+        """``counts``: known (lengths, num_labels, truncated) rows, -1 where not counted; else ``counts_file``'s if it fits."""
         self.records = records.select_columns(["title", "content"])
         self.tokenizer, self.max_length, self.settings = tokenizer, settings.max_length, settings
         self.encoder = encoder  # one per dataset (its check settled on fixed titles), shared by its splits
         n = len(self.records)
-        # rows: tokens, label tokens, response cut (1) per example; -1: not counted yet
         self.counts = np.full((3, n), -1, dtype=np.int32)
         self.lengths, self.num_labels, self.truncated = self.counts  # views
         self.counts_file = counts_file
@@ -135,22 +122,23 @@ class LazyExamples:
     def token_lengths(self) -> LazyCounts:
         return LazyCounts(self, "lengths")
 
+    def _encoded(self, indices: list[int]) -> list[Encoded]:
+        rows = self.records[indices]
+        return encode_records(rows["title"], rows["content"], self.tokenizer, self.encoder, self.max_length)
+
+    def _count_rows(self, part: list[int]) -> tuple[list[int], list[list[int]]]:
+        return part, [count_row(e) for e in self._encoded(part)]
+
     def encode(self, indices) -> list[Encoded]:
         """The examples at ``indices`` (in that order)."""
         indices = [int(i) for i in indices]
         missing = sorted({i for i in indices if i not in self._recent})
-        if missing:
-            rows = self.records[missing]
-            for i, example in zip(missing, encode_records(rows["title"], rows["content"], self.tokenizer,
-                                                            self.encoder, self.max_length)):
-                self._remember(i, example)
+        for i, example in zip(missing, self._encoded(missing) if missing else []):
+            self.counts[:, i] = count_row(example)
+            self._recent[i] = example
+            if len(self._recent) > REMEMBER:
+                self._recent.popitem(last=False)
         return [self._recent[i] for i in indices]
-
-    def _remember(self, i: int, example: Encoded) -> None:
-        self.counts[:, i] = count_row(example)
-        self._recent[i] = example
-        if len(self._recent) > REMEMBER:
-            self._recent.popitem(last=False)
 
     def count(self, indices: np.ndarray) -> None:
         """Make sure the counts at ``indices`` are known."""
@@ -159,8 +147,7 @@ class LazyExamples:
             self.encode(np.unique(todo))
 
     def ensure_counts(self, num_proc: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(label counts, lengths) of every example, counting those not counted yet with
-        ``num_proc`` processes (None: one per core) and keeping them beside the cache."""
+        """(label counts, lengths) of every example, counting the rest with ``num_proc`` processes, kept beside the cache."""
         todo = np.flatnonzero(self.lengths < 0)
         if not len(todo):
             return self.num_labels, self.lengths
@@ -169,29 +156,20 @@ class LazyExamples:
         parts = [todo[start : start + COUNT_CHUNK].tolist() for start in range(0, len(todo), COUNT_CHUNK)]
         for part, rows in self._count_parts(parts, procs if len(todo) >= PARALLEL_FROM else 1):
             self.counts[:, part] = np.asarray(rows, dtype=np.int32).T
-        self._save_counts()
+        if self.counts_file is not None:
+            try:
+                atomic_write(self.counts_file, lambda f: np.save(f, self.counts))  # a reader sees all or none
+            except OSError as exc:  # a read-only cache still works, it just counts again next time
+                log.info("could not keep the token counts in %s: %s", self.counts_file, exc)
         return self.num_labels, self.lengths
 
     def _count_parts(self, parts: list[list[int]], procs: int):
         if procs == 1 or "fork" not in mp.get_all_start_methods():
-            _count_init(self)
-            try:
-                yield from map(_count_chunk, parts)
-            finally:
-                _count_init(None)
+            yield from map(self._count_rows, parts)
             return
-        # fork: workers inherit the tokenizer and the memory-mapped records at once (spawn would
-        # re-import torch and pickle the tokenizer)
+        # fork: workers inherit the tokenizer and memory-mapped records at once (spawn: re-import torch, pickle the tokenizer)
         with tokenizer_processes(), mp.get_context("fork").Pool(procs, initializer=_count_init, initargs=(self,)) as pool:
             yield from pool.imap_unordered(_count_chunk, parts)
-
-    def _save_counts(self) -> None:
-        if self.counts_file is None:
-            return
-        try:
-            atomic_write(self.counts_file, lambda f: np.save(f, self.counts))  # a reader sees all or none
-        except OSError as exc:  # a read-only cache still works, it just counts again next time
-            log.info("could not keep the token counts in %s: %s", self.counts_file, exc)
 
     def subset(self, indices) -> LazyExamples:
         """The examples at ``indices`` as their own (in-memory) collection, counts carried over."""
@@ -200,14 +178,9 @@ class LazyExamples:
         return LazyExamples(records, self.tokenizer, self.settings, self.encoder, counts=self.counts[:, indices])
 
     def transform(self, batch: dict) -> dict:
-        """A ``datasets`` format transform: rows read come with ``input_ids``, ``prompt_len`` and
-        ``num_labels``; a query of other columns only tokenises nothing."""
+        """A ``datasets`` transform: rows come with ``input_ids``, ``prompt_len``, ``num_labels`` (unless no text is read)."""
         if "title" not in batch or "content" not in batch:
             return batch
         examples = encode_records(batch["title"], batch["content"], self.tokenizer, self.encoder, self.max_length)
-        return {
-            **batch,
-            "input_ids": [e.input_ids for e in examples],
-            "prompt_len": [e.prompt_len for e in examples],
-            "num_labels": [len(e.input_ids) - e.prompt_len for e in examples],
-        }
+        return {**batch, "input_ids": [e.input_ids for e in examples], "prompt_len": [e.prompt_len for e in examples],
+                "num_labels": [len(e.input_ids) - e.prompt_len for e in examples]}

@@ -1,9 +1,9 @@
-"""The pipeline's entry: data settings in; read → clean → split (data.build), encode (data.lazy)
-and batch (data.sampler, data.collate) run in that order; training and evaluation loaders out."""
+"""The pipeline's entry: data settings in; build, encode (lazy) and batch (sampler, collate); loaders out."""
 
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -24,17 +24,13 @@ from amzft.sources import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Packed splits up to this many examples are counted whole before training (an exact epoch
-# length); bigger ones are packed as the epoch reaches them.
-COUNT_ALL_UP_TO = 10_000
+COUNT_ALL_UP_TO = 10_000  # packed splits up to this size are counted whole first (an exact epoch length)
 
 
 def eval_shards(batches: list[list[int]], world: int) -> list[list[list[int]]]:
-    """Each DDP rank's evaluation batches (rank r's at index r), at least one per rank: Lightning
-    refuses a loader empty on some ranks only. At least ``world`` batches: dealt round-robin;
-    fewer, but ``world`` examples: the examples cut into ``world`` batches (``array_split``);
-    fewer examples: one each, and for the other ranks a filler batch with every label masked (0
-    loss, 0 label tokens). Every real example is scored once: the single-process loss."""
+    """Each DDP rank's evaluation batches (rank r's at index r), at least one per rank (Lightning refuses a loader empty
+    on some ranks only): the batches dealt round-robin, else the examples cut into ``world`` batches, else one each and
+    for the other ranks a filler batch with every label masked. Every real example is scored once."""
     if len(batches) >= world:
         return [batches[rank::world] for rank in range(world)]
     order = [int(i) for b in batches for i in b]
@@ -56,13 +52,8 @@ class _EvalExamples(TokenizedDataset):
         return batch
 
 
-def _columns(rows: list[dict]) -> dict[str, list]:
-    return {key: [row[key] for row in rows] for key in rows[0]}
-
-
 class ResumableDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader Lightning recognises as stateful (it has state_dict/load_state_dict), so a
-    mid-epoch checkpoint resumes at the next unseen batch instead of restarting the epoch."""
+    """A DataLoader Lightning sees as stateful: a mid-epoch checkpoint resumes at the next unseen batch, not the epoch's start."""
 
     def state_dict(self) -> dict:
         return self.batch_sampler.state_dict()
@@ -104,10 +95,9 @@ class AmazonTitlesDataModule(LightningDataModule):
             problems.append(f"data.max_length must be >= 8, found {max_length}")
         if batch_size < 1 or eval_batch_size < 1:
             problems.append(f"data.batch_size and eval_batch_size must be >= 1, found {batch_size}, {eval_batch_size}")
-        if num_proc is not None and num_proc < 1:
-            problems.append(f"data.num_proc must be >= 1 or null, found {num_proc}")
-        if limit is not None and limit < 1:
-            problems.append(f"data.limit must be >= 1 or null, found {limit}")
+        for name, value in (("num_proc", num_proc), ("limit", limit)):
+            if value is not None and value < 1:
+                problems.append(f"data.{name} must be >= 1 or null, found {value}")
         if problems:
             raise ConfigError("; ".join(problems))
         self.save_hyperparameters(hyperparameters(dict(
@@ -120,14 +110,11 @@ class AmazonTitlesDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.holdout, self.batches = holdout, batches
         self.num_proc, self.cache_dir = num_proc, cache_dir
-        self._tokenizer = None
         self.prepared: PreparedData | None = None
 
-    @property
+    @cached_property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
+        return load_tokenizer(self.tokenizer_name)
 
     def prepare_data(self) -> None:
         # Runs on one process per node: builds the Arrow cache the other ranks then reopen.
@@ -159,8 +146,7 @@ class AmazonTitlesDataModule(LightningDataModule):
             raise ConfigError(f"{self.settings.path}: the train split is empty (lower data.holdout.val_fraction / test_fraction)")
         trainer, opts = getattr(self, "trainer", None), self.batches
         num_labels, lengths = self._train_counts(data)
-        # The sampler shards itself across DDP ranks: Lightning's DistributedSampler injection is
-        # off, as it cannot wrap a batch sampler that knows accumulation windows.
+        # The sampler shards itself across DDP ranks: Lightning's DistributedSampler cannot wrap accumulation windows.
         sampler = ResumableBatchSampler(
             num_labels, self.batch_size, int(trainer.accumulate_grad_batches) if trainer is not None else 1, opts.seed,
             opts.shuffle, lengths=lengths, layout=opts.layout, max_length=opts.pack_length or self.settings.max_length,
@@ -171,17 +157,15 @@ class AmazonTitlesDataModule(LightningDataModule):
             raise ConfigError(f"{self.settings.path}: the train split ({len(data)} examples) makes no batch for each of "
                               f"{sampler.num_replicas} processes; use fewer processes, a smaller data.batch_size or more data")
         if trainer is not None:
-            # The trainer's count of batches run (loaders fetch ahead) and its epoch number (what
-            # Lightning passes to samplers' set_epoch).
+            # the trainer's count of batches run (loaders fetch ahead) and its epoch (what set_epoch would get)
             sampler.progress = lambda: batches_run_this_epoch(self.trainer)
             sampler.epoch_source = lambda: epoch_number(self.trainer)
         return ResumableDataLoader(TokenizedDataset(data), batch_sampler=sampler, collate_fn=self.collator(train=True),
                                    num_workers=opts.num_workers)
 
     def _train_counts(self, data):
-        """(label counts, lengths) for the train sampler, lazy (tokenised as the epoch reaches
-        them) except for a small packed split, whose exact epoch length needs every length. The
-        choice depends on the split's size only, never on the cache: every run has the same epochs."""
+        """(label counts, lengths) for the train sampler, lazy except for a small packed split (its exact epoch
+        length needs every length): by the split's size only, never the cache, so every run has the same epochs."""
         if self.batches.layout == "plain":
             return data.label_counts(), None
         if self.batches.layout == "packed" and len(data) <= COUNT_ALL_UP_TO:
@@ -201,8 +185,7 @@ class AmazonTitlesDataModule(LightningDataModule):
                                         mega_batch=10**9)
         dataset = TokenizedDataset(data)
         if trainer is not None and trainer.world_size > 1:
-            # Under DDP each rank scores a disjoint share, at least one batch (eval_shards);
-            # the module sums loss and token counts across ranks.
+            # each rank scores a disjoint share, at least one batch; the module sums loss and token counts across ranks
             sampler = eval_shards(list(sampler), trainer.world_size)[trainer.global_rank]
             dataset = _EvalExamples(data)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator(),
@@ -218,8 +201,7 @@ class AmazonTitlesDataModule(LightningDataModule):
         """Prompts (not tokenised: generation tokenises and left-pads them) with references."""
         data = self.split(self.holdout.predict_split)
         limit = self.holdout.predict_limit
-        n = len(data) if limit is None else min(len(data), limit)
-        rows = data.select(range(n)).select_columns(["title", "content"])
+        rows = data.select(range(len(data) if limit is None else min(len(data), limit))).select_columns(["title", "content"])
         fmt = self.settings.prompt
         items = [{"title": t, "reference": c, "prompt": fmt.render(t)} for t, c in zip(rows["title"], rows["content"])]
-        return torch.utils.data.DataLoader(items, batch_size=self.eval_batch_size, collate_fn=_columns)
+        return torch.utils.data.DataLoader(items, batch_size=self.eval_batch_size)  # batches: dicts of lists

@@ -1,5 +1,4 @@
-"""Encode stage, text: the prompt, the notebook's question (the Unsloth + TRL notebook amzft
-replaces) in the Alpaca template; hands prompts to data.encode and templates to the exports."""
+"""Encode stage, text: the notebook's question (Unsloth + TRL's, which amzft replaces) in the Alpaca template."""
 
 from __future__ import annotations
 
@@ -54,9 +53,8 @@ class PromptFormat:
         return before + self.question_for(title) + after
 
     def chat_template(self, bos_token: bool) -> str:
-        """A Jinja chat template: a user message (the question) becomes exactly this prompt, response
-        header included; an assistant message is the answer and EOS. ``bos_token``: start with BOS,
-        as ``apply_chat_template`` adds no special tokens while training does."""
+        """A Jinja chat template: a user message (the question) becomes exactly this prompt, an assistant message the
+        answer and EOS. ``bos_token``: start with BOS, as ``apply_chat_template`` adds no special tokens, training does."""
         before, after = self.around_question()
 
         def lit(text: str) -> str:  # a JSON string in {{ }}: read back exactly, and no block tag for trim_blocks
@@ -78,8 +76,7 @@ class PromptFormat:
 
 def prompt_format_from(settings: dict | None) -> PromptFormat:
     """The prompt a data section or a checkpoint's data hyper-parameters describe."""
-    settings = settings or {}
-    group = settings.get("prompt")  # data.prompt.*: a dict, a namespace or a PromptFormat
+    group = (settings or {}).get("prompt")  # data.prompt.*: a dict, a namespace or a PromptFormat
     settings = vars(group) if hasattr(group, "__dict__") else dict(group or {})
     return PromptFormat(**{name: settings[name] for name in ("question", "template", "input_text") if name in settings})
 

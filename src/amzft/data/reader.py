@@ -1,11 +1,10 @@
-"""Read stage: a trn.json file's non-blank lines as UTF-8 bytes, streamed, whatever its compression
-(gzip, bzip2, xz), encoding (UTF-8/16/32, by mark or NUL bytes), line ends or JSON-array form; hands
-(line number, raw bytes) to the build (bad lines: counted skips or, strict, a one-line DataError)."""
+"""Read stage: a trn.json file's numbered non-blank lines as UTF-8 bytes, whatever its compression, encoding or form."""
 
 from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import csv
 import gzip
 import io
@@ -22,28 +21,25 @@ from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
 
 REQUIRED_FIELDS = ("title", "content")
-# A JSON array is parsed whole (several times its bytes in memory): above this, convert it.
-ARRAY_LIMIT = 512 * 2**20
+ARRAY_LIMIT = 512 * 2**20  # a JSON array is parsed whole (several times its bytes in memory): above this, convert it
 CHUNK = 1 << 16  # bytes per read of a file that is transcoded or has its line ends rewritten
-# No LF but a CR in this many first bytes: bare-CR line ends (generous: a 3 MB first record)
-CR_PROBE = 16 * 2**20
+CR_PROBE = 16 * 2**20  # no LF but a CR in this many first bytes: bare-CR line ends (generous: a 3 MB first record)
 LOOK_AHEAD = 4  # non-blank lines after the first one read to tell CSV / text from a bad first record
 WHAT_WE_READ = 'amzft reads JSON Lines with one {"title": ..., "content": ...} object per line'
 
 
 class Compression(NamedTuple):
-    name: str
+    name: str  # also the command that decompresses it (for the JSON array conversion hint)
     magic: bytes
     open: Callable
     errors: tuple  # what reading a truncated or corrupt stream raises
-    tool: str  # the command that decompresses it (for the JSON array conversion hint)
 
 
 COMPRESSIONS = (
-    Compression("gzip", b"\x1f\x8b", gzip.open, (EOFError, gzip.BadGzipFile, zlib.error), "gzip"),
+    Compression("gzip", b"\x1f\x8b", gzip.open, (EOFError, gzip.BadGzipFile, zlib.error)),
     # bz2 reports a corrupt stream as a bare OSError: caught only while reading a bzip2 file
-    Compression("bzip2", b"BZh", bz2.open, (EOFError, OSError), "bzip2"),
-    Compression("xz", b"\xfd7zXZ\x00", lzma.open, (EOFError, lzma.LZMAError), "xz"),
+    Compression("bzip2", b"BZh", bz2.open, (EOFError, OSError)),
+    Compression("xz", b"\xfd7zXZ\x00", lzma.open, (EOFError, lzma.LZMAError)),
 )
 # Formats the standard library cannot read (zstd arrives in Python 3.14): named, not read.
 REFUSED = (
@@ -51,19 +47,14 @@ REFUSED = (
     (b"\x28\xb5\x2f\xfd", "is zstd-compressed, which amzft cannot read: decompress it with  zstd -d {path}"),
 )
 # UTF-32 LE's mark begins with UTF-16 LE's, so it is tried first.
-BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
-)
-# Without a mark, JSON's first two characters are ASCII, so the NULs of the first 4 bytes tell
-# the encoding (RFC 4627, section 3); "a": an ASCII byte other than NUL.
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+# Without a mark, the NULs of the first 4 bytes tell the encoding, JSON's first 2 characters being ASCII (RFC 4627 §3)
 NUL_PATTERNS = {"000a": "utf-32-be", "a000": "utf-32-le", "0a0a": "utf-16-be", "a0a0": "utf-16-le"}
 UNDECODABLE = "amzft-undecodable"
 
 
 def _undecodable(exc: UnicodeError) -> tuple[str, int]:
-    # An undecodable UTF-16 / UTF-32 unit becomes a lone surrogate (written with "surrogatepass"),
-    # so its line is a counted non_utf8 skip, like a bad byte in a UTF-8 file.
+    # An undecodable UTF-16/32 unit becomes a lone surrogate: a counted non_utf8 skip, like a bad byte in UTF-8.
     return "\udcff", exc.end
 
 
@@ -90,6 +81,9 @@ class Layout(NamedTuple):
     def damaged(self, exc: Exception) -> str:
         return f"the {self.compression.name} stream is truncated or corrupt ({exc})"
 
+    def binary(self, path: Path):
+        return self.compression.open(path, "rb") if self.compression else path.open("rb")
+
 
 def check_data_file(path: str | Path) -> Path:
     """``path`` as a Path, or a one-line DataError where it is missing, a directory or empty."""
@@ -113,10 +107,6 @@ def _encoding(head: bytes) -> str:
     return NUL_PATTERNS.get(pattern, "utf-8")
 
 
-def _decompressed(path: Path, compression: Compression | None):
-    return compression.open(path, "rb") if compression else path.open("rb")
-
-
 def _layout(path: Path) -> Layout:
     """Compression (by magic bytes), encoding and line ends of ``path``; zip or zstd: a DataError."""
     with path.open("rb") as probe:
@@ -125,13 +115,11 @@ def _layout(path: Path) -> Layout:
         if magic.startswith(refused):
             raise DataError(f"{path}: " + problem.format(path=shlex.quote(str(path))))
     layout = Layout(next((c for c in COMPRESSIONS if magic.startswith(c.magic)), None), "utf-8", False)
-    try:
-        with _decompressed(path, layout.compression) as binary:
+    with contextlib.suppress(*layout.errors):  # reading the lines counts (or, strict, raises on) the damage
+        with layout.binary(path) as binary:
             layout = layout._replace(encoding=_encoding(binary.read(4)))
         with _open(path, layout) as text:
             layout = layout._replace(bare_cr=_ends_lines_in_cr(text))
-    except layout.errors:
-        pass  # reading the lines counts (or, strict, raises on) the damage where it is
     return layout
 
 
@@ -149,21 +137,16 @@ def _ends_lines_in_cr(handle) -> bool:
 
 def _open(path: Path, layout: Layout):
     """``path`` as a binary stream of UTF-8 text with LF line ends: how this module opens a file."""
-    binary = _decompressed(path, layout.compression)
+    binary = layout.binary(path)
     if layout.encoding == "utf-8" and not layout.bare_cr:
         return binary  # as it is: no Python code in the loop over the lines of a large file
-    chunks = _chunks(binary)
+    # read1: what was decompressed before a corrupt part is still yielded, as a gzip file's lines are
+    chunks = iter(lambda: binary.read1(CHUNK), b"")
     if layout.encoding != "utf-8":
         chunks = _transcoded(chunks, layout.encoding)
     if layout.bare_cr:
         chunks = _cr_to_lf(chunks)
     return io.BufferedReader(_ChunkReader(chunks, binary), CHUNK)
-
-
-def _chunks(binary) -> Iterator[bytes]:
-    # read1: what was decompressed before a corrupt part is still yielded, as a gzip file's lines are
-    while chunk := binary.read1(CHUNK):
-        yield chunk
 
 
 def _transcoded(chunks: Iterator[bytes], encoding: str) -> Iterator[bytes]:
@@ -205,14 +188,12 @@ class _ChunkReader(io.RawIOBase):
         return size
 
     def close(self) -> None:
-        if not self.closed:
-            self._source.close()
+        self._source.close()  # closing twice does nothing
         super().close()
 
 
 def json_object(raw: bytes) -> tuple[str, str] | dict:
-    """One line as a JSON object, or (reason, message) when it is none: the first checks of every
-    kind of line amzft reads (records, catalogue titles, written answers)."""
+    """One line as a JSON object, or (reason, message) when it is none (records, titles, answers)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -240,8 +221,7 @@ def parse_line(raw: bytes) -> tuple[str, str] | dict:
 
 
 def _first_line(handle, line_no: int, limit: int = ARRAY_LIMIT + 1) -> tuple[int, bytes]:
-    """The next non-blank line after ``line_no`` and its number, at most ``limit`` bytes of it
-    (b"" at the end); the byte-order mark is dropped from line 1."""
+    """(number, at most ``limit`` bytes) of the next non-blank line after ``line_no`` (b"" at the end), BOM dropped."""
     while True:
         raw = handle.readline(limit)
         line_no += 1
@@ -265,21 +245,16 @@ def _fields(line: str, delimiter: str) -> list[str]:
 
 
 def _delimited(first: str, second: str | None) -> str | None:
-    """"CSV" / "TSV" when ``first`` reads as the header of a table: two or more fields, and a
-    column named title or content or a second line with as many fields; else None."""
-    delimiter = "\t" if "\t" in first else "," if "," in first else None
-    if delimiter is None:
-        return None
+    """"CSV" / "TSV" for a table's header: 2+ fields, a column named title or content or a second line as wide."""
+    delimiter = "\t" if "\t" in first else ","
     fields = _fields(first, delimiter)
-    if len(fields) < 2:
-        return None
     named = {field.strip().casefold() for field in fields} & set(REQUIRED_FIELDS)
-    if named or (second is not None and len(_fields(second, delimiter)) == len(fields)):
+    if len(fields) >= 2 and (named or (second is not None and len(_fields(second, delimiter)) == len(fields))):
         return "TSV" if delimiter == "\t" else "CSV"
     return None
 
 
-def _refuse_other_formats(path: Path, handle, first_no: int, first: bytes, errors: tuple) -> None:
+def _refuse_other_formats(path: Path, handle, line_no: int, first: bytes, errors: tuple) -> None:
     """A one-line ``DataError`` for a file clearly not JSON: CSV, TSV or plain text. Conservative: a
     first line that starts like JSON, is a JSON value, holds control characters, or is followed
     within ``LOOK_AHEAD`` lines by one starting with '{' or '[' leaves the file to be read."""
@@ -289,14 +264,11 @@ def _refuse_other_formats(path: Path, handle, first_no: int, first: bytes, error
     line = first.decode("utf-8", "replace").strip()
     if any(unicodedata.category(char) == "Cc" and char != "\t" for char in line):
         return
-    try:
+    with contextlib.suppress(ValueError):
         json.loads(line)
         return  # a JSON value, though not an object: counted not_an_object skips
-    except ValueError:
-        pass
     following: list[str] = []
-    line_no = first_no
-    try:
+    with contextlib.suppress(*errors):  # decide on the lines read before the damage
         while len(following) < LOOK_AHEAD:
             line_no, raw = _first_line(handle, line_no, 1 << 20)  # a line's start is enough
             if not raw:
@@ -304,30 +276,22 @@ def _refuse_other_formats(path: Path, handle, first_no: int, first: bytes, error
             if raw.lstrip().startswith((b"{", b"[")):
                 return
             following.append(raw.decode("utf-8", "replace").strip())
-    except errors:
-        pass  # decide on the lines read before the damage
     kind = _delimited(line, following[0] if following else None)
-    if kind is not None:
-        raise DataError(f"{path}: looks like {kind} (header {_show(line)}), not JSON Lines: {WHAT_WE_READ}")
-    raise DataError(f"{path}: looks like plain text (the first line starts with {_show(line)}), not JSON Lines: "
-                    f"{WHAT_WE_READ}")
+    found = f"{kind} (header {_show(line)})" if kind else f"plain text (the first line starts with {_show(line)})"
+    raise DataError(f"{path}: looks like {found}, not JSON Lines: {WHAT_WE_READ}")
 
 
 def _too_big(path: Path, layout: Layout) -> DataError:
     # One command to paste: decompress, iconv (jq reads UTF-8 only), jq one object per line.
     source = shlex.quote(str(path))
-    steps = []
-    if layout.compression:
-        steps.append(f"{layout.compression.tool} -dc {source}")
+    steps = [f"{layout.compression.name} -dc {source}"] if layout.compression else []
     if layout.encoding != "utf-8":
         charset = layout.encoding.upper().replace("-LE", "LE").replace("-BE", "BE")
         steps.append(f"iconv -f {charset} -t UTF-8" + ("" if steps else f" {source}"))
     steps.append("jq -c '.[]'" + ("" if steps else f" {source}"))
     out = shlex.quote(str(path.parent / (path.name.split(".")[0] + ".jsonl")))
-    return DataError(
-        f"{path}: holds one JSON array larger than {ARRAY_LIMIT // 2**20} MiB; amzft reads JSON Lines "
-        f"(one object per line): convert it with  {' | '.join(steps)} > {out}"
-    )
+    return DataError(f"{path}: holds one JSON array larger than {ARRAY_LIMIT // 2**20} MiB; amzft reads JSON Lines "
+                     f"(one object per line): convert it with  {' | '.join(steps)} > {out}")
 
 
 def _read_array_text(path: Path, layout: Layout) -> tuple[int, bytes] | None:
@@ -364,15 +328,12 @@ def _json_array(path: Path, layout: Layout) -> list | None:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: a JSON array with bytes that are not UTF-8 (byte {exc.start + 1})") from None
     except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}:{first_no + exc.lineno - 1}: starts with '[' but is not a valid JSON array "
-            f"({exc.msg} at column {exc.colno}); amzft reads JSON Lines (one object per line) or one JSON array"
-        ) from None
+        raise DataError(f"{path}:{first_no + exc.lineno - 1}: starts with '[' but is not a valid JSON array ({exc.msg} at "
+                        f"column {exc.colno}); amzft reads JSON Lines (one object per line) or one JSON array") from None
 
 
 def is_plain_json_lines(path: Path) -> bool:
-    """Whether the build may read ``path`` in blocks of bytes split at LF: uncompressed UTF-8 JSON
-    Lines with LF or CRLF line ends (other files are read by ``raw_lines``)."""
+    """Whether the build may read ``path`` in blocks of bytes split at LF: uncompressed UTF-8 JSON Lines, LF or CRLF."""
     layout = _layout(path)
     plain = layout.compression is None and layout.encoding == "utf-8" and not layout.bare_cr
     return plain and _read_array_text(path, layout) is None
@@ -384,14 +345,12 @@ def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False)
 
 
 def raw_lines(path: Path, stats: PipelineStats, strict: bool = False) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw UTF-8 bytes) of the non-blank lines of a checked data file; a JSON
-    array's elements as (element number, JSON); a truncated compressed stream is a counted
-    ``truncated_file`` skip or, strict, a DataError."""
+    """(line number, raw UTF-8 bytes) of a checked data file's non-blank lines, or a JSON array's (element
+    number, JSON); a truncated compressed stream: a counted ``truncated_file`` skip or, strict, a DataError."""
     layout = _layout(path)
     array = _json_array(path, layout)
     if array is not None:
-        for number, element in enumerate(array, start=1):
-            yield number, json.dumps(element).encode()
+        yield from ((number, json.dumps(element).encode()) for number, element in enumerate(array, start=1))
         return
     line_no = 0
     with _open(path, layout) as handle:
@@ -409,18 +368,16 @@ def raw_lines(path: Path, stats: PipelineStats, strict: bool = False) -> Iterato
 
 def read_objects(path: str | Path, stats: PipelineStats, parse: Callable[[bytes], tuple[str, str] | dict],
                  strict: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each line ``parse`` accepts; the others are counted skips or,
-    strict, a one-line DataError."""
+    """(line number, object) for each line ``parse`` accepts; the others: counted skips or, strict, a DataError."""
     for line_no, raw in iter_raw_lines(path, stats, strict):
         stats.records_read += 1
         parsed = parse(raw)
-        if isinstance(parsed, tuple):
-            reason, message = parsed
-            if strict:
-                raise DataError(f"{Path(path)}:{line_no}: {message}")
-            stats.skip(reason, line_no)
-            continue
-        yield line_no, parsed
+        if not isinstance(parsed, tuple):
+            yield line_no, parsed
+        elif strict:
+            raise DataError(f"{Path(path)}:{line_no}: {parsed[1]}")
+        else:
+            stats.skip(parsed[0], line_no)
 
 
 def read_records(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[RawRecord]:

@@ -18,7 +18,7 @@ def _percentiles(values) -> str:
     return "  ".join(f"p{p}={v:,.0f}" if p < 100 else f"max={v:,.0f}" for p, v in zip(PERCENTILES, q))
 
 
-def render_report(prepared: PreparedData, settings: DataSettings, tokenizer, examples: int = 3) -> str:
+def render_report(prepared: PreparedData, settings: DataSettings, examples: int = 3) -> str:
     s = prepared.stats
     names = ("train", "validation", "test")
     counted = [prepared.examples(name) for name in names]

@@ -1,5 +1,4 @@
-"""Batch stage, sampler: the epoch's batches (``batch_order``) dealt to this DDP rank in accumulation
-windows, each carrying its window's label-token total; hands the loader resumable batches."""
+"""Batch stage, sampler: the epoch's batches dealt to this DDP rank in accumulation windows, with their label totals."""
 
 from __future__ import annotations
 
@@ -10,10 +9,9 @@ import numpy as np
 
 from amzft.data.batch_order import BatchOrder
 
-# Why not torchdata's StatefulDataLoader: each batch must carry its whole accumulation window's
-# label-token total (the loss normaliser, which needs batches not yet yielded), also when a resume
-# lands mid-window, and windows are dealt across DDP ranks. So the order (plain, grouped or packed)
-# is recomputed from (seed, epoch), and a resume skips the batches the trainer counted as run.
+# Why not torchdata's StatefulDataLoader: each batch must carry its whole accumulation window's label-token
+# total (the loss normaliser, which needs batches not yet yielded), also when a resume lands mid-window, and
+# windows are dealt across DDP ranks. So the order is recomputed from (seed, epoch), and a resume skips the batches run.
 
 
 class Batch(list):
@@ -50,11 +48,10 @@ def rank_windows(batches: Iterable, accumulate: int, world: int, rank: int) -> I
 class ResumableBatchSampler:
     """Seeded, resumable batches in accumulation windows, plain, length-grouped or packed.
 
-    The epoch is read from ``epoch_source`` (the trainer's counter) as iteration starts: Lightning
-    never calls ``set_epoch`` on a batch sampler. ``state_dict`` records the epoch and the batches
-    this rank consumed (asked of ``progress``, the trainer's count, as loaders fetch ahead); after
-    ``load_state_dict`` the next iteration of that epoch skips exactly those.
-    """
+    The epoch is read from ``epoch_source`` (the trainer's counter) as iteration starts: Lightning never
+    calls ``set_epoch`` on a batch sampler. ``state_dict`` records the epoch and the batches this rank
+    consumed (asked of ``progress``, the trainer's count, as loaders fetch ahead); the next iteration of
+    that epoch after ``load_state_dict`` skips exactly those."""
 
     def __init__(self, num_labels: Sequence[int], batch_size: int, accumulate: int = 1, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False, lengths: Sequence[int] | None = None, layout: str = "plain",
@@ -62,8 +59,7 @@ class ResumableBatchSampler:
         if layout != "plain" and lengths is None:
             raise ValueError(f"layout {layout!r} needs the example lengths")
         self.order = BatchOrder(batch_size, seed, shuffle, drop_last, layout, max_length, max(1, mega_batch))
-        # Either may be lazy (data.lazy.LazyCounts, kept as is): window totals are then counted as
-        # their batches are yielded, so training starts without counting the whole epoch.
+        # Either may be lazy (data.lazy.LazyCounts, kept): window totals counted as yielded, not the whole epoch first
         self.num_labels, self.lengths = (v if v is None or getattr(v, "lazy", False) else np.asarray(v, dtype=np.int64)
                                          for v in (num_labels, lengths))
         self.accumulate = max(1, accumulate)
@@ -79,8 +75,7 @@ class ResumableBatchSampler:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        # Lightning reads len() once, so it is epoch 0's count whichever epoch is loaded (packed
-        # counts vary a little per epoch): a longer epoch is cut there, a shorter one ends early.
+        # Lightning reads len() once: epoch 0's count for every epoch (packed ones vary a little; cut or end early)
         if self._length is None:
             self._length = self.order.count(len(self.num_labels), self.lengths) // self.num_replicas
         return self._length
@@ -108,11 +103,8 @@ class ResumableBatchSampler:
     def __iter__(self) -> Iterator[Batch]:
         if self.epoch_source is not None:
             self.epoch = int(self.epoch_source())
-        skip = 0
-        if self._resume is not None:
-            resume_epoch, done = self._resume
-            self._resume = None  # applies once
-            skip = done if resume_epoch == self.epoch else 0
+        resume, self._resume = self._resume, None  # applies once
+        skip = resume[1] if resume is not None and resume[0] == self.epoch else 0
         cached = self._cache is not None and self._cache[0] == self.epoch
         batches = self._cache[1] if cached else self._rank_batches(self.epoch)
         for batch in itertools.islice(batches, skip, None):

@@ -1,5 +1,4 @@
-"""The data settings' groups (``data.prompt``, ``data.filters``, ``data.holdout``, ``data.batches``)
-as light dataclasses LightningCLI reads; each checks its own values."""
+"""The data settings' groups (``data.prompt/filters/holdout/batches``): dataclasses LightningCLI reads, each checking itself."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Split stage: a hash of the normalised cleaned title picks the split, so a product lands in the
-same split whatever the file order, seed or machine; hands (record, split) to the build's writers."""
+"""Split stage: a hash of the normalised title picks the split, the same whatever the file order, seed or machine."""
 
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ def assign_split(title: str, val_fraction: float, test_fraction: float, salt: st
 
 
 def seeded_sample(population: int, k: int, seed: int) -> list[int]:
-    """``k`` distinct indices of ``range(population)`` (all when fewer), in an order fixed by
-    ``seed`` on every machine: the one sampler of products (evaluation, validation subsets)."""
+    """``k`` distinct indices of ``range(population)`` (all when fewer), in an order fixed by ``seed`` on every machine."""
     k = min(k, population)
     return [int(i) for i in np.random.default_rng(seed).choice(population, size=k, replace=False)] if k > 0 else []

@@ -262,7 +262,7 @@ def score_predictions_file(path: str | Path, samples: int | None = None, seed: i
     model = predictions_label(path)
     examples = [{"title": r["title"], "reference": r["reference"], model: r["text"], "predictions_line": r["line"]}
                 for r in rows[:PREDICTION_EXAMPLES]]
-    report = {
+    return {
         "checkpoint": None, "decoding": f"as written in {path}", "generation": None,  # the file does not record its options
         "predictions": {
             "path": str(path), "lines_read": stats.records_read, "rows": stats.kept, "with_reference": with_reference,
@@ -270,8 +270,7 @@ def score_predictions_file(path: str | Path, samples: int | None = None, seed: i
             "new_tokens_unknown": len(rows) - len(known), "skipped": dict(stats.skipped), "skipped_lines": stats.skipped_lines},
         "splits": {PREDICTIONS_SPLIT: add_uncertainty({"n": len(rows), "models": {model: metrics}, "examples": examples},
                                                       titles, {model: [a.text for a in answers]}, references, {model: rouge_l})},
-    }
-    return report, stats
+    }, stats
 
 
 def predictions_summary(report: dict) -> str:

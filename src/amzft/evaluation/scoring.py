@@ -21,12 +21,8 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 def rouge_per_pair(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
     """ROUGE-1/2/L F1 of each answer against its own reference (rougeL: what the paired bootstrap resamples)."""
-    scores: dict[str, list[float]] = {key: [] for key in ROUGE_KEYS}
-    for p, r in zip(predictions, references):
-        pair = rouge_score(p, r, rouge_keys=ROUGE_KEYS, use_stemmer=False)
-        for key in ROUGE_KEYS:
-            scores[key].append(float(pair[f"{key}_fmeasure"]))
-    return scores
+    pairs = [rouge_score(p, r, rouge_keys=ROUGE_KEYS, use_stemmer=False) for p, r in zip(predictions, references)]
+    return {key: [float(pair[f"{key}_fmeasure"]) for pair in pairs] for key in ROUGE_KEYS}
 
 
 def overlap_scores(predictions: list[str], references: list[str], rouge: dict[str, list[float]] | None = None) -> dict[str, float]:

@@ -39,7 +39,6 @@ def export(ckpt_path: str, out: str | Path, merge: bool = False, fmt: str | None
     decoding = copy.deepcopy(module.model.get_base_model().generation_config)
     decoding.update(**generation_config(options, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling, then move into place: no half-written export on failure.
     tmp = staging_dir(out.parent, f".{out.name}-")
     try:

@@ -1,20 +1,14 @@
 """What answers: a checkpoint's fine-tuned model or a base model, loaded the one way every command
-loads it (``ask``, ``evaluate``, ``export``, ``describe``, ``demo``).
+(``ask``, ``evaluate``, ``export``, ``describe``, ``demo``) loads it.
 
-``load_answerer`` reads a checkpoint file once and gives the module (its adapter loaded and
-checked against the base, in eval mode), the prompt format it was trained with, the optimizer
-step it was saved at and its saved data settings, from which ``Answerer.datamodule`` rebuilds the
-data module it was trained with (same file, filters and product split). Without a checkpoint it
-gives the base model of a config's ``model`` options.
+``load_answerer`` reads a checkpoint once: the module (adapter loaded and checked, in eval mode), its
+prompt format, optimizer step and saved data settings (``Answerer.datamodule`` rebuilds its data module).
+Without a checkpoint: the base model of a config's ``model`` options.
 
-``plain=True`` (``ask`` without a checkpoint): building a ``LoraCausalLM`` imports Lightning and
-peft (with bitsandbytes) and wraps every targeted projection in an adapter whose B matrix starts
-at zero, so the answers are the base model's, bit for bit, after seconds of imports a person
-waits for. When the model options ask for nothing a plain transformers model lacks (the ``hf``
-backend, a full-precision folder, no 4-bit, no Liger kernels), the base is loaded as such.
-
-Lightning, peft and the checkpoint reader are imported by the functions that need them, so the
-plain path imports neither.
+``plain=True`` (``ask`` without a checkpoint): a ``LoraCausalLM`` would cost seconds of Lightning and
+peft imports for adapters whose B matrices are zero (the base's answers, bit for bit); when the options
+need nothing a plain transformers model lacks (``hf`` backend, full precision, no Liger kernels), the
+base is loaded as such, and the plain path imports neither Lightning nor peft.
 """
 
 from __future__ import annotations
@@ -60,14 +54,10 @@ class Answerer:
 
 def load_answerer(ckpt_path: str | os.PathLike | None = None, model: dict | None = None, data: dict | None = None, *,
                   plain: bool = False, full_precision: bool = False) -> Answerer:
-    """The model that answers: the checkpoint's (``model`` / ``data`` unused) or, without one, the
-    base of ``model`` (a config's model options) with ``data``'s prompt format.
-
-    ``full_precision``: the checkpoint's adapter on a full-precision transformers base (what merged
-    and GGUF exports fold LoRA into): an adapter's weights do not depend on how the base was
-    loaded, so one trained on a 4-bit base (nf4 or Unsloth) loads on a machine without a GPU. A
-    base folder saved in 4-bit has no full-precision weights to offer: it is dequantised, and
-    ``note`` says so."""
+    """The checkpoint's model (``model`` / ``data`` unused) or, without one, the base of ``model`` (a
+    config's model options) with ``data``'s prompt format. ``full_precision``: the adapter on a
+    full-precision transformers base (what merged and GGUF exports fold LoRA into; one trained on a
+    4-bit base loads without a GPU); a base folder saved in 4-bit is dequantised, and ``note`` says so."""
     if ckpt_path is None:
         model = dict(model or {})
         module = (plain_base(model) if plain else None) or _base_module(model)
@@ -102,11 +92,6 @@ def _base_module(model_options: dict):
     return module
 
 
-def _option(options: dict, key: str, default):
-    value = options.get(key)
-    return default if value is None else value
-
-
 def plain_base(model_options: dict) -> PlainBase | None:
     """The base model of ``model_options`` (a config's ``model`` section) as a plain
     transformers model in fp32, or None when the options need the training module's loader."""
@@ -116,8 +101,7 @@ def plain_base(model_options: dict) -> PlainBase | None:
     from amzft.model.backends import prequantized  # noqa: PLC0415
 
     compute = model_options.get("compute") or {}
-    if (model_options.get("backend") or "hf") != "hf" or _option(compute, "quantization", "none") != "none" \
-            or _option(compute, "kernels", "none") != "none":
+    if (model_options.get("backend") or "hf") != "hf" or any(compute.get(k) not in (None, "none") for k in ("quantization", "kernels")):
         return None
     name = model_options.get("name_or_path") or EMBEDDED
     if prequantized(name) is not None:

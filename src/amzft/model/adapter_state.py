@@ -37,7 +37,5 @@ class AdapterCheckpointing:
         wrong = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
         if missing or wrong:
             what = f"{len(missing)} adapter tensors missing" if missing else f"shape mismatch in {wrong[0]}"
-            raise ModelError(
-                f"the checkpoint does not fit this model ({what}): it was made with another base model "
-                f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora.r={self.lora.r}"
-            )
+            raise ModelError(f"the checkpoint does not fit this model ({what}): it was made with another base model "
+                             f"or LoRA config than name_or_path={self.hparams.name_or_path!r}, lora.r={self.lora.r}")

@@ -48,20 +48,17 @@ def disable_avx512bf16_repacking(model) -> int:
     weights that later training forwards misuse (wrong LoRA gradients). Returns the layers changed."""
     import bitsandbytes as bnb  # noqa: PLC0415 - nf4 only
 
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def prequantized(config) -> dict | None:
     """The bitsandbytes 4-bit ``quantization_config`` a folder was saved with (from a config or a
     ``name_or_path``), or None; any other quantisation is a one-line error."""
     if isinstance(config, str):
-        directory = resolve_model_dir(config)
-        config = json.loads((directory / "config.json").read_text())
+        config = json.loads((resolve_model_dir(config) / "config.json").read_text())
     quant = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     if quant is None:
         return None
@@ -91,8 +88,7 @@ def dequantize_base(model) -> None:
 
 
 def check_kernels(settings: LoraSettings, model_type: str) -> None:
-    """A one-line error, before any weights load, when ``model.compute.kernels`` cannot run here
-    (Liger: CUDA, the optional liger-kernel package, Llama models only)."""
+    """A one-line error, before any weights load, when ``model.compute.kernels`` cannot run here."""
     if settings.kernels not in KERNELS:
         raise ConfigError(f"model.compute.kernels must be one of {KERNELS}, found {settings.kernels!r}")
     if settings.kernels == "none":
@@ -106,16 +102,6 @@ def check_kernels(settings: LoraSettings, model_type: str) -> None:
     if model_type != "llama":
         raise ConfigError(f"model.compute.kernels=liger is wired for Llama models, this one is {model_type!r}: "
                           "use model.compute.kernels=none")
-
-
-def apply_kernels(model, settings: LoraSettings) -> None:
-    """Liger's fused RoPE, RMSNorm and SwiGLU in a loaded Llama base, before the adapters go on. Its
-    cross-entropy patches stay off: ``amzft.model.loss`` calls the fused linear cross-entropy itself."""
-    if settings.kernels == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: PLC0415 - optional, CUDA only
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False, model=model)
 
 
 def _load_kwargs(settings: LoraSettings, config, directory) -> tuple[dict, bool, bool]:
@@ -155,7 +141,11 @@ def build_hf(settings: LoraSettings):
         raise ModelError(f"cannot load a causal LM ({config.model_type}) from {directory}: {exc}") from exc
     if saved_4bit and settings.dequantize:
         dequantize_base(model)
-    apply_kernels(model, settings)
+    if settings.kernels == "liger":  # its cross-entropy patches stay off: amzft.model.loss calls the fused one itself
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: PLC0415 - optional, CUDA only
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
     if quantized:
         from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - seconds to import
 
@@ -167,10 +157,8 @@ def build_hf(settings: LoraSettings):
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in settings.target_modules if t not in present]
     if missing:
-        raise ConfigError(
-            f"model.lora.target_modules {missing} are not modules of the {config.model_type} model in {directory} "
-            f"(it has e.g. {sorted(n for n in present if n.endswith('proj'))[:8]})"
-        )
+        raise ConfigError(f"model.lora.target_modules {missing} are not modules of the {config.model_type} model in {directory} "
+                          f"(it has e.g. {sorted(n for n in present if n.endswith('proj'))[:8]})")
     if settings.gradient_checkpointing and not quantized:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -186,10 +174,8 @@ def build_hf(settings: LoraSettings):
 def build_unsloth(settings: LoraSettings):
     """The notebook's Unsloth loader, 4-bit, CUDA only (``amzft.cli.import_order`` imported unsloth first)."""
     if not torch.cuda.is_available():
-        raise ConfigError(
-            "model.backend=unsloth needs a CUDA GPU and none is visible; use model.backend=hf "
-            "(add model.compute.quantization=nf4 for the same 4-bit QLoRA without Unsloth)"
-        )
+        raise ConfigError("model.backend=unsloth needs a CUDA GPU and none is visible; use model.backend=hf "
+                          "(add model.compute.quantization=nf4 for the same 4-bit QLoRA without Unsloth)")
     if importlib.util.find_spec("unsloth") is None:
         raise ConfigError("model.backend=unsloth needs the unsloth package: pip install 'amzft[gpu]' (see docs/gpu.md)")
     from unsloth import FastLanguageModel  # noqa: PLC0415 - CUDA only

@@ -10,8 +10,7 @@ from amzft.errors import ConfigError
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Decoding options (greedy unless ``do_sample``; sampling is seeded). The defaults are raw
-    greedy decoding; ``DEFAULT_DECODING`` is what the commands use."""
+    """Decoding options (greedy unless ``do_sample``; sampling is seeded): raw greedy by default (the commands use ``DEFAULT_DECODING``)."""
 
     max_new_tokens: int = 128
     repetition_penalty: float = 1.0
@@ -46,13 +45,11 @@ class GenerationOptions:
     @property
     def length_decay(self) -> tuple[int, float] | None:
         """transformers' ``exponential_decay_length_penalty`` (start, factor), or None when off."""
-        if self.length_decay_start > 0 and self.length_decay_factor > 1.0:
-            return (self.length_decay_start, self.length_decay_factor)
-        return None
+        on = self.length_decay_start > 0 and self.length_decay_factor > 1.0
+        return (self.length_decay_start, self.length_decay_factor) if on else None
 
 
-# Raw greedy makes fine-tuned answers loop; these values were chosen side by side (docs/performance.md,
-# "Decoding"). The one place to change them.
+# Raw greedy makes fine-tuned answers loop; values chosen side by side (docs/performance.md, "Decoding").
 DEFAULT_DECODING = GenerationOptions(repetition_penalty=1.15, no_repeat_ngram_size=4,
                                      length_decay_start=96, length_decay_factor=1.1)
 GREEDY = GenerationOptions()

@@ -84,17 +84,12 @@ def generate_ids(module, ids: list[list[int]], options: GenerationOptions | None
     try:
         # Compiled layers would recompile for every new KV-cache length: generation runs them eagerly.
         with switch, torch.compiler.set_stance("force_eager"), _gqa_sdpa_on_cpu():
-            width = max(map(len, ids))
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(seq)) + list(seq) for seq in ids], dtype=torch.long)
-            attention_mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in ids], dtype=torch.long)
-            device = next(model.parameters()).device
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-                **options.generate_kwargs(),
-            )
+            width, device = max(map(len, ids)), next(model.parameters()).device
+            input_ids = [[tokenizer.pad_token_id] * (width - len(seq)) + list(seq) for seq in ids]
+            attention_mask = [[0] * (width - len(seq)) + [1] * len(seq) for seq in ids]
+            out = model.generate(input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+                                 attention_mask=torch.tensor(attention_mask, dtype=torch.long, device=device),
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **options.generate_kwargs())
     finally:
         model.train(was_training)
         if was_training:

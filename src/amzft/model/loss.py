@@ -1,19 +1,14 @@
 """The training loss: next-token cross-entropy on response tokens, normalised per accumulation window.
 
-Normalisation. Lightning averages per-micro-batch losses, which weights the tokens of short
-answers more than those of long ones, so the update is not that of one big batch of the same
-examples. Instead each micro-batch returns
+Lightning's mean of per-micro-batch losses would weight short answers' tokens more than long ones'.
+Instead each micro-batch returns ``sum of its token losses / label tokens in the whole window x accumulate
+x world``; Lightning divides by ``accumulate_grad_batches`` and DDP averages over ranks, so the update is
+exactly ``sum(token losses) / (label tokens in the global window)``: ``batch 2 x accumulate 4`` gives the
+gradient of ``batch 8 x accumulate 1``. The window's token count comes with each batch
+(``window_label_tokens``, counted by the batch sampler, which sees every rank's batches).
 
-    sum of its token losses / label tokens in the whole accumulation window x accumulate x world
-
-Lightning divides by ``accumulate_grad_batches`` and DDP averages over ranks, so the update is
-exactly ``sum(token losses) / (label tokens in the global window)``: ``batch 2 x accumulate 4``
-gives the gradient of ``batch 8 x accumulate 1``, however long each answer is. The window's
-token count comes with each batch (``window_label_tokens``, counted by the batch sampler, which
-sees every rank's batches).
-
-Only label positions go through the LM head where the architecture allows it (see
-``PLAIN_HEAD_MODELS``): the prompt is a large share of each sequence and its logits are never used.
+Only label positions go through the LM head where the architecture allows it (``PLAIN_HEAD_MODELS``):
+the prompt is a large share of each sequence and its logits are never used.
 """
 
 from __future__ import annotations
@@ -26,12 +21,10 @@ from torch.utils.checkpoint import checkpoint
 
 from amzft.errors import ConfigError
 
-# The label of a position that is not learnt (the prompt, padding): torch's cross_entropy default, which
-# amzft.data.encode writes. Defined here too so that the model does not import the data pipeline.
+# The label of a position not learnt (prompt, padding), torch's cross_entropy default; amzft.data.encode writes it.
 IGNORE_INDEX = -100
 
-# Architectures whose logits are exactly lm_head(final hidden state): for them the loss is
-# computed from the label positions only. Others use the model's own forward.
+# Architectures whose logits are exactly lm_head(final hidden state): their loss uses label positions only.
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
 
 
@@ -39,42 +32,30 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def fused_head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``head_loss_sum`` by Liger's fused linear cross-entropy (``model.compute.kernels: liger``, CUDA):
-    the same label-only rows, but the head's matmul and the loss run in one chunked Triton pass
-    that computes the gradient during the forward, so the fp32 logits are never held and
-    nothing is recomputed in backward (``loss_chunk_tokens`` does not apply: Liger sizes its
-    chunks itself). The head is frozen (LoRA), so only the hidden states get a gradient."""
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: PLC0415 - optional, CUDA only
-
-    return liger_fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction="sum")
-
-
 def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
                   fused: bool = False) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets`` (one row per label token).
 
-    With ``chunk`` > 0 and more rows than that, rows go through the head ``chunk`` at a time,
-    each chunk checkpointed: its logits are freed after the forward and recomputed in backward,
-    so only one chunk's vocabulary-sized tensors exist at any time. ``fused``: Liger's kernel
-    instead (``fused_head_loss_sum``)."""
+    With ``chunk`` > 0 and more rows than that, rows go through the head ``chunk`` at a time, each chunk
+    checkpointed (its logits recomputed in backward), so only one chunk's vocabulary-sized tensors exist.
+    ``fused`` (``model.compute.kernels: liger``, CUDA): Liger's fused linear cross-entropy, one chunked
+    Triton pass computing the gradient during the forward, so the fp32 logits are never held and nothing
+    is recomputed (Liger sizes its chunks; the frozen head gets no gradient)."""
     if fused:
-        return fused_head_loss_sum(head, hidden, targets)
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: PLC0415 - optional, CUDA only
+
+        return liger_fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction="sum")
     if chunk <= 0 or hidden.shape[0] <= chunk:
         return _head_loss(head, hidden, targets)
-    return sum(
-        checkpoint(_head_loss, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
-        for i in range(0, hidden.shape[0], chunk)
-    )
+    return sum(checkpoint(_head_loss, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+               for i in range(0, hidden.shape[0], chunk))
 
 
 def model_inputs(batch: dict, attention: str) -> dict:
-    """The model's keyword inputs for a batch. Unpacked batches carry an attention mask; packed
-    ones carry per-example position ids instead, from which transformers builds the
-    block-diagonal mask (see data.collate); packed ones with a shared prefix carry a ready 4-D
-    boolean mask (True = may attend), which eager attention needs as an additive mask."""
-    keys = ("input_ids", "attention_mask", "position_ids")
-    inputs = {k: batch[k] for k in keys if batch.get(k) is not None}
+    """The model's keyword inputs: unpacked batches carry an attention mask; packed ones position ids, from
+    which transformers builds the block-diagonal mask (data.collate); packed ones with a shared prefix a
+    ready 4-D boolean mask (True = may attend), which eager attention needs as an additive mask."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
     mask = inputs.get("attention_mask")
     if mask is not None and mask.dim() == 4:
         if attention == "eager":  # eager attention adds the mask to the scores
@@ -86,11 +67,8 @@ def model_inputs(batch: dict, attention: str) -> dict:
 
 
 def token_loss_sum(peft_model, batch: dict, plain_head: bool, chunk: int = 0, fused: bool = False) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the label (response) tokens, and their count.
-
-    ``plain_head``: run the decoder, then the LM head on label positions only (in chunks of
-    ``chunk`` tokens when > 0, or fused by Liger with ``fused``); otherwise the model's own
-    forward and full logits."""
+    """Sum of next-token cross-entropy over the label (response) tokens, and their count. ``plain_head``:
+    the decoder, then the LM head on label positions only (``head_loss_sum``); else the model's own forward."""
     base = peft_model.get_base_model()
     inputs = model_inputs(batch, base.config._attn_implementation)
     labels = batch["labels"][:, 1:]
@@ -101,12 +79,6 @@ def token_loss_sum(peft_model, batch: dict, plain_head: bool, chunk: int = 0, fu
         return head_loss_sum(head, hidden[:, :-1][mask], labels[mask], chunk, fused), int(mask.sum())
     logits = peft_model(**inputs, use_cache=False).logits[:, :-1][mask]
     return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
-
-
-def window_scaled(loss_sum: torch.Tensor, window_tokens: int, accumulate: int, world: int) -> torch.Tensor:
-    """The micro-batch's share of the window's mean token loss, pre-multiplied by what Lightning
-    (``accumulate``) and DDP (``world``) will divide it by (see the module docstring)."""
-    return loss_sum * (accumulate * world / window_tokens)
 
 
 @dataclass(frozen=True)
@@ -121,9 +93,8 @@ class WindowSummary:
 
 @dataclass
 class AccumulationWindow:
-    """The micro-batches of one optimizer step: ``add`` each one's loss in ``training_step``,
-    ``summary`` once before the optimizer steps (the non-finite guard and the logging read the
-    same one), ``reset`` after it."""
+    """The micro-batches of one optimizer step: ``add`` each in ``training_step``, ``summary`` before the
+    optimizer steps (the non-finite guard and the logging read the same one), ``reset`` after it."""
 
     loss_sum: float = 0.0  # this rank's summed token losses so far
     label_tokens: int = 0  # label tokens of the whole global window (the sampler counts them)
@@ -132,11 +103,12 @@ class AccumulationWindow:
 
     def add(self, loss_sum: torch.Tensor, window_tokens: int, batch_idx: int, accumulate: int,
             world: int) -> torch.Tensor:
-        """Note a micro-batch; its loss scaled for Lightning's backward (``window_scaled``)."""
+        """Note a micro-batch; its share of the window's mean token loss, pre-multiplied by what Lightning
+        (``accumulate``) and DDP (``world``) will divide it by (see the module docstring)."""
         self.loss_sum += float(loss_sum.detach())
         self.label_tokens = window_tokens
         self.batches.append(batch_idx)
-        return window_scaled(loss_sum, window_tokens, accumulate, world)
+        return loss_sum * (accumulate * world / window_tokens)
 
     def summary(self, parameters, sum_over_ranks=None) -> WindowSummary:
         """The window's mean token loss and gradient norm, computed on the first call of a step.

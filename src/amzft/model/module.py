@@ -1,9 +1,7 @@
 """The LightningModule: a causal LM with LoRA adapters, trained on response tokens only.
 
-The loss maths (response-only labels, normalisation over the accumulation window) live in
-``amzft.model.loss``; checkpoints (adapter only, validated on load) in ``amzft.model.adapter_state``,
-rebuilt into a whole module by ``amzft.inference.load``; the NaN/inf guard is a callback (``amzft.training.nonfinite``).
-"""
+Loss maths: ``amzft.model.loss``; adapter-only checkpoints: ``amzft.model.adapter_state`` (rebuilt into a
+whole module by ``amzft.inference.load``); the NaN/inf guard: ``amzft.training.nonfinite``."""
 
 from __future__ import annotations
 
@@ -28,17 +26,14 @@ from amzft.model.neftune import NEFTune
 from amzft.model.settings import GROUPS, ComputeOptions, LoraOptions, OptimOptions
 from amzft.settings import hyperparameters
 
-# Optimizer steps from which model.compute.compile=auto compiles: below, the one-time compilation
-# costs more than its speed-up gives back. 150 lies within the break-even measured on 2-core CPUs
-# (docs/performance.md, "Layouts and model.compute.compile" and "The shipped configs/cpu.yaml vs
-# HF Trainer").
+# Optimizer steps from which model.compute.compile=auto compiles (below, compiling costs more than it gives
+# back): within the break-even measured on 2-core CPUs (docs/performance.md, "Layouts and model.compute.compile").
 COMPILE_BREAK_EVEN_STEPS = 150
 
 
 def decide_compile(max_steps: int | None, estimate: Callable[[], float], device: str,
                    backend: str = "hf") -> tuple[bool, str]:
-    """model.compute.compile=auto: (compile?, why). ``estimate()`` gives the planned optimizer steps of
-    an epoch-based run (max_steps -1), called only then."""
+    """model.compute.compile=auto: (compile?, why); ``estimate()``: an epoch-based run's planned steps, called only then."""
     if backend != "hf":
         return False, f"backend {backend} brings its own kernels"
     if max_steps is not None and max_steps >= 0:
@@ -46,13 +41,11 @@ def decide_compile(max_steps: int | None, estimate: Callable[[], float], device:
     else:
         steps = estimate()
         what = f"~{steps:g} optimizer steps estimated from max_epochs"
+    pays_off = f"{COMPILE_BREAK_EVEN_STEPS}, the steps after which its one-time compilation pays off"
     if steps < COMPILE_BREAK_EVEN_STEPS:
-        return False, (f"{what} < {COMPILE_BREAK_EVEN_STEPS}, the steps after which its one-time "
-                       "compilation pays off")
+        return False, f"{what} < {pays_off}"
     blocker = compile_blocker(device)
-    if blocker:
-        return False, blocker
-    return True, f"{what} >= {COMPILE_BREAK_EVEN_STEPS}, the steps after which its one-time compilation pays off"
+    return (False, blocker) if blocker else (True, f"{what} >= {pays_off}")
 
 
 def compile_blocker(device: str) -> str | None:
@@ -77,8 +70,7 @@ def compile_blocker(device: str) -> str | None:
 
 def option_problems(backend: str, lora: LoraOptions, optim: OptimOptions, compute: ComputeOptions,
                     max_new_tokens: int, neftune_alpha: float) -> list[str]:
-    """What is wrong with LoraCausalLM's options, each as one line (all of them at once, so a
-    user fixes a config in one go): each group's own checks, then those across groups."""
+    """Every problem of LoraCausalLM's options at once (a config is fixed in one go), one line each."""
     problems = [*lora.problems(), *optim.problems(), *compute.problems(backend)]
     if max_new_tokens < 1:
         problems.append(f"model.max_new_tokens must be >= 1, found {max_new_tokens}")
@@ -110,18 +102,10 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
 
     GROUPS = GROUPS  # the grouped options, for amzft.settings.init_kwargs
 
-    def __init__(
-        self,
-        name_or_path: str = "embedded",
-        backend: Literal["hf", "unsloth"] = "hf",
-        max_length: int = 2048,
-        lora: LoraOptions = LoraOptions(),
-        optim: OptimOptions = OptimOptions(),
-        compute: ComputeOptions = ComputeOptions(),
-        max_new_tokens: int = 256,
-        on_nonfinite: Literal["stop", "skip"] = "stop",
-        neftune_alpha: float = 0.0,
-    ):
+    def __init__(self, name_or_path: str = "embedded", backend: Literal["hf", "unsloth"] = "hf", max_length: int = 2048,
+                 lora: LoraOptions = LoraOptions(), optim: OptimOptions = OptimOptions(),
+                 compute: ComputeOptions = ComputeOptions(), max_new_tokens: int = 256,
+                 on_nonfinite: Literal["stop", "skip"] = "stop", neftune_alpha: float = 0.0):
         super().__init__()
         if backend == "unsloth" and compute.quantization == "nf4":
             compute = replace(compute, quantization="none")  # unsloth quantises itself; "nf4" means the same
@@ -133,32 +117,19 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             max_new_tokens=max_new_tokens, on_nonfinite=on_nonfinite, neftune_alpha=neftune_alpha)))
         self.lora, self.optim, self.compute = lora, optim, compute
         self.build_settings = LoraSettings(
-            name_or_path=name_or_path,
-            r=lora.r,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            gradient_checkpointing=compute.gradient_checkpointing,
-            seed=lora.seed,
-            quantization=compute.quantization,
-            max_seq_length=max_length,
-            use_dora=lora.use_dora,
-            use_rslora=lora.use_rslora,
-            dequantize=compute.dequantize_base,
-            kernels=compute.kernels,
-        )
-        self.model = None
-        self.tokenizer = None
+            name_or_path=name_or_path, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, seed=lora.seed,
+            target_modules=list(lora.target_modules), use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+            gradient_checkpointing=compute.gradient_checkpointing, quantization=compute.quantization,
+            dequantize=compute.dequantize_base, kernels=compute.kernels, max_seq_length=max_length)
+        self.model = self.tokenizer = None
         # Only the adapter is checkpointed; the frozen base is rebuilt from name_or_path.
         self.strict_loading = False
         self.window = AccumulationWindow()  # the micro-batches of the optimizer step under way
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss/gradient (NonFiniteGuard)
         self._eval_sums: dict[str, list[float]] = {}
         self._neftune: NEFTune | None = None
-        # predict's decoding: a choice at use time (the CLI's --decoding …), not a trained
-        # property, so not a hyperparameter stored in checkpoints.
+        # predict's decoding: chosen at use time (the CLI's --decoding …), so no hyperparameter in checkpoints.
         self.decoding: GenerationOptions = DEFAULT_DECODING
-
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -174,8 +145,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
             settings = replace(settings, device=str(device))
         self.model, self.tokenizer = build(self.hparams.backend, settings)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
-        self.trainable_share = trainable / total
+        self.trainable_share = trainable / sum(p.numel() for p in self.model.parameters())
         self._plain_head = self.model.get_base_model().config.model_type in PLAIN_HEAD_MODELS
         if self._should_compile():
             self._compile_layers()
@@ -194,10 +164,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         return chosen
 
     def _compile_layers(self) -> None:
-        """Compile each decoder layer in place (``nn.Module.compile``: parameter names and
-        checkpoints are unchanged). All layers share one compiled graph, so the one-time cost is
-        that of a single layer's forward + backward; ``dynamic=True`` keeps one graph for every
-        sequence length instead of recompiling per batch shape."""
+        """Compile each decoder layer in place (``nn.Module.compile``: names and checkpoints unchanged). The
+        layers share one graph (the cost of one layer); ``dynamic=True``: one graph for every sequence length."""
         layers = getattr(self.model.get_base_model().get_decoder(), "layers", None)
         if layers is None:
             raise ConfigError("model.compute.compile: this model has no decoder .layers to compile")
@@ -214,9 +182,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         loss_sum, n = self.token_loss_sum(batch)
         return loss_sum / max(n, 1)
 
-    # One optimizer step, hook by hook (docs/architecture.md, "One optimizer step"):
-    # training_step per micro-batch -> backward (Lightning) -> callbacks' on_before_optimizer_step
-    # (NonFiniteGuard first) -> on_before_optimizer_step here -> optimizer.step, scheduler.step.
+    # One optimizer step, hook by hook: the table in amzft.training.stack.
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._neftune is not None:  # this micro-batch's noise, the same again on resume
             self._neftune.reseed(self.global_step, len(self.window.batches), self.global_rank)
@@ -245,9 +211,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     # ------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, stage: str) -> None:
         if int(batch["label_tokens"]) == 0:
-            # A DDP rank's filler batch (data.module.eval_shards): nothing to score, it adds 0 to
-            # both sums. Skipping the model also spares a loss kernel (Liger's fused one) an
-            # empty set of label rows; the plain loss would give 0 for it too.
+            # A DDP rank's filler batch (data.module.eval_shards) adds 0 to both sums; skipping the model
+            # also spares a loss kernel (Liger's fused one) an empty set of label rows.
             return
         # Eagerly: under no_grad a compiled layer would compile a second graph for a few batches.
         with torch.compiler.set_stance("force_eager"):
@@ -259,12 +224,9 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         loss_sum, n = self._eval_sums.pop(stage, [0.0, 0])
         # Token-weighted mean over the whole split (summed across ranks under DDP).
-        totals = self.all_gather(torch.tensor([loss_sum, float(n)], dtype=torch.float64))
-        if totals.ndim > 1:
-            totals = totals.sum(0)
+        totals = self.all_gather(torch.tensor([loss_sum, float(n)], dtype=torch.float64)).reshape(-1, 2).sum(0)
         if totals[1] > 0:
-            # Every rank logs the same (gathered) value, so callbacks monitoring it (best
-            # checkpoints, early stopping) see it on every rank under DDP.
+            # The same gathered value on every rank, for the callbacks monitoring it (best, early stopping).
             self.log(f"{stage}/loss", float(totals[0] / totals[1]), prog_bar=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -282,10 +244,8 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         options = replace(self.decoding, max_new_tokens=self.hparams.max_new_tokens)
         answers = generation.generate(self, batch["prompt"], options, batch_size=len(batch["prompt"]))
-        return [
-            {"title": t, "reference": r, "answer": a.text, "stopped": a.stopped}
-            for t, r, a in zip(batch["title"], batch["reference"], answers)
-        ]
+        return [{"title": t, "reference": r, "answer": a.text, "stopped": a.stopped}
+                for t, r, a in zip(batch["title"], batch["reference"], answers)]
 
     # ------------------------------------------------------------- optimiser
     def configure_optimizers(self):
@@ -301,8 +261,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
         # Its length comes from max_steps, not estimated_stepping_batches (Lightning issue #20550
         # with stateful loaders); an epoch-based run (max_steps -1) falls back to the estimate.
         total = self.trainer.max_steps
-        if total is None or total < 0:
-            total = int(self.trainer.estimated_stepping_batches)
+        total = int(self.trainer.estimated_stepping_batches) if total is None or total < 0 else total
         scheduler = get_linear_schedule_with_warmup(optimizer, h.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
@@ -311,9 +270,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
-            self.print(
-                f"amzft: {self.hparams.name_or_path} with LoRA r={self.lora.r}: "
-                f"{self.trainable_share:.2%} of parameters trainable"
-            )
+            self.print(f"amzft: {self.hparams.name_or_path} with LoRA r={self.lora.r}: "
+                       f"{self.trainable_share:.2%} of parameters trainable")
         for logger in self.loggers:
             logger.log_metrics({"model/trainable_share": self.trainable_share}, step=self.global_step)

@@ -10,8 +10,7 @@ import torch
 
 
 class NEFTune:
-    """A forward hook on the input embeddings (``attach``); ``reseed`` before each training
-    micro-batch."""
+    """A forward hook on the input embeddings (``attach``); ``reseed`` before each training micro-batch."""
 
     def __init__(self, alpha: float, seed: int):
         self.alpha, self.seed = float(alpha), int(seed)

@@ -70,8 +70,7 @@ class OptimOptions:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"model.optim.lr must be a positive number, found {self.lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
-            problems.append(f"model.optim.warmup_steps and weight_decay must be >= 0, found {self.warmup_steps}, "
-                            f"{self.weight_decay}")
+            problems.append(f"model.optim.warmup_steps and weight_decay must be >= 0, found {self.warmup_steps}, {self.weight_decay}")
         return problems
 
 
@@ -105,8 +104,7 @@ class ComputeOptions:
         if self.loss_chunk_tokens < 0:
             problems.append(f"model.compute.loss_chunk_tokens must be >= 0 (0: no chunking), found {self.loss_chunk_tokens}")
         if self.kernels != "none" and backend != "hf":
-            problems.append(f"model.compute.kernels={self.kernels} works with backend hf only "
-                            "(Unsloth brings its own Triton kernels)")
+            problems.append(f"model.compute.kernels={self.kernels} works with backend hf only (Unsloth brings its own Triton kernels)")
         if self.compile is True and backend != "hf":
             problems.append("model.compute.compile works with backend hf only (Unsloth compiles its own kernels)")
         return problems

@@ -1,5 +1,4 @@
-"""Training callbacks: stop at a step, stop gracefully, preflight checks, predictions, sample
-answers and their ROUGE-L (``val/rougeL``)."""
+"""Training callbacks: stop at a step, stop gracefully, preflight checks, predictions, sample answers, ``val/rougeL``."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ from amzft.training.validation import find_schedule
 
 
 class StopAtStep(Callback):
-    """Ends fit cleanly after ``step`` optimizer steps and writes ``last.ckpt`` there (the
-    demo's stand-in for an interrupted run)."""
+    """Ends fit cleanly after ``step`` optimizer steps, writing ``last.ckpt`` there (the demo's interrupted run)."""
 
     def __init__(self, step: int):
         self.step = step
@@ -37,10 +35,8 @@ class StopAtStep(Callback):
 
 
 class PredictionsWriter(BasePredictionWriter):
-    """``predict`` results as JSON Lines (title, reference, answer, stopped) in the run's log
-    folder, appended as each batch finishes (the answers come from ``LoraCausalLM.predict_step``,
-    decoded with the module's ``decoding``). For a whole catalogue, resumable and sharded:
-    ``python -m amzft describe`` (amzft.catalogue)."""
+    """``predict`` results (``LoraCausalLM.predict_step``) as JSON Lines (title, reference, answer, stopped) in
+    the run's log folder, appended per batch. A whole catalogue, resumable and sharded: ``python -m amzft describe``."""
 
     def __init__(self):
         super().__init__(write_interval="batch")
@@ -68,21 +64,18 @@ class PredictionsWriter(BasePredictionWriter):
 
 
 class SampleAnswers(Callback):
-    """Answers decoded as every command decodes them (``options``: ``DEFAULT_DECODING`` unless
-    the CLI's ``--decoding`` … say otherwise; greedy, no RNG, so runs stay exact) for a fixed,
-    seeded sample of validation products:
+    """Answers decoded as every command decodes them (``options``: ``DEFAULT_DECODING`` unless the CLI's
+    ``--decoding`` … say otherwise; greedy, so runs stay exact) for a fixed, seeded sample of validation products:
 
     * every ``every_n_steps`` optimizer steps, the first ``products`` go to TensorBoard as text
       (``samples/answers``), to watch the answers change along the loss curve;
-    * at every validation (so on ``validation.every_n_steps``' schedule, and in ``validate``),
-      the first ``rouge_products`` are scored against their descriptions with ROUGE-L F1
-      (torchmetrics, ``scoring.overlap_scores`` as in ``evaluate``) and logged as ``val/rougeL``:
-      a curve, and a metric ``best.monitor`` and early stopping can use. Answers are capped at
-      ``max_new_tokens``, so it ranks checkpoints rather than measuring full descriptions.
+    * at every validation (also in ``validate``), the first ``rouge_products`` are scored against their
+      descriptions with ROUGE-L F1 (``scoring.overlap_scores``, as ``evaluate``) and logged as ``val/rougeL``,
+      which ``best.monitor`` and early stopping can use. Answers are capped at ``max_new_tokens``, so it
+      ranks checkpoints rather than measuring full descriptions.
 
-    One generation pass serves both: when the text is due at a step that also validates, it is
-    written at the validation from the scored answers. Under DDP rank 0 generates and every rank
-    logs the score it broadcasts.
+    One generation pass serves both: text due at a validating step is written from the scored answers.
+    Under DDP rank 0 generates and every rank logs the score it broadcasts.
 
     Args:
         every_n_steps: text every N optimizer steps; 0 turns the text off.
@@ -107,19 +100,16 @@ class SampleAnswers(Callback):
 
     def _rows(self, trainer, n: int, splits=("validation", "train")):
         """The first ``n`` of a seeded order of the split's products (the same order every call)."""
-        dm = trainer.datamodule
         for split in splits:
-            data = dm.split(split)
+            data = trainer.datamodule.split(split)
             if len(data):
                 order = seeded_sample(len(data), max(n, self.products, self.rouge_products), self.seed)
                 return split, data.select(order[:n]).select_columns(["title", "content"])
         return None, None
 
     def _write_text(self, trainer, step: int, split: str, rows, answers: list[str]) -> None:
-        text = "\n\n".join(
-            f"**{t}** ({split})  \nreference: {c}  \nanswer: {a or '(empty)'}"
-            for t, c, a in zip(rows["title"], rows["content"], answers)
-        )
+        text = "\n\n".join(f"**{t}** ({split})  \nreference: {c}  \nanswer: {a or '(empty)'}"
+                           for t, c, a in zip(rows["title"], rows["content"], answers))
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("samples/answers", text, step)
@@ -164,13 +154,9 @@ class SampleAnswers(Callback):
 
 
 class GracefulStop(Callback):
-    """SIGTERM or Ctrl-C during training: finish the current accumulation window, write
-    ``last.ckpt`` at that optimizer-step boundary (so the resume is exact), stop, and say how
-    to resume. A second Ctrl-C interrupts at once, as usual.
-
-    Registered at train start, after Lightning's own SIGTERM handler, which it replaces for
-    the duration of training (Lightning's would raise mid-window and lose the window's work).
-    """
+    """SIGTERM or Ctrl-C during training: finish the accumulation window, write ``last.ckpt`` at that step
+    boundary (so the resume is exact), stop, and say how to resume. A second Ctrl-C interrupts at once.
+    Replaces Lightning's SIGTERM handler during training (it would raise mid-window, losing the window's work)."""
 
     def __init__(self):
         self.requested: str | None = None
@@ -188,47 +174,37 @@ class GracefulStop(Callback):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler)
 
-    def _restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.requested or trainer.should_stop:
+        # Mid-window (the step unchanged), stopping now would lose the window's gradients.
+        if not self.requested or trainer.should_stop or trainer.global_step == self._step_at_batch_start:
             return
-        if trainer.global_step == self._step_at_batch_start:
-            return  # mid-window: stopping now would lose the window's gradients
         trainer.should_stop = True
         path = save_last_now(trainer)
-        pl_module.print(
-            f"\namzft: {self.requested} received; stopped after optimizer step {trainer.global_step}, "
-            f"checkpoint written to {path}.\nResume exactly with the same command plus: --ckpt_path last"
-        )
+        pl_module.print(f"\namzft: {self.requested} received; stopped after optimizer step {trainer.global_step}, "
+                        f"checkpoint written to {path}.\nResume exactly with the same command plus: --ckpt_path last")
 
-    def on_train_end(self, trainer, pl_module):
-        self._restore()
+    def on_train_end(self, trainer, pl_module, exception=None):
+        for sig, handler in self._previous.items():  # the handlers from before training
+            signal.signal(sig, handler)
+        self._previous = {}
 
-    def on_exception(self, trainer, pl_module, exception):
-        self._restore()
+    on_exception = on_train_end
 
 
 class Preflight(Callback):
-    """A check that would otherwise fail at the first checkpoint, minutes or hours in: the
-    checkpoint folder is writable and its disk can hold a few checkpoints, once the model (hence
-    the adapter and optimizer-state size) is known. (The log folder itself is checked by the
-    CLI before anything is written.)"""
+    """At fit start, what would otherwise fail at the first checkpoint, hours in: the checkpoint folder is
+    writable and its disk holds a few checkpoints (the CLI checks the log folder before anything is written)."""
 
     CHECKPOINTS_OF_ROOM = 3  # a new step file, last.ckpt and its temporary copy (plus the best-k files)
 
     def on_fit_start(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.checkpoint_callback is None:
             return
-        trainable = [p for p in pl_module.parameters() if p.requires_grad]
         # weights + two AdamW moments (fp32 upper bound; 8-bit moments are smaller)
-        one = sum(p.numel() * (p.element_size() + 8) for p in trainable) + (1 << 20)
+        one = sum(p.numel() * (p.element_size() + 8) for p in pl_module.parameters() if p.requires_grad) + (1 << 20)
         folder = trainer.checkpoint_callback.dirpath or trainer.default_root_dir
         best = sum(c.save_top_k for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint))
         check_writable(folder, (self.CHECKPOINTS_OF_ROOM + best) * one, what="checkpoint folder")

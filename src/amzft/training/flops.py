@@ -70,16 +70,13 @@ class StepFlops:
     head_forward: int
     head_backward: int
 
-    def parts(self) -> dict[str, int]:
-        return asdict(self)
-
     @property
     def total(self) -> int:
-        return sum(self.parts().values())
+        return sum(asdict(self).values())
 
     @property
     def backward(self) -> int:
-        return sum(n for part, n in self.parts().items() if part.endswith("_backward"))
+        return sum(n for part, n in asdict(self).items() if part.endswith("_backward"))
 
 
 def first_layer_gradients(targets: frozenset[str]) -> tuple[frozenset[str], int]:
@@ -90,10 +87,8 @@ def first_layer_gradients(targets: frozenset[str]) -> tuple[frozenset[str], int]
     attended = q or k or v  # the attention's output depends on an adapter
     stream = attended or "o_proj" in targets  # the residual stream after attention
     gated = stream or "gate_proj" in targets or "up_proj" in targets  # down's input
-    needs = {"o_proj"} if attended else set()
-    needs |= {"gate_proj", "up_proj"} if stream else set()
-    needs |= {"down_proj"} if gated else set()
-    return frozenset(needs), attention_products
+    needs = {"o_proj": attended, "gate_proj": stream, "up_proj": stream, "down_proj": gated}
+    return frozenset(name for name, needed in needs.items() if needed), attention_products
 
 
 def step_flops(shape: ModelShape, r: int, targets: Sequence[str], work: StepTokens) -> StepFlops:
@@ -106,8 +101,7 @@ def step_flops(shape: ModelShape, r: int, targets: Sequence[str], work: StepToke
     gradients an adapter needs are counted (``first_layer_gradients``)."""
     projections = shape.projections()
     targets = frozenset(targets)
-    unknown = sorted(targets - set(projections))
-    if unknown or not targets:
+    if not targets or not targets <= projections.keys():
         raise ValueError(f"LoRA targets must be among {PROJECTIONS} (at least one), found {sorted(targets)}")
     first_needs, first_attention = first_layer_gradients(targets)
     t, layers, rest = work.tokens, shape.layers, shape.layers - 1

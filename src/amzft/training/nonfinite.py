@@ -45,7 +45,5 @@ class NonFiniteGuard(Callback):
             return
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         also = f" ({MAX_CONSECUTIVE_SKIPS} steps in a row were skipped)" if skip else ""
-        raise ModelError(
-            f"{what} {where}{also}; training stopped before the update, the last checkpoint "
-            f"({checkpoint}) is intact: lower model.optim.lr, look at those records, or set model.on_nonfinite=skip"
-        )
+        raise ModelError(f"{what} {where}{also}; training stopped before the update, the last checkpoint ({checkpoint}) "
+                         "is intact: lower model.optim.lr, look at those records, or set model.on_nonfinite=skip")

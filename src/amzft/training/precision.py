@@ -5,6 +5,7 @@ with ``AMZFT_PRECISION_PROBE=1``, on MPS, without x86 flags) a short fp32-vs-bf1
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +50,8 @@ class ProbeResult:
 
 
 def resolve(precision, accelerator):
-    """``auto`` -> the chosen precision, logged with its reason; anything else as given. DDP ranks
-    (started with rank 0's environment) take rank 0's choice for the same device kind: probes on
-    shared cores could disagree."""
+    """``auto`` -> the chosen precision, logged with its reason; anything else as given. DDP ranks (started with
+    rank 0's environment) take rank 0's choice for the same device kind: probes on shared cores could disagree."""
     if precision != "auto":
         return precision
     kind = device_kind(accelerator)
@@ -68,8 +68,7 @@ def choose(kind: str) -> Choice:
     if kind == "cuda":
         import torch  # noqa: PLC0415 - `python -m amzft --help` must not import torch
 
-        name = torch.cuda.get_device_name()
-        return for_cuda(torch.cuda.is_bf16_supported(including_emulation=False), name)
+        return for_cuda(torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name())
     if kind == "mps":
         return _from_probe(probe("mps"), "Apple GPU (MPS): no measured rule")
     return for_cpu(read_cpuinfo(), probe, force_probe=os.environ.get(PROBE_ENV, "") not in ("", "0"))
@@ -108,11 +107,8 @@ def read_cpuinfo() -> str | None:
 
 
 def _cpuinfo_field(cpuinfo: str, field: str) -> str | None:
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == field:
-            return value.strip()
-    return None
+    found = re.search(rf"^[ \t]*{re.escape(field)}[ \t]*:(.*)$", cpuinfo, re.MULTILINE)
+    return found.group(1).strip() if found else None
 
 
 def for_cpu(cpuinfo: str | None, run_probe: Callable[[], ProbeResult], force_probe: bool = False) -> Choice:
@@ -171,8 +167,7 @@ def _linear_stack_step(device: str, dtype):
     import torch  # noqa: PLC0415
 
     generator = torch.Generator().manual_seed(0)
-    layers = [torch.nn.Linear(512, 512) for _ in range(4)]
-    stack = torch.nn.Sequential(*(m for layer in layers for m in (layer, torch.nn.GELU()))).to(device)
+    stack = torch.nn.Sequential(*(m for _ in range(4) for m in (torch.nn.Linear(512, 512), torch.nn.GELU()))).to(device)
     x = torch.randn(256, 512, generator=generator).to(device)
 
     def step():

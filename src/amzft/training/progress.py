@@ -27,8 +27,7 @@ class StepProgressBar(TQDMProgressBar):
         return Tqdm(  # Lightning's training bar, in steps; `initial`: a resumed run continues from its step
             total=finite_total(total), initial=trainer.global_step, unit="step", bar_format=self.TRAIN_FORMAT,
             position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
-            file=sys.stdout, smoothing=0,
-        )
+            file=sys.stdout, smoothing=0)
 
     def on_train_epoch_start(self, trainer, *_):
         pass  # Lightning's resets the bar to the epoch's batches; this one spans the run
@@ -60,8 +59,6 @@ class ParameterSummary(ModelSummary):
     @staticmethod
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
                   total_flops, **summarize_kwargs) -> None:
-        rank_zero_info(
-            f"parameters: {get_human_readable_count(int(trainable_parameters))} trainable, "
-            f"{get_human_readable_count(int(total_parameters - trainable_parameters))} frozen, "
-            f"{get_human_readable_count(int(total_parameters))} in all ({get_formatted_model_size(model_size)} MB)"
-        )
+        rank_zero_info(f"parameters: {get_human_readable_count(int(trainable_parameters))} trainable, "
+                       f"{get_human_readable_count(int(total_parameters - trainable_parameters))} frozen, "
+                       f"{get_human_readable_count(int(total_parameters))} in all ({get_formatted_model_size(model_size)} MB)")

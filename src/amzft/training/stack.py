@@ -28,13 +28,12 @@ on_validation_end           ModelCheckpoint         nothing (it saves on train b
 on_validation_end           BestCheckpoint          keep the ``best.save_top_k`` best files
 =========================== ======================= =================================================
 
-Once per run: ``Preflight`` (disk room, at fit start), ``ResumeMidEpoch`` (the sampler's place,
-on load), ``PredictionsWriter`` (``predict``), ``ParameterSummary``. Order matters three times:
-``NonFiniteGuard`` first (it decides whether the update happens before anything reads the
-gradients); ``ThroughputMeter`` before ``StepProgressBar`` (the bar shows what the meter logged);
-``EarlyStop`` before the best-checkpoint callback (the best file of the step early stopping ends
-on is still written). The config's groups (``checkpoint.*``, ``sample_answers.*``,
-``validation.*``, ``best.*``) and then ``trainer.callbacks`` come right after the guard.
+Once per run: ``Preflight`` (disk room, at fit start), ``ResumeMidEpoch`` (the sampler's place, on load),
+``PredictionsWriter`` (``predict``), ``ParameterSummary``. Order matters three times: ``NonFiniteGuard`` first
+(it decides whether the update happens before anything reads the gradients); ``ThroughputMeter`` before
+``StepProgressBar`` (the bar shows what the meter logged); ``EarlyStop`` before the best-checkpoint callback
+(the best file of the step early stopping ends on is still written). The config's groups (``checkpoint.*``,
+``sample_answers.*``, ``validation.*``, ``best.*``) and then ``trainer.callbacks`` come right after the guard.
 """
 
 from __future__ import annotations
@@ -51,25 +50,15 @@ from amzft.training.validation import EarlyStop
 
 def fit_callbacks(from_config: list[Callback], given: list[Callback], *, early_stop: dict | None,
                   progress_bar: bool, model_summary: bool) -> list[Callback]:
-    """Every callback of a run: ``from_config`` (the CLI's callback groups), amzft's own, and the
-    defaults ``given`` (``trainer.callbacks``) does not replace: one throughput meter (the GPU
-    check passes its own), one progress bar (Lightning refuses two, or one when the bar is
-    off), one model summary."""
-    callbacks = [
-        NonFiniteGuard(),
-        *from_config,
-        *given,
-        Preflight(),
-        ResumeMidEpoch(),
-        LearningRateMonitor(logging_interval="step"),
-        PredictionsWriter(),
-        GracefulStop(),
-        *([EarlyStop(**early_stop)] if early_stop else []),
-    ]
-    if not any(isinstance(c, ThroughputMeter) for c in given):
-        callbacks.append(ThroughputMeter())
-    if progress_bar and not any(isinstance(c, ProgressBar) for c in given):
-        callbacks.append(StepProgressBar())
-    if model_summary and not any(isinstance(c, ModelSummary) for c in given):
-        callbacks.append(ParameterSummary())
+    """Every callback of a run: ``from_config`` (the CLI's callback groups), amzft's own, and the defaults
+    ``given`` (``trainer.callbacks``) does not replace: one throughput meter (the GPU check passes its own),
+    one progress bar (Lightning refuses two, or one when the bar is off), one model summary."""
+    callbacks = [NonFiniteGuard(), *from_config, *given, Preflight(), ResumeMidEpoch(),
+                 LearningRateMonitor(logging_interval="step"), PredictionsWriter(), GracefulStop(),
+                 *([EarlyStop(**early_stop)] if early_stop else [])]
+    defaults = ((ThroughputMeter, True, ThroughputMeter), (ProgressBar, progress_bar, StepProgressBar),
+                (ModelSummary, model_summary, ParameterSummary))
+    for kind, wanted, default in defaults:
+        if wanted and not any(isinstance(c, kind) for c in given):
+            callbacks.append(default())
     return callbacks

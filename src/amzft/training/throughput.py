@@ -47,10 +47,9 @@ class TokenCounts:
 
 
 class ThroughputMeter(Callback):
-    """Logs tokens/s, label tokens/s, padding efficiency and peak memory per optimizer step, timed
-    from the window's first batch (validation and checkpoint writes between steps excluded).
-    ``summary()`` times the run from the end of its first step (compilation, warm-up) to its last;
-    with ``summary_path`` it is written as JSON at train end (gpu/check.py reads it)."""
+    """Logs tokens/s, label tokens/s, padding efficiency and peak memory per optimizer step, timed from the
+    window's first batch (validation and checkpoint writes between steps excluded). ``summary()`` times the run
+    from the end of its first step (compilation, warm-up) to its last, written as JSON to ``summary_path`` at train end."""
 
     def __init__(self, summary_path: str | None = None):
         self.summary_path = summary_path
@@ -59,11 +58,9 @@ class ThroughputMeter(Callback):
     def _reset_run(self) -> None:
         self._device = torch.device("cpu")
         self._window, self._total = TokenCounts(), TokenCounts()
-        self._window_start: float | None = None
-        self._last_step: int | None = None
+        self._window_start = self._last_step = self._last_loss = None  # float, int, float once set
         self._train_start = self._timed_from = self._timed_to = None
         self._steps = self._steps_timed = 0
-        self._last_loss: float | None = None
 
     def _now(self) -> float:
         if self._device.type == "cuda":  # kernels run asynchronously

@@ -1,5 +1,4 @@
-"""Validation every N optimizer steps (``validation.every_n_steps``) and early stopping on the
-monitored metric (``early_stopping.*``)."""
+"""Validation every N optimizer steps (``validation.every_n_steps``) and early stopping (``early_stopping.*``)."""
 
 from __future__ import annotations
 
@@ -13,10 +12,9 @@ from amzft.lightning_compat import at_last_batch, decide_validation_with, inside
 
 
 class ValidationSchedule(Callback):
-    """Validation after every ``every_n_steps`` optimizer steps and after the last one.
-
-    Lightning counts ``val_check_interval`` in batches, which drifts from optimizer steps with
-    accumulation, so this replaces its per-batch decision (``lightning_compat.decide_validation_with``).
+    """Validation after every ``every_n_steps`` optimizer steps and after the last one. It replaces Lightning's
+    per-batch decision (``lightning_compat.decide_validation_with``): ``val_check_interval`` counts batches,
+    which drift from optimizer steps with accumulation.
 
     Args:
         every_n_steps: validate after every N optimizer steps; 0: Lightning's own schedule.
