@@ -116,3 +116,42 @@ def block_network() -> list[str]:
 
     socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
     return attempts
+
+
+class OutOfMemoryAt(Callback):
+    """Raise torch's CUDA out-of-memory error in the backward of the first micro-batch of optimizer
+    step ``step`` (as a GPU does on a too-long example or too large a batch)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step + 1 >= self.step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total)")
+
+
+class SlowLastWrite(Callback):
+    """From optimizer step ``step`` on, each write of ``last.ckpt`` writes ``marker`` once half its
+    bytes are in the temporary file, then waits ``seconds`` before writing the rest: a write long
+    enough for a test to signal the process during it."""
+
+    def __init__(self, step: int, marker: str, seconds: float):
+        self.step, self.marker, self.seconds = step, Path(marker), seconds
+
+    def setup(self, trainer, pl_module, stage):
+        real_save, helper = torch.save, self
+
+        def save(obj, f, *args, **kwargs):
+            name = os.readlink(f"/proc/self/fd/{f.fileno()}") if hasattr(f, "fileno") else str(f)
+            if ".last.ckpt." not in str(name) or trainer.global_step < helper.step:
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            helper.marker.write_text(str(trainer.global_step))
+            time.sleep(helper.seconds)
+            f.write(data[len(data) // 2:])
+
+        torch.save = save

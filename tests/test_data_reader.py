@@ -8,9 +8,11 @@ import pytest
 
 from amzft.data import reader
 from amzft.data.build import DataSettings, prepare
+from amzft.data.module import AmazonTitlesDataModule
 from amzft.data.reader import read_records
+from amzft.data.settings import ReadOptions
 from amzft.data.stats import PipelineStats
-from amzft.errors import DataError
+from amzft.errors import ConfigError, DataError
 from helpers import tiny_records
 
 GOOD = {"uid": "1", "title": "Mug", "content": "A blue mug.", "target_ind": [1], "target_rel": [1.0]}
@@ -319,3 +321,68 @@ def test_the_build_keeps_the_same_records_from_a_utf16_bzip2_or_cr_copy(write_js
     (tmp_path / "data.csv").write_text("title,content\nMug,A mug.\n")
     with pytest.raises(DataError, match="data.csv: looks like CSV"):
         prepare(DataSettings(path=str(tmp_path / "data.csv")), llama_tokenizer, tmp_path / "csv", num_proc=2)
+
+
+def _pretty(records, separator="\n"):
+    return separator.join(json.dumps(r, indent=2) for r in records) + "\n"
+
+
+@pytest.mark.parametrize("separator", ["\n", ",\n", "\n\n"])
+def test_pretty_printed_objects_one_after_another_are_read(tmp_path, separator):
+    """A file of JSON objects written over several lines each (json.dumps(indent=2), jq .), with
+    or without commas between them: every record read, each numbered by its first line, a nested
+    object and a brace inside a string included; a broken object in the middle is one counted
+    malformed_json skip (strict: a one-line error at its first line) and the next is still read."""
+    records = [dict(r, extra={"a": [1, {"b": "}"}]}) for r in tiny_records(5)]
+    path = tmp_path / "pretty.json"
+    path.write_text(_pretty(records, separator))
+    got, stats = _read(path)
+    assert [(r.title, r.content) for r in got] == [(r["title"], r["content"]) for r in records]
+    assert stats.skipped == {} and stats.records_read == 5
+    text = path.read_text().splitlines()
+    assert [r.line for r in got] == [i + 1 for i, line in enumerate(text) if line.startswith("{")]
+    broken = json.dumps(records[1], indent=2).replace('"content"', '"content" "oops"', 1)
+    path.write_text(_pretty(records[:1]) + broken + "\n" + _pretty(records[2:]))
+    got, stats = _read(path)
+    assert [r.title for r in got] == [records[i]["title"] for i in (0, 2, 3, 4)]
+    broken_line = path.read_text().splitlines().index("{", 1) + 1
+    assert stats.skipped == {"malformed_json": 1} and stats.skipped_lines["malformed_json"] == [broken_line]
+    with pytest.raises(DataError, match=rf"^{path}:{broken_line}: malformed JSON"):
+        _read(path, strict=True)
+
+
+def test_json_lines_with_a_trailing_comma_on_every_line_lose_nothing(write_jsonl, llama_tokenizer, tmp_path):
+    """One object per line, each followed by a comma (an array without its brackets): every record
+    read, by the reader and by the build's workers (which parse raw blocks of a plain file)."""
+    records = tiny_records(20)
+    path = write_jsonl([json.dumps(r) + ", " for r in records])
+    got, stats = _read(path)
+    assert len(got) == 20 and stats.skipped == {}
+    prepared = prepare(DataSettings(path=str(path), val_fraction=0.0, test_fraction=0.0), llama_tokenizer,
+                       tmp_path / "cache", num_proc=2)
+    assert prepared.stats.kept == 20 and prepared.stats.skipped == {}
+    assert _read(write_jsonl([b'{"title": "x", "content": "y"},,']))[1].skipped == {"malformed_json": 1}
+
+
+def test_a_windows_1252_file_is_named_and_read_with_data_encoding(tmp_path, llama_tokenizer):
+    """Curly quotes and é in Windows-1252: without data.read.encoding no record is lost silently: the
+    build's error names the setting that reads it; with data.read.encoding: cp1252 every record is
+    read, and decoded as the text it was."""
+    records = [{"title": f"Caf\u00e9 \u201cNo. {i}\u201d", "content": f"The \u2018best\u2019 mug, number {i} \u2013 blue."}
+               for i in range(20)]
+    path = tmp_path / "legacy.json"
+    path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode("cp1252") + b"\r\n" for r in records))
+    with pytest.raises(DataError) as err:
+        prepare(DataSettings(path=str(path)), llama_tokenizer, tmp_path / "auto", num_proc=1)
+    assert "non_utf8=20" in str(err.value) and "set data.read.encoding: cp1252" in str(err.value)
+    settings = DataSettings(path=str(path), val_fraction=0.0, test_fraction=0.0, encoding="cp1252")
+    for num_proc in (1, 2):
+        prepared = prepare(settings, llama_tokenizer, tmp_path / f"cp1252-{num_proc}", num_proc=num_proc)
+        assert list(prepared.raw["train"]["title"]) == [r["title"] for r in records]
+        assert prepared.stats.skipped == {}
+
+
+def test_data_encoding_is_checked_when_the_module_is_made():
+    with pytest.raises(ConfigError, match="data.read.encoding: unknown encoding 'klingon'; use a codec name such as cp1252"):
+        AmazonTitlesDataModule(read=ReadOptions(encoding="klingon"))
+    assert AmazonTitlesDataModule(read=ReadOptions(encoding="Windows-1252")).settings.encoding == "cp1252"

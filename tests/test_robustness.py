@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from amzft.data.build import DataSettings, prepare
 from amzft.errors import ConfigError, ModelError
 from amzft.training.nonfinite import MAX_CONSECUTIVE_SKIPS
 from fault_helpers import ATTEMPTS, NetworkAccess
-from helpers import fit_args, one_line_error, tiny_records
+from helpers import copy_run, fit_args, one_line_error, tiny_records
 
 TESTS = Path(__file__).resolve().parent
 
@@ -410,3 +411,90 @@ def test_the_parallel_build_lists_the_files_first_skipped_lines(block, write_jso
     assert serial.stats.skipped_lines["duplicate"] == [3, 6, 9, 12, 15]
     assert sum(size > 0 for size in serial.stats.split_sizes.values()) >= 2  # duplicates in several splits
     assert _rows(parallel) == _rows(serial) and parallel.stats.to_dict() == serial.stats.to_dict()
+
+
+def test_a_broken_checkpoint_is_one_message_wherever_it_is_read(trained_run, tiny_model_dir, tiny_data, tmp_path, capsys):
+    """A truncated last.ckpt (a copy cut short) given to fit, ask, evaluate, export and describe:
+    the same one line from each, naming the file, what is wrong with it and the newest good
+    checkpoint beside it; a file that is no checkpoint at all, and an empty one, say so."""
+    ckpt = copy_run(trained_run, tmp_path)
+    good = ckpt.with_name("step00002.ckpt")
+    shutil.copy(ckpt, good)
+    os.utime(good, (1, 1))  # older than last.ckpt, newer than nothing
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    catalogue = tmp_path / "titles.jsonl"
+    catalogue.write_text('{"title": "Mug"}\n')
+    commands = {
+        "fit": [*fit_args(tiny_model_dir, tiny_data, tmp_path), "--ckpt_path", str(ckpt)],
+        "ask": ["ask", "Mug", "--ckpt_path", str(ckpt)],
+        "evaluate": ["evaluate", "--ckpt_path", str(ckpt), "--samples", "2"],
+        "export": ["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")],
+        "describe": ["describe", "--ckpt_path", str(ckpt), "--data.path", str(catalogue), "--out", str(tmp_path / "d.jsonl")],
+    }
+    errors = {name: one_line_error(capsys, *args) for name, args in commands.items()}
+    want = (f"amzft: error: checkpoint {ckpt} is corrupt or not a checkpoint: the file is truncated or is not a torch "
+            f"checkpoint (an interrupted copy or write?); the newest good checkpoint beside it is {good}")
+    assert errors == dict.fromkeys(commands, want)
+    ckpt.write_bytes(b"not a checkpoint at all")
+    for other in ckpt.parent.glob("*.ckpt"):
+        if other != ckpt:
+            other.unlink()
+    assert one_line_error(capsys, "ask", "Mug", "--ckpt_path", str(ckpt)).endswith(
+        f"the file is not a torch checkpoint; no other readable checkpoint in {ckpt.parent}")
+    ckpt.write_bytes(b"")
+    assert "the file is empty (an interrupted copy or write?)" in one_line_error(capsys, *commands["fit"])
+
+
+def test_out_of_memory_in_a_step_is_one_line_and_the_checkpoint_before_it_resumes(tiny_model_dir, tiny_data, tmp_path,
+                                                                                    capsys):
+    """An out-of-memory error in step 3's backward (injected: no GPU here) ends the fit with one line
+    naming the step, the micro-batch's size in tokens and the options that shrink it; last.ckpt
+    from step 2 is intact and the same command plus --ckpt_path last continues from it."""
+    args = fit_args(tiny_model_dir, tiny_data, tmp_path, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2",
+                    "--model.compute.compile", "false")
+    oom = "--trainer.callbacks+=" + json.dumps({"class_path": "fault_helpers.OutOfMemoryAt", "init_args": {"step": 3}})
+    error = one_line_error(capsys, *args, oom)
+    last = tmp_path / "logs" / "amzft" / "version_0" / "checkpoints" / "last.ckpt"
+    assert error.startswith("amzft: error: out of GPU memory at optimizer step 3 on a micro-batch of 2 x ")
+    assert "lower data.batch_size (and raise trainer.accumulate_grad_batches), data.max_length" in error
+    assert error.endswith(f"{last} is intact: resume with --ckpt_path last")
+    assert load_checkpoint_file(last)["global_step"] == 2
+    main([*args, "--ckpt_path", "last"])
+    assert load_checkpoint_file(last)["global_step"] == 4
+
+
+@pytest.mark.e2e
+def test_preemption_a_second_sigterm_or_a_sigkill_during_the_checkpoint_write_leaves_a_whole_last_ckpt(
+        tiny_model_dir, tiny_data, tmp_path):
+    """SLURM's preemption: SIGTERM, then (a second SIGTERM, or SIGKILL once the grace period is
+    over) while the run writes its last.ckpt. A second SIGTERM changes nothing: the window's
+    checkpoint is written whole and the run exits 0 well inside SLURM's default 30 s grace period.
+    A SIGKILL mid-write leaves the last.ckpt before it, whole. Both resume."""
+    runs = {}
+    for name in ("sigterm", "sigkill"):
+        logs, marker = tmp_path / name / "logs", tmp_path / f"{name}.writing"
+        proc = _fit_process(tiny_model_dir, tiny_data, tmp_path / name, logs,
+                            ("fault_helpers.SlowLastWrite", {"step": 3, "marker": str(marker), "seconds": 3}),
+                            extra=("--trainer.max_steps", "100000", "--model.compute.compile", "false"))
+        runs[name] = proc, logs / "amzft" / "version_0" / "checkpoints", marker
+    for name, (proc, folder, _) in runs.items():
+        _wait_for(folder / "step00002.ckpt", proc)
+        proc.send_signal(signal.SIGTERM)
+        runs[name] += (time.time(),)
+    for name, (proc, _, marker, _) in runs.items():
+        _wait_for(marker, proc)
+        proc.send_signal(signal.SIGTERM if name == "sigterm" else signal.SIGKILL)
+    proc, folder, _, sent = runs["sigterm"]
+    out = _finish(proc)
+    assert time.time() - sent < 30 and "SIGTERM received; stopped after optimizer step" in out
+    step = load_checkpoint_file(folder / "last.ckpt")["global_step"]
+    assert step >= 3 and f"stopped after optimizer step {step}," in out
+    proc, folder, _, _ = runs["sigkill"]
+    proc.wait(timeout=60)
+    assert load_checkpoint_file(folder / "last.ckpt")["global_step"] == 2  # the one before the write, whole
+    for name in runs:
+        logs = tmp_path / name / "logs"
+        _finish(_fit_process(tiny_model_dir, tiny_data, tmp_path / name, logs,
+                             extra=("--trainer.max_steps", "6", "--ckpt_path", "last")))
+        assert load_checkpoint_file(logs / "amzft" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 6

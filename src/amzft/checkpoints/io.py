@@ -44,6 +44,49 @@ def check_writable(folder: str | os.PathLike, need_bytes: int = 0, what: str = "
                          f"{need_bytes / 2**20:.0f} MiB: free some space or set trainer.default_root_dir elsewhere")
 
 
+def _what_is_wrong(path: Path, exc: Exception) -> str:
+    text = str(exc)
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "the file is empty (an interrupted copy or write?)"
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return "the file is not a torch checkpoint"
+    if "central directory" in text or isinstance(exc, EOFError):
+        return "the file is truncated or is not a torch checkpoint (an interrupted copy or write?)"
+    if "Weights only load failed" in text:
+        return "it holds Python objects beyond tensors, which amzft does not unpickle (weights_only)"
+    return f"{type(exc).__name__}: {text[:120]}"
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` opens as a torch checkpoint (memory-mapped: its tensors are not read)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return True
+
+
+def unreadable_checkpoint(path: str | os.PathLike, exc: Exception) -> ModelError:
+    """The one message for a checkpoint that cannot be read, wherever it is read: the file, what is
+    wrong with it, and the newest other checkpoint of its folder that opens (a run keeps several)."""
+    path = Path(path)
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    good = next((p for p in others if _readable(p)), None)
+    where = f"the newest good checkpoint beside it is {good}" if good else f"no other readable checkpoint in {path.parent}"
+    return ModelError(f"checkpoint {path} is corrupt or not a checkpoint: {_what_is_wrong(path, exc)}; {where}")
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """A one-line error now for a checkpoint that does not open (what Lightning's CLI would load first)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise unreadable_checkpoint(path, exc) from None
+
+
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """``torch.load(weights_only=True)`` with one-line errors for missing or corrupt files."""
     path = Path(path)
@@ -52,7 +95,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise unreadable_checkpoint(path, exc) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ModelError(f"checkpoint {path} is not an amzft checkpoint (no state_dict / hyper_parameters)")
     return checkpoint

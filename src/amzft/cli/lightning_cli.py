@@ -6,12 +6,14 @@ auto`` resolved before the config is saved, and the callbacks in ``amzft.trainin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from amzft.checkpoints.best import BestCheckpoint
-from amzft.checkpoints.io import AtomicCheckpointIO, check_writable
+from amzft.checkpoints.io import AtomicCheckpointIO, check_checkpoint_file, check_writable
 from amzft.checkpoints.locate import LOG_NAME, resolve_ckpt_path, run_version
 from amzft.data.module import AmazonTitlesDataModule
 from amzft.errors import ConfigError
@@ -33,6 +35,13 @@ class AmzftCLI(TrainerBuildHook, LightningCLI):
         self.ckpt_path = ckpt_path
         kwargs.setdefault("trainer_class", AmzftTrainer)  # accepts trainer.precision: auto
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning's CLI loads a --ckpt_path file next, with torch's own error for a broken one.
+        ckpt_path = (self.config.get(self.config.get("subcommand") or "", None) or {}).get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_file(ckpt_path)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.name_or_path", "data.tokenizer")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     except (AmzftError, argparse.ArgumentError) as exc:
         if debug:
             raise
-        message = _one_line(str(exc))
+        message = _one_line(str(exc), 1000)  # amzft's own messages name files: room for two paths
         if isinstance(exc, argparse.ArgumentError):
             # YAML errors name "<unicode string>": name the config file instead.
             configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]

@@ -27,7 +27,7 @@ from amzft.data.clean import FilterSettings, RecordFilter, dedupe_key
 from amzft.data.encode import PromptEncoder
 from amzft.data.lazy import LazyExamples, default_num_proc, tokenizer_processes
 from amzft.data.prompt import PromptFormat
-from amzft.data.reader import check_data_file, is_plain_json_lines, parse_line, raw_lines
+from amzft.data.reader import LEGACY_HINT, check_data_file, is_plain_json_lines, parse_line, raw_lines
 from amzft.data.split import SPLITS, assign_split
 from amzft.data.stats import PipelineStats
 from amzft.errors import DataError
@@ -55,6 +55,7 @@ class DataSettings:
     split_salt: str = ""
     strict: bool = False
     limit: int | None = None  # read at most this many records (quick experiments)
+    encoding: str | None = None  # the file's text encoding; None: UTF-8 (or UTF-16/32, told by mark or NULs)
 
 
 class TokenisedSplits(Mapping):
@@ -284,7 +285,7 @@ def _build(settings: DataSettings, data_file: Path, tokenizer, out: Path, num_pr
     writers: dict = {}
     seen: set[bytes] = set()
     # Plain JSON Lines go to the workers in blocks of bytes; gzip, UTF-16, a JSON array or a limit in numbered lines.
-    blocks = settings.limit is None and is_plain_json_lines(data_file)
+    blocks = settings.limit is None and is_plain_json_lines(data_file, settings.encoding)
 
     def collect(result) -> None:
         read, skips, error, parts = result.get()
@@ -304,7 +305,7 @@ def _build(settings: DataSettings, data_file: Path, tokenizer, out: Path, num_pr
     if blocks:
         chunks = _raw_blocks(data_file)
     else:  # lists of CHUNK (line, raw bytes) pairs, at most ``limit`` in all
-        lines = itertools.islice(raw_lines(data_file, stats, settings.strict), settings.limit)
+        lines = itertools.islice(raw_lines(data_file, stats, settings.strict, settings.encoding), settings.limit)
         chunks = iter(lambda: list(itertools.islice(lines, CHUNK)), [])
     with tokenizer_processes():
         pool = (context.Pool(num_proc, initializer=_worker_init, initargs=(settings, tokenizer)) if num_proc > 1
@@ -326,5 +327,6 @@ def _build(settings: DataSettings, data_file: Path, tokenizer, out: Path, num_pr
         stats.split_sizes[name] = writer.finalize()[0]
     if stats.kept == 0:
         reasons = ", ".join(f"{k}={v}" for k, v in stats.skipped.most_common()) or "none"
-        raise DataError(f"{settings.path}: no usable records ({stats.records_read} read; skipped: {reasons})")
+        hint = f"; {LEGACY_HINT}" if stats.skipped["non_utf8"] and settings.encoding is None else ""
+        raise DataError(f"{settings.path}: no usable records ({stats.records_read} read; skipped: {reasons}){hint}")
     return stats

@@ -13,8 +13,9 @@ from amzft.data.build import DataSettings, PreparedData, prepare
 from amzft.data.clean import FilterSettings
 from amzft.data.collate import Collator, TokenizedDataset
 from amzft.data.prompt import PromptFormat
+from amzft.data.reader import LEGACY_HINT
 from amzft.data.sampler import Batch, ResumableBatchSampler
-from amzft.data.settings import GROUPS, BatchOptions, HoldoutOptions
+from amzft.data.settings import GROUPS, BatchOptions, HoldoutOptions, ReadOptions
 from amzft.data.split import seeded_sample
 from amzft.errors import ConfigError
 from amzft.files import shipped_sample
@@ -76,8 +77,8 @@ class AmazonTitlesDataModule(LightningDataModule):
         filters: which records are kept (``amzft.data.clean.FilterSettings``).
         holdout: held-out products (``amzft.data.settings.HoldoutOptions``).
         batches: order and layout of training batches (``amzft.data.settings.BatchOptions``).
+        read: how the file's bytes are read (``amzft.data.settings.ReadOptions``).
         limit: read at most this many records.
-        strict: stop at the first bad line instead of counting it as skipped.
         num_proc: processes that build the cache and count all examples' tokens where needed
             (small packed splits, evaluation, the report); null: one per core; 1: this process.
         cache_dir: where the cleaned datasets go (default: ~/.cache/amzft/datasets).
@@ -87,10 +88,10 @@ class AmazonTitlesDataModule(LightningDataModule):
 
     def __init__(self, path: str | None = None, tokenizer: str = "embedded", max_length: int = 2048, batch_size: int = 2,
                  eval_batch_size: int = 8, prompt: PromptFormat = PromptFormat(), filters: FilterSettings = FilterSettings(),
-                 holdout: HoldoutOptions = HoldoutOptions(), batches: BatchOptions = BatchOptions(), limit: int | None = None,
-                 strict: bool = False, num_proc: int | None = None, cache_dir: str | None = None):
+                 holdout: HoldoutOptions = HoldoutOptions(), batches: BatchOptions = BatchOptions(), read: ReadOptions = ReadOptions(),
+                 limit: int | None = None, num_proc: int | None = None, cache_dir: str | None = None):
         super().__init__()
-        problems = [*filters.problems(), *holdout.problems(), *batches.problems()]
+        problems = [*filters.problems(), *holdout.problems(), *batches.problems(), *read.problems()]
         if max_length < 8:
             problems.append(f"data.max_length must be >= 8, found {max_length}")
         if batch_size < 1 or eval_batch_size < 1:
@@ -102,10 +103,10 @@ class AmazonTitlesDataModule(LightningDataModule):
             raise ConfigError("; ".join(problems))
         self.save_hyperparameters(hyperparameters(dict(
             path=path, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            prompt=prompt, filters=filters, holdout=holdout, batches=batches, limit=limit, strict=strict,
+            prompt=prompt, filters=filters, holdout=holdout, batches=batches, read=read, limit=limit,
             num_proc=num_proc, cache_dir=cache_dir)))
         self.settings = DataSettings(str(path) if path else str(shipped_sample()), max_length, filters, prompt,
-                                     holdout.val_fraction, holdout.test_fraction, holdout.salt, strict, limit)
+                                     holdout.val_fraction, holdout.test_fraction, holdout.salt, read.strict, limit, read.codec())
         self.tokenizer_name = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.holdout, self.batches = holdout, batches
@@ -126,6 +127,8 @@ class AmazonTitlesDataModule(LightningDataModule):
             stats = self.prepared.stats
             log.info("data: %d read, %d kept (train %d / validation %d / test %d), skipped %s", stats.records_read,
                      stats.kept, *(stats.split_sizes[s] for s in ("train", "validation", "test")), dict(stats.skipped))
+            if stats.skipped["non_utf8"] and self.settings.encoding is None:
+                log.warning("data: %d %s", stats.skipped["non_utf8"], LEGACY_HINT)
 
     def split(self, name: str):
         self.setup()

@@ -24,7 +24,9 @@ REQUIRED_FIELDS = ("title", "content")
 ARRAY_LIMIT = 512 * 2**20  # a JSON array is parsed whole (several times its bytes in memory): above this, convert it
 CHUNK = 1 << 16  # bytes per read of a file that is transcoded or has its line ends rewritten
 CR_PROBE = 16 * 2**20  # no LF but a CR in this many first bytes: bare-CR line ends (generous: a 3 MB first record)
+OBJECT_PROBE = 200  # lines after a first line that opens an object, read to find where it closes
 LOOK_AHEAD = 4  # non-blank lines after the first one read to tell CSV / text from a bad first record
+LEGACY_HINT = "lines that are not UTF-8 may be in a legacy encoding: for Windows-1252 set data.read.encoding: cp1252"
 WHAT_WE_READ = 'amzft reads JSON Lines with one {"title": ..., "content": ...} object per line'
 
 
@@ -107,8 +109,9 @@ def _encoding(head: bytes) -> str:
     return NUL_PATTERNS.get(pattern, "utf-8")
 
 
-def _layout(path: Path) -> Layout:
-    """Compression (by magic bytes), encoding and line ends of ``path``; zip or zstd: a DataError."""
+def _layout(path: Path, encoding: str | None = None) -> Layout:
+    """Compression (by magic bytes), encoding (``encoding``, or told by mark / NULs) and line ends of
+    ``path``; zip or zstd: a DataError."""
     with path.open("rb") as probe:
         magic = probe.read(8)
     for refused, problem in REFUSED:
@@ -117,7 +120,7 @@ def _layout(path: Path) -> Layout:
     layout = Layout(next((c for c in COMPRESSIONS if magic.startswith(c.magic)), None), "utf-8", False)
     with contextlib.suppress(*layout.errors):  # reading the lines counts (or, strict, raises on) the damage
         with layout.binary(path) as binary:
-            layout = layout._replace(encoding=_encoding(binary.read(4)))
+            layout = layout._replace(encoding=encoding or _encoding(binary.read(4)))
         with _open(path, layout) as text:
             layout = layout._replace(bare_cr=_ends_lines_in_cr(text))
     return layout
@@ -201,7 +204,13 @@ def json_object(raw: bytes) -> tuple[str, str] | dict:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
+        # Some exporters end every line in a comma (an array's elements without its brackets).
+        if not (text := text.rstrip()).endswith(","):
+            return "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
+        try:
+            obj = json.loads(text[:-1])
+        except json.JSONDecodeError:
+            return "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(obj, dict):
         return "not_an_object", f"expected a JSON object, found {type(obj).__name__}"
     return obj
@@ -294,33 +303,72 @@ def _too_big(path: Path, layout: Layout) -> DataError:
                      f"(one object per line): convert it with  {' | '.join(steps)} > {out}")
 
 
-def _read_array_text(path: Path, layout: Layout) -> tuple[int, bytes] | None:
-    """(first non-blank line's number, at most ``ARRAY_LIMIT + 1`` bytes) of a file holding one
-    JSON array, or None for JSON Lines (also a whole JSON value followed by more lines)."""
+def _form(path: Path, layout: Layout) -> tuple[str, int, bytes]:
+    """How ``path`` holds its records: ("lines", ...) JSON Lines (also a whole JSON value followed by more
+    lines), ("objects", ...) JSON objects written over several lines each, one after another, or ("array",
+    first non-blank line's number, at most ``ARRAY_LIMIT + 1`` bytes) one JSON array."""
     with _open(path, layout) as handle:
         try:
             first_no, first = _first_line(handle, 0)
         except layout.errors:
-            return None  # reading it as JSON Lines counts (or raises on) the damage
-        if not first.lstrip().startswith(b"["):
-            _refuse_other_formats(path, handle, first_no, first, layout.errors)
-            return None
+            return "lines", 0, b""  # reading it as JSON Lines counts (or raises on) the damage
         try:
+            if first.lstrip().startswith(b"{"):
+                return _objects_or_lines(handle, first), first_no, b""
+            if not first.lstrip().startswith(b"["):
+                _refuse_other_formats(path, handle, first_no, first, layout.errors)
+                return "lines", first_no, b""
             try:
                 json.loads(first)
             except ValueError:  # (UnicodeDecodeError is one) not whole on its own: pretty-printed
-                return first_no, first + handle.read(ARRAY_LIMIT + 1 - len(first))
-            return None if _first_line(handle, first_no)[1] else (first_no, first)
+                return "array", first_no, first + handle.read(ARRAY_LIMIT + 1 - len(first))
+            return ("lines" if _first_line(handle, first_no)[1] else "array"), first_no, first
         except layout.errors as exc:
             raise DataError(f"{path}: {layout.damaged(exc)}") from None
 
 
-def _json_array(path: Path, layout: Layout) -> list | None:
-    """The elements of a file that holds one JSON array, or None for JSON Lines."""
-    found = _read_array_text(path, layout)
-    if found is None:
-        return None
-    first_no, data = found
+def _objects_or_lines(handle, first: bytes) -> str:
+    """"objects" when the first line opens an object that closes on a later line, else "lines" (a bad
+    first line of JSON Lines is one counted skip)."""
+    parsed = json_object(first)
+    if not isinstance(parsed, tuple) or parsed[0] != "malformed_json":
+        return "lines"  # a whole object (or a line with another problem)
+    text = first
+    for _ in range(OBJECT_PROBE):
+        if not (raw := handle.readline(ARRAY_LIMIT)):
+            break
+        text += raw
+        if raw.rstrip().endswith((b"}", b"},")) and isinstance(json_object(text), dict):
+            return "objects"
+    return "lines"
+
+
+def _objects(handle) -> Iterator[tuple[int, bytes]]:
+    """(first line's number, text) of each object of a file of JSON objects written over several lines,
+    one after another (as ``json.dumps(indent=...)`` or ``jq .`` write them), commas between them or not.
+    An object ends on the line where its text parses; one that never does (another starts at column 0, or
+    a closing brace at column 0 does not close it) is handed on as it is: a counted malformed_json skip."""
+    start, lines = 0, []
+    for line_no, raw in enumerate(handle, start=1):
+        if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        if not raw.strip():
+            continue
+        if lines and raw.startswith(b"{"):
+            yield start, b"".join(lines)
+            lines = []
+        start = start if lines else line_no
+        lines.append(raw)
+        if raw.rstrip().endswith((b"}", b"},")) and (isinstance(json_object(b"".join(lines)), dict)
+                                                     or raw.startswith(b"}")):
+            yield start, b"".join(lines)
+            lines = []
+    if lines:
+        yield start, b"".join(lines)
+
+
+def _json_array(path: Path, layout: Layout, first_no: int, data: bytes) -> list:
+    """The elements of a file that holds one JSON array (``_form``'s text of it)."""
     if len(data) > ARRAY_LIMIT:
         raise _too_big(path, layout)
     try:
@@ -332,11 +380,11 @@ def _json_array(path: Path, layout: Layout) -> list | None:
                         f"column {exc.colno}); amzft reads JSON Lines (one object per line) or one JSON array") from None
 
 
-def is_plain_json_lines(path: Path) -> bool:
+def is_plain_json_lines(path: Path, encoding: str | None = None) -> bool:
     """Whether the build may read ``path`` in blocks of bytes split at LF: uncompressed UTF-8 JSON Lines, LF or CRLF."""
-    layout = _layout(path)
+    layout = _layout(path, encoding)
     plain = layout.compression is None and layout.encoding == "utf-8" and not layout.bare_cr
-    return plain and _read_array_text(path, layout) is None
+    return plain and _form(path, layout)[0] == "lines"
 
 
 def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False) -> Iterator[tuple[int, bytes]]:
@@ -344,17 +392,24 @@ def iter_raw_lines(path: str | Path, stats: PipelineStats, strict: bool = False)
     return raw_lines(check_data_file(path), stats, strict)
 
 
-def raw_lines(path: Path, stats: PipelineStats, strict: bool = False) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw UTF-8 bytes) of a checked data file's non-blank lines, or a JSON array's (element
-    number, JSON); a truncated compressed stream: a counted ``truncated_file`` skip or, strict, a DataError."""
-    layout = _layout(path)
-    array = _json_array(path, layout)
-    if array is not None:
-        yield from ((number, json.dumps(element).encode()) for number, element in enumerate(array, start=1))
+def raw_lines(path: Path, stats: PipelineStats, strict: bool = False, encoding: str | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw UTF-8 bytes) of a checked data file's non-blank lines (or of its multi-line objects,
+    numbered by their first line), or a JSON array's (element number, JSON); text in ``encoding`` (None: UTF-8,
+    or UTF-16/32 told by mark or NULs); a truncated compressed stream: a counted ``truncated_file`` skip or,
+    strict, a DataError."""
+    layout = _layout(path, encoding)
+    form, first_no, data = _form(path, layout)
+    if form == "array":
+        elements = _json_array(path, layout, first_no, data)
+        yield from ((number, json.dumps(element).encode()) for number, element in enumerate(elements, start=1))
         return
     line_no = 0
     with _open(path, layout) as handle:
         try:
+            if form == "objects":
+                for line_no, raw in _objects(handle):
+                    yield line_no, raw
+                return
             for line_no, raw in enumerate(handle, start=1):
                 if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
                     raw = raw[len(codecs.BOM_UTF8):]  # utf-8-sig: a BOM only counts at the start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,4 +83,30 @@ class BatchOptions:
         return problems
 
 
-GROUPS = {"prompt": PromptFormat, "filters": FilterSettings, "holdout": HoldoutOptions, "batches": BatchOptions}
+@dataclass(frozen=True)
+class ReadOptions:
+    """How the file is read.
+
+    Args:
+        strict: stop at the first bad line (a one-line error naming it) instead of counting it as skipped.
+        encoding: the file's text encoding when it is not Unicode (e.g. ``cp1252`` for Windows-1252,
+            ``latin-1``); null: UTF-8, or UTF-16/32 told by a byte-order mark.
+    """
+
+    strict: bool = False
+    encoding: str | None = None
+
+    def codec(self) -> str | None:
+        """The encoding's canonical codec name (``Windows-1252`` -> ``cp1252``), or None."""
+        return codecs.lookup(self.encoding).name if self.encoding is not None else None
+
+    def problems(self) -> list[str]:
+        try:
+            self.codec()
+        except LookupError:
+            return [f"data.read.encoding: unknown encoding {self.encoding!r}; use a codec name such as cp1252 or latin-1"]
+        return []
+
+
+GROUPS = {"prompt": PromptFormat, "filters": FilterSettings, "holdout": HoldoutOptions, "batches": BatchOptions,
+          "read": ReadOptions}

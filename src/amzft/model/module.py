@@ -184,6 +184,7 @@ class LoraCausalLM(AdapterCheckpointing, LightningModule):
 
     # One optimizer step, hook by hook: the table in amzft.training.stack.
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.micro_batch_shape = tuple(batch["input_ids"].shape)  # named by an out-of-memory error
         if self._neftune is not None:  # this micro-batch's noise, the same again on resume
             self._neftune.reseed(self.global_step, len(self.window.batches), self.global_rank)
         loss_sum, _ = self.token_loss_sum(batch)

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from amzft.errors import ConfigError
 from amzft.lightning_compat import PrecisionInput
+from amzft.training.out_of_memory import out_of_memory_error
 
 PROBE_ENV = "AMZFT_PRECISION_PROBE"
 RESOLVED_ENV = "AMZFT_PRECISION_AUTO"  # "<pid>:<device kind>:<precision>": what process <pid> chose
@@ -183,3 +185,9 @@ class AmzftTrainer(Trainer):
 
     def __init__(self, *, precision: PrecisionInput | Literal["auto"] | None = None, **kwargs):
         super().__init__(precision=resolve(precision, kwargs.get("accelerator", "auto")), **kwargs)
+
+    def fit(self, *args, **kwargs) -> None:
+        try:
+            super().fit(*args, **kwargs)
+        except torch.OutOfMemoryError as exc:  # once Lightning has run its exception hooks and torn down
+            raise out_of_memory_error(self, exc) from None
