@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from amzft.checkpoints.locate import saved_callback_states
 from amzft.errors import ModelError
 from amzft.files import atomic_write, remove_stale_temporaries
 
@@ -59,22 +60,13 @@ def _what_is_wrong(path: Path, exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[:120]}"
 
 
-def _readable(path: Path) -> bool:
-    """Whether ``path`` opens as a torch checkpoint (memory-mapped: its tensors are not read)."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return False
-    return True
-
-
 def unreadable_checkpoint(path: str | os.PathLike, exc: Exception) -> ModelError:
     """The one message for a checkpoint that cannot be read, wherever it is read: the file, what is
     wrong with it, and the newest other checkpoint of its folder that opens (a run keeps several)."""
     path = Path(path)
     others = sorted((p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()),
                     key=lambda p: p.stat().st_mtime, reverse=True)
-    good = next((p for p in others if _readable(p)), None)
+    good = next((p for p in others if saved_callback_states(p) is not None), None)  # opens, memory-mapped
     where = f"the newest good checkpoint beside it is {good}" if good else f"no other readable checkpoint in {path.parent}"
     return ModelError(f"checkpoint {path} is corrupt or not a checkpoint: {_what_is_wrong(path, exc)}; {where}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from amzft.errors import ModelError
-from amzft.lightning_compat import attached_trainer
 
 LOWER = ("lower data.batch_size (and raise trainer.accumulate_grad_batches), data.max_length or data.batches.pack_length, "
          "or set model.compute.gradient_checkpointing")
@@ -15,8 +14,7 @@ def out_of_memory_error(trainer, exc: BaseException) -> ModelError:
     """``exc`` (torch's OutOfMemoryError, raised by a fit) as a ModelError naming the optimizer step, the
     micro-batch it ran (``LoraCausalLM.micro_batch_shape``) and the options that shrink it; Lightning writes
     no checkpoint on an exception, so the last one written is what a resume continues from."""
-    module = trainer.lightning_module if attached_trainer(trainer.lightning_module) is trainer else None
-    shape = getattr(module, "micro_batch_shape", None)
+    shape = getattr(trainer.lightning_module, "micro_batch_shape", None)
     batch = f" on a micro-batch of {shape[0]} x {shape[1]} = {shape[0] * shape[1]:,} tokens" if shape else ""
     device = "GPU" if "CUDA" in str(exc) else "accelerator"
     callback = trainer.checkpoint_callback
